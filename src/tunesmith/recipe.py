@@ -1,0 +1,381 @@
+"""The recipe: one typed schema, mirrored by a YAML file, overridden by `a.b=c` on the command line.
+
+Every field has a default that works and a one-line doc (the string right under it, which
+`tunesmith recipe --help` and the README reference print). Unknown keys are errors that name
+the nearest valid key; bad values name the field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe or an override: the message says which field and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the schema
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    "A local HF folder, a .gguf file, a hub id already in the local HF cache, or `smollm2-135m-instruct`."
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    "Dtype the weights are stored in. Trainable weights stay fp32 whatever the compute precision."
+    frozen_dtype: Literal["same", "bf16", "fp16"] = "same"
+    "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    "Attention kernel."
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str = ""
+    "Training file (.jsonl, .json, .csv, .parquet) or an HF `save_to_disk` folder."
+    validation: str | None = None
+    "Validation file; if unset, `val_fraction` of the training records are held out."
+    val_fraction: float = 0.0
+    "Fraction of training records held out for validation when no validation file is given."
+    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    "Record format; `auto` picks chat if `messages` exist, instruction if `instruction`/`output`, else text."
+    columns: dict[str, str] = field(default_factory=dict)
+    "Column mapping, e.g. {messages: conversation, output: response}; keys: text, instruction, input, output, system, messages."
+    system_prompt: str | None = None
+    "System prompt added to chat/instruction records that have none."
+    train_on_prompt: bool = False
+    "Also train on prompt (system/user) tokens, not only on assistant tokens."
+    assistant_turns: Literal["all", "last"] = "all"
+    "Which assistant turns carry loss in multi-turn chats."
+    max_length: int = 1024
+    "Longest sample in tokens."
+    overflow: Literal["truncate", "drop"] = "truncate"
+    "What to do with a sample longer than max_length."
+    packing: bool = True
+    "Pack samples into rows of `train.batch_tokens` with per-sample attention isolation; else pad."
+    shuffle: bool = True
+    "Shuffle samples every epoch (seeded)."
+    limit: int | None = None
+    "Use only the first N records (quick experiments)."
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    rank: int = 16
+    "LoRA rank r."
+    alpha: float = 32.0
+    "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rslora)."
+    dropout: float = 0.0
+    "Dropout on the LoRA input."
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    "Module names or regexes to adapt; `all-linear` = every Linear in the decoder layers (not lm_head)."
+    rslora: bool = False
+    "Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)."
+
+
+@dataclass(kw_only=True)
+class FullConfig:
+    train_embeddings: bool = True
+    "Train the token embeddings (and a tied lm_head)."
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: Literal["lora", "full"] = "lora"
+    "Tuning method; its block below sets its options."
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    "Options of `lora`."
+    full: FullConfig = field(default_factory=FullConfig)
+    "Options of `full`."
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: float = 1.0
+    "Passes over the training data (ignored when `steps` is set)."
+    steps: int | None = None
+    "Optimizer steps to run; overrides `epochs`."
+    batch_tokens: int = 4096
+    "Token budget of one micro-batch (packed: one or more rows of at most this many tokens)."
+    batch_size: int = 8
+    "Samples per micro-batch when packing is off."
+    grad_accum: int = 1
+    "Micro-batches per optimizer step; the loss is normalised by trained tokens over all of them."
+    lr: float = 2e-4
+    "Peak learning rate."
+    weight_decay: float = 0.0
+    "AdamW weight decay (not applied to biases, norms or LoRA)."
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    "AdamW betas."
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    "Learning-rate schedule after warm-up."
+    warmup: float = 0.03
+    "Warm-up: a fraction of all steps if < 1, else a number of steps."
+    min_lr_ratio: float = 0.0
+    "Cosine/linear decay ends at lr * min_lr_ratio."
+    max_grad_norm: float = 1.0
+    "Clip the global gradient norm (0 = no clipping)."
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    "Compute precision (autocast); master weights stay fp32."
+    activation_checkpointing: bool = False
+    "Recompute layer activations in backward to save memory."
+    seed: int = 0
+    "Seed for initialisation, shuffling and dropout."
+    device: str = "auto"
+    "`auto`, `cpu`, `cuda` or `cuda:N`."
+    threads: int = 0
+    "CPU threads (0 = number of physical cores)."
+    loss_chunk: int = 1024
+    "Tokens per chunk of the lm_head + cross-entropy (the full logits are never materialised)."
+    eval_every: int = 0
+    "Validation loss every N steps (0 = only at the end)."
+    eval_batches: int = 0
+    "Validation micro-batches per evaluation (0 = all)."
+    log_every: int = 1
+    "Write metrics every N steps."
+    save_every: int = 0
+    "Checkpoint every N steps (0 = only at the end)."
+    keep_last: int = 2
+    "Checkpoints to keep."
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    name: str = "run"
+    "Run name; the run folder is `<output_dir>/<name>`."
+    output_dir: str = "runs"
+    "Where run folders go."
+    resume: bool = False
+    "Continue from the newest checkpoint in the run folder."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    "The base model."
+    data: DataConfig = field(default_factory=DataConfig)
+    "The training data."
+    method: MethodConfig = field(default_factory=MethodConfig)
+    "The tuning method."
+    train: TrainConfig = field(default_factory=TrainConfig)
+    "The training loop."
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------------
+# building a recipe from dicts, with errors that help
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _nearest(key: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean `{match[0]}`?" if match else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(path: str, tp, value):
+    """Check (and gently convert) `value` against the annotation `tp`; raise RecipeError naming `path`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, arg, value)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping of options, got {value!r}")
+        return _build(tp, value, path + ".")
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{path}.{k}", args[1], v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise RecipeError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise RecipeError(f"unknown recipe key `{prefix}{key}`{_nearest(key, names)}")
+        kwargs[key] = _coerce(prefix + key, hints[key], value)
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj, prefix: str) -> None:
+    def positive(name, allow_zero=False):
+        v = getattr(obj, name)
+        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+            raise RecipeError(f"{prefix}{name}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+    if isinstance(obj, TrainConfig):
+        for n in ("batch_tokens", "batch_size", "grad_accum", "lr", "loss_chunk", "log_every", "keep_last"):
+            positive(n)
+        for n in ("eval_every", "save_every", "eval_batches", "threads", "warmup", "weight_decay", "max_grad_norm"):
+            positive(n, allow_zero=True)
+        positive("steps")
+        positive("epochs")
+        if len(obj.betas) != 2:
+            raise RecipeError(f"{prefix}betas: expected two numbers, got {obj.betas}")
+    if isinstance(obj, DataConfig):
+        positive("max_length")
+        if not 0.0 <= obj.val_fraction < 1.0:
+            raise RecipeError(f"{prefix}val_fraction: must be in [0, 1), got {obj.val_fraction}")
+        allowed = {"text", "instruction", "input", "output", "system", "messages"}
+        for k in obj.columns:
+            if k not in allowed:
+                raise RecipeError(f"{prefix}columns: unknown column role `{k}`{_nearest(k, allowed)}")
+    if isinstance(obj, LoraConfig):
+        positive("rank")
+        positive("alpha")
+        if not 0.0 <= obj.dropout < 1.0:
+            raise RecipeError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+
+
+def _parse_scalar(text: str):
+    """`key=value` values are parsed as YAML scalars/lists: 3 -> int, 1e-4 -> float, [a,b] -> list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` as a string
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override `{item}`: `{p}` is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return values
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply `a.b=c` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (model, data, method, train)")
+    apply_overrides(values, overrides or [])
+    try:
+        return _build(Recipe, values)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}" if path else str(e)) from None
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    return _build(Recipe, values)
+
+
+def to_dict(recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def reference(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, for `tunesmith recipe --help` and the README."""
+    import ast
+    import inspect
+
+    docs = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += reference(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, repr(default) if not isinstance(default, str) else default, docs.get(f.name, "")))
+    return rows
