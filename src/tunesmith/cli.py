@@ -1,0 +1,159 @@
+"""The `tunesmith` command: one verb each.
+
+    tunesmith train recipes/lora-sft.yaml data.train=my.jsonl train.steps=200
+    tunesmith data inspect recipes/lora-sft.yaml
+    tunesmith chat --adapter runs/lora-sft
+    tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
+    tunesmith export --adapter runs/lora-sft/adapter --output merged/
+    tunesmith recipe            # every recipe key with its default and meaning
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _user_errors():
+    """Exceptions that are the user's to fix: printed as one line, no traceback."""
+    from .data import DataError
+    from .methods import MethodError
+    from .models.load import ModelError
+    from .recipe import RecipeError
+    from .train.loop import TrainError
+
+    errors = [RecipeError, DataError, ModelError, MethodError, TrainError, FileNotFoundError]
+    try:
+        from .export.peft_format import ExportError
+
+        errors.append(ExportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_train(args) -> int:
+    from .recipe import load_recipe
+    from .train.loop import train
+
+    result = train(load_recipe(args.recipe, args.overrides))
+    print(f"[tunesmith] report: {result.run_dir / 'report.md'}")
+    return 0 if result.status == "completed" else 130
+
+
+def cmd_data(args) -> int:
+    from .data import format_inspection, load_data
+    from .models.load import load_tokenizer
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_tokenizer(recipe.model.name)
+    splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    print(format_inspection(splits.train, tokenizer, splits.stats, n=args.n))
+    return 0
+
+
+def _load(args):
+    from .infer.generate import load_for_inference
+
+    return load_for_inference(args.model, args.adapter, dtype=args.dtype)
+
+
+def cmd_generate(args) -> int:
+    from .infer.generate import generate_file
+
+    model, tok = _load(args)
+    generate_file(model, tok, args.input, args.output, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    print(f"[tunesmith] completions written to {args.output}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .infer.generate import chat
+
+    model, tok = _load(args)
+    chat(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.merged import export_merged
+
+    out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
+    print(f"[tunesmith] merged model written to {out}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    from .recipe import reference
+
+    for key, default, doc in reference():
+        print(f"{key:34s} {default!s:22s} {doc}")
+    return 0
+
+
+def _model_args(p, default_model: str = "smollm2-135m-instruct"):
+    p.add_argument("--model", default=default_model, help="base model: folder, .gguf, cached hub id, or the embedded default")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) or a tunesmith run folder")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune, evaluate and export open LLMs.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train a recipe: tunesmith train RECIPE [key=value ...]")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.lr=1e-4 method.name=full")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="look at the data a recipe trains on")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("inspect", help="rendered samples with trained tokens marked, and statistics")
+    q.add_argument("recipe")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("-n", type=int, default=3, help="samples to show")
+    q.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("generate", help="complete JSONL prompts (`prompt` or `messages` per line)")
+    _model_args(p)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a model (with an adapter) in the terminal")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into a plain transformers folder")
+    _model_args(p)
+    p.add_argument("--output", required=True)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("recipe", help="every recipe key with its default and meaning")
+    p.set_defaults(fn=cmd_recipe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"tunesmith: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

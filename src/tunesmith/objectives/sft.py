@@ -1,0 +1,57 @@
+"""Causal LM loss (SFT and pretraining) with per-token weights and a chunked lm_head.
+
+Only positions that carry weight go through the lm_head, in chunks of `chunk` tokens, each chunk
+recomputed in backward: the full (T, vocab) fp32 logits never exist. For SFT, where only the
+answers train, this also skips most of the lm_head work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..models.masks import attention_mask
+
+
+def forward_hidden(model, batch: dict) -> torch.Tensor:
+    """Last hidden states (B, T, d) of the decoder for a (possibly packed) batch."""
+    body = getattr(model, model.base_model_prefix)
+    out = body(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=attention_mask(batch["segment_ids"]),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def _chunk_loss(head, h, targets, weights):
+    logits = head(h).float()  # (n, vocab)
+    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+
+def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024):
+    """Sum over trained positions of weight * NLL(next token). Returns (loss_sum, n_trained)."""
+    w = weights[:, 1:]  # weight of predicting token t+1 from position t
+    keep = w > 0
+    h = hidden[:, :-1][keep]  # (n, d)
+    targets = input_ids[:, 1:][keep]
+    w = w[keep].to(torch.float32)
+    n = int(keep.sum())
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        sl = slice(i, i + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, h[sl], targets[sl], w[sl], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h[sl], targets[sl], w[sl])
+    if n == 0:  # keep the graph connected so backward() works on an empty micro-batch
+        total = total + 0.0 * hidden.sum()
+    return total, n
+
+
+def causal_lm_loss(model, batch: dict, chunk: int = 1024):
+    """(loss_sum, n_trained_tokens, metrics) for a batch from `tunesmith.data.collate`."""
+    hidden = forward_hidden(model, batch)
+    loss_sum, n = weighted_token_loss(model.get_output_embeddings(), hidden, batch["input_ids"], batch["weights"], chunk)
+    return loss_sum, n, {}

@@ -1,0 +1,288 @@
+"""The training loop, top to bottom: accumulate → clip → step → schedule → log → evaluate → checkpoint.
+
+    result = train(load_recipe("recipes/lora-sft.yaml"))
+
+The loss of one optimizer step is the sum of token losses over *all* micro-batches of the
+accumulation window divided by the trained tokens of the whole window (not a mean of per-batch
+means, which over-weights short batches). Interrupts (Ctrl-C, SIGTERM) finish the current step,
+write a checkpoint and return; a NaN/Inf loss stops before the optimizer touches the weights.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import recipe as rcp
+from ..data import collate, load_data, plan_batches
+from ..methods import build_method, cast_frozen, count_parameters, mark_trainable
+from ..models.load import DTYPES, load_model
+from ..objectives import causal_lm_loss
+from . import checkpoint as ckpt
+from .metrics import MetricsLog
+from .optim import build_optimizer, build_scheduler
+from .runtime import autocast, peak_memory_gb, pick_device, set_threads
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on (NaN loss, a run folder that would be overwritten, ...)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "completed" or "interrupted"
+    step: int
+    total_steps: int
+    output: Path | None = None
+    summary: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MicroBatches:
+    """The deterministic stream of micro-batches: epoch e's order depends only on (seed, e), so
+    the data position of a resumed run is just the number of micro-batches already consumed."""
+
+    def __init__(self, samples, data_cfg, train_cfg, seed: int, pad_id: int):
+        self.samples, self.pad_id, self.seed = samples, pad_id, seed
+        self.packing, self.shuffle = data_cfg.packing, data_cfg.shuffle
+        self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
+        self.lengths = [len(s["input_ids"]) for s in samples]
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_batches(
+                self.lengths, packing=self.packing, batch_tokens=self.batch_tokens,
+                batch_size=self.batch_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle)}
+        return self._plans[epoch]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        epoch = 0
+        while index >= len(self.plan(epoch)):
+            index -= len(self.plan(epoch))
+            epoch += 1
+        return epoch, index
+
+    def get(self, index: int) -> tuple[dict, int]:
+        """Micro-batch number `index` (counted across epochs) and its epoch."""
+        epoch, i = self.locate(index)
+        rows = [self.samples[j] for j in self.plan(epoch)[i]]
+        return collate(rows, packing=self.packing, pad_id=self.pad_id), epoch
+
+
+def trained_tokens(batch: dict) -> int:
+    return int((batch["weights"][:, 1:] > 0).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, precision: str, chunk: int, limit: int = 0) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        if limit and i >= limit:
+            break
+        with autocast(device, precision):
+            loss_sum, n, _ = causal_lm_loss(model, to_device(batch, device), chunk)
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class _Interrupt:
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"[tunesmith] {self.requested}: finishing this step, then writing a checkpoint "
+                   "(press again to abort without one)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def prepare_model(recipe, model=None, tokenizer=None):
+    """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
+    if model is None:
+        model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.attention)
+    torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
+    method = build_method(recipe.method)
+    method.apply(model)
+    mark_trainable(model, method)
+    if recipe.model.frozen_dtype != "same":
+        cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
+    for p in model.parameters():  # master weights of everything that trains stay fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model, tokenizer, method
+
+
+def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | None = None) -> RunResult:
+    """Run the recipe. `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
+    cfg = recipe.train
+    run_dir = recipe.run_dir
+    resume_from = ckpt.latest_checkpoint(run_dir) if recipe.resume else None
+    if not recipe.resume and ckpt.list_checkpoints(run_dir):
+        raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
+                         "or start a new run with name=<new name>")
+    device = pick_device(cfg.device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    seed_everything(cfg.seed)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = rcp.to_yaml(recipe)
+    (run_dir / "recipe.yaml").write_text(resolved)
+    print(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
+
+    model, tokenizer, method = prepare_model(recipe, model, tokenizer)
+    model.to(device)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    n_train, n_total = count_parameters(model)
+    print(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
+          f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}", flush=True)
+
+    splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = MicroBatches(splits.train, recipe.data, cfg, cfg.seed, pad_id)
+    per_epoch = len(stream.plan(0))
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    val_batches = None
+    if splits.val:
+        val_stream = MicroBatches(splits.val, recipe.data, cfg, cfg.seed, pad_id)
+        val_stream.shuffle = False
+        val_batches = [val_stream.get(i)[0] for i in range(len(val_stream.plan(0)))]
+    print(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
+          f"{len(splits.val or []):,} validation · {total_steps:,} steps × {cfg.grad_accum} micro-batches", flush=True)
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        start_step = state["step"]
+        print(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
+    elif recipe.resume:
+        print(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
+    log = MetricsLog(run_dir, resume_step=start_step if resume_from else None)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    status, step, last_val = "completed", start_step, None
+    tokens_seen, t_start = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step", dynamic_ncols=True)
+    try:
+        with _Interrupt() as interrupt:
+            while step < total_steps:
+                t0 = time.perf_counter()
+                window = [stream.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+                epoch = window[-1][1]
+                window_tokens = sum(trained_tokens(b) for b, _ in window)
+                loss_total, n_tokens = 0.0, 0
+                for batch, _ in window:
+                    batch = to_device(batch, device)
+                    with autocast(device, cfg.precision):
+                        loss_sum, n, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
+                    (loss_sum / max(window_tokens, 1)).backward()
+                    loss_total += float(loss_sum)
+                    n_tokens += int((batch["segment_ids"] > 0).sum())
+                loss = loss_total / max(window_tokens, 1)
+                if not math.isfinite(loss):
+                    last = ckpt.latest_checkpoint(run_dir)
+                    raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are "
+                                     f"updated; last good checkpoint: {last or 'none'} (lower train.lr, check the data)")
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                if not torch.isfinite(norm):
+                    raise TrainError(f"gradient norm is {float(norm)} at step {step + 1}: stopping before the "
+                                     f"weights are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                dt = time.perf_counter() - t0
+                tokens_seen += n_tokens
+                lr = scheduler.get_last_lr()[0]
+                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                       "tokens": n_tokens, "trained_tokens": window_tokens, "tokens_per_s": n_tokens / dt,
+                       "trained_tokens_per_s": window_tokens / dt, "step_s": dt,
+                       "peak_mem_gb": peak_memory_gb(device)}
+                if step % cfg.log_every == 0 or step == total_steps:
+                    log.write(row)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
+                bar.update(1)
+
+                if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                    last_val = evaluate(model, val_batches, device, cfg.precision, cfg.loss_chunk, cfg.eval_batches)
+                    log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+                    tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
+
+                stop = interrupt.requested or (_stop_after is not None and step >= _stop_after)
+                if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
+                    ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                         {"epoch": epoch, "total_steps": total_steps}, cfg.keep_last)
+                if stop:
+                    status = "interrupted"
+                    tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
+                    break
+    finally:
+        bar.close()
+        log.close()
+
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": step, "wall_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+               "peak_mem_gb": peak_memory_gb(device), "val_loss": last_val}
+    output = None
+    if status == "completed":
+        output = save_output(recipe, model, tokenizer, method)
+        print(f"[tunesmith] done: {step} steps in {elapsed:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
+              f"peak memory {summary['peak_mem_gb']:.2f} GB → {output}", flush=True)
+    from .report import write_report
+
+    write_report(run_dir, summary)
+    return RunResult(run_dir, status, step, total_steps, output, summary)
+
+
+def save_output(recipe, model, tokenizer, method) -> Path:
+    """LoRA → an HF PEFT adapter in `<run>/adapter`; full → a transformers folder in `<run>/model`."""
+    run_dir = recipe.run_dir
+    if method.name == "lora":
+        from ..export.peft_format import save_adapter
+
+        return save_adapter(model, recipe.method.lora, recipe.model.name, run_dir / "adapter")
+    from ..export.merged import save_model_folder
+
+    return save_model_folder(model, tokenizer, run_dir / "model")

@@ -1,0 +1,58 @@
+"""`<run>/report.md`: what a run did, with its loss curves — written by every `tunesmith train`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import read_metrics
+
+
+def plot_losses(rows: list[dict], path: Path) -> bool:
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, summary: dict, extra_sections: list[str] | None = None) -> Path:
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    lines = [f"# Run `{run_dir.name}`", ""]
+    lines += ["| figure | value |", "|---|---|"]
+    if train:
+        lines.append(f"| steps | {train[-1]['step']} |")
+        lines.append(f"| first / last train loss | {train[0]['loss']:.4f} / {train[-1]['loss']:.4f} |")
+        speeds = sorted(r["tokens_per_s"] for r in train[1:] or train)
+        lines.append(f"| tokens/s (median step) | {speeds[len(speeds) // 2]:,.0f} |")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        lines.append(f"| validation loss (last) | {val[-1]['val_loss']:.4f} |")
+    if summary.get("peak_mem_gb") is not None:
+        lines.append(f"| peak memory | {summary['peak_mem_gb']:.2f} GB |")
+    if summary.get("wall_s") is not None:
+        lines.append(f"| wall time (this session) | {summary['wall_s']:.0f} s |")
+    lines.append("")
+    if plot_losses(rows, run_dir / "loss.png"):
+        lines += ["## Loss", "", "![loss curves](loss.png)", ""]
+    for section in extra_sections or []:
+        lines += [section, ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,55 @@
+"""Where and how the run executes: device, threads, precision, memory readings."""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device: `{name}` asked for, but this torch sees no CUDA device")
+    return torch.device(name)
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads share a core's matmul units)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("0", str(cpu)))
+    return max(1, len(cores))
+
+
+def set_threads(n: int) -> int:
+    n = n or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CPU and CUDA; fp32 runs without it. Master weights stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak RSS of this process on CPU; peak allocated tensor memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
