@@ -92,6 +92,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def backward_window(model, batches: list[dict], device, precision: str, chunk: int):
+    """Forward/backward every micro-batch of one accumulation window, each scaled by the trained
+    tokens of the *whole* window, so the summed gradient is that of one big batch.
+    Returns (loss, trained tokens, all tokens) of the window."""
+    window_tokens = sum(trained_tokens(b) for b in batches)
+    loss_total, n_tokens = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            loss_sum, _, _ = causal_lm_loss(model, batch, chunk)
+        (loss_sum / max(window_tokens, 1)).backward()
+        loss_total += float(loss_sum.detach())
+        n_tokens += int((batch["segment_ids"] > 0).sum())
+    return loss_total / max(window_tokens, 1), window_tokens, n_tokens
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, precision: str, chunk: int, limit: int = 0) -> float:
     was_training = model.training
@@ -210,16 +226,8 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
                 t0 = time.perf_counter()
                 window = [stream.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
                 epoch = window[-1][1]
-                window_tokens = sum(trained_tokens(b) for b, _ in window)
-                loss_total, n_tokens = 0.0, 0
-                for batch, _ in window:
-                    batch = to_device(batch, device)
-                    with autocast(device, cfg.precision):
-                        loss_sum, n, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
-                    (loss_sum / max(window_tokens, 1)).backward()
-                    loss_total += float(loss_sum)
-                    n_tokens += int((batch["segment_ids"] > 0).sum())
-                loss = loss_total / max(window_tokens, 1)
+                loss, window_tokens, n_tokens = backward_window(model, [b for b, _ in window], device,
+                                                                cfg.precision, cfg.loss_chunk)
                 if not math.isfinite(loss):
                     last = ckpt.latest_checkpoint(run_dir)
                     raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are "
@@ -283,6 +291,9 @@ def save_output(recipe, model, tokenizer, method) -> Path:
         from ..export.peft_format import save_adapter
 
         return save_adapter(model, recipe.method.lora, recipe.model.name, run_dir / "adapter")
-    from ..export.merged import save_model_folder
+    from ..export.atomic import atomic_folder
 
-    return save_model_folder(model, tokenizer, run_dir / "model")
+    with atomic_folder(run_dir / "model", "config.json") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return run_dir / "model"
