@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import recipe as rcp
 from ..data import collate, load_data, plan_batches
 from ..methods import build_method, cast_frozen, count_parameters, mark_trainable
-from ..models.load import DTYPES, load_model
+from ..models.load import DTYPES, load_model, load_tokenizer
 from ..objectives import causal_lm_loss
 from . import checkpoint as ckpt
 from .metrics import MetricsLog
@@ -152,7 +152,8 @@ class _Interrupt:
 def prepare_model(recipe, model=None, tokenizer=None):
     """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
     if model is None:
-        model, tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.attention)
+        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.attention)
+        tokenizer = tokenizer or loaded_tokenizer
     torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
     method = build_method(recipe.method)
     method.apply(model)
@@ -182,6 +183,9 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     (run_dir / "recipe.yaml").write_text(resolved)
     print(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
 
+    if tokenizer is None:  # data first: a mistake in the data should not wait for the model to load
+        tokenizer = load_tokenizer(recipe.model.name)
+    splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
     model, tokenizer, method = prepare_model(recipe, model, tokenizer)
     model.to(device)
     if cfg.activation_checkpointing:
@@ -192,7 +196,6 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     print(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
           f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}", flush=True)
 
-    splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = MicroBatches(splits.train, recipe.data, cfg, cfg.seed, pad_id)
     per_epoch = len(stream.plan(0))
