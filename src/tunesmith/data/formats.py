@@ -1,0 +1,131 @@
+"""Record formats: turn a raw record into what the renderer needs.
+
+- `text`: a `text` column, trained as is.
+- `instruction`: `instruction`, optional `input`, `output`, optional `system` columns; becomes a
+  system?/user/assistant chat so it is rendered with the model's own chat template.
+- `chat`: OpenAI-style `messages`, a list of {role: system|user|assistant, content: str}.
+
+`data.columns` maps these roles to the user's column names, e.g. {output: response}.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..recipe import DataConfig
+from .errors import DataError
+from .sources import Record
+
+FORMATS = ("text", "instruction", "chat")
+ROLES = ("system", "user", "assistant")
+
+Message = dict[str, str]
+Example = str | list[Message]  # text for `text`, messages for `chat` and `instruction`
+
+
+def column(cfg: DataConfig, role: str) -> str:
+    """The user's column name for a role (the role itself unless mapped)."""
+    return cfg.columns.get(role, role)
+
+
+def detect_format(record: Record, cfg: DataConfig) -> str:
+    """`cfg.format`, or for `auto` the format the record's columns point at."""
+    if cfg.format != "auto":
+        return cfg.format
+    fields = record.fields
+    if column(cfg, "messages") in fields:
+        return "chat"
+    if column(cfg, "instruction") in fields or column(cfg, "output") in fields:
+        return "instruction"
+    if column(cfg, "text") in fields:
+        return "text"
+    raise DataError(
+        f"{record.where}: cannot tell the data format from the fields {_field_list(fields)}; expected "
+        f"'{column(cfg, 'messages')}' (chat), '{column(cfg, 'instruction')}'+'{column(cfg, 'output')}' "
+        f"(instruction) or '{column(cfg, 'text')}' (text); set data.format and map columns with data.columns"
+    )
+
+
+def to_example(record: Record, fmt: str, cfg: DataConfig) -> Example:
+    """Check a record against its format and return its text or its chat messages."""
+    if fmt == "text":
+        return _string(record, cfg, "text", fmt)
+    if fmt == "instruction":
+        return _instruction_messages(record, cfg)
+    if fmt == "chat":
+        return _with_system_prompt(_chat_messages(record, cfg), cfg.system_prompt)
+    raise DataError(f"data.format: unknown format '{fmt}'; choose one of auto, {', '.join(FORMATS)}")
+
+
+def _field_list(fields: dict) -> str:
+    return "[" + ", ".join(map(str, fields)) + "]"
+
+
+def _string(record: Record, cfg: DataConfig, role: str, fmt: str, required: bool = True) -> str:
+    """The string in the record's column for `role`; '' for an absent optional column."""
+    name = column(cfg, role)
+    value = record.fields.get(name)
+    if value is None:
+        if not required:
+            return ""
+        if name in record.fields:
+            raise DataError(f"{record.where}: field '{name}' is null (format {fmt})")
+        raise DataError(
+            f"{record.where}: record has no field '{name}' (format {fmt}; map your column with "
+            f"data.columns.{role}=NAME; the record has {_field_list(record.fields)})"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a numeric answer in JSON/parquet is still an answer
+    if not isinstance(value, str):
+        raise DataError(f"{record.where}: field '{name}' is {type(value).__name__}; expected a string")
+    return value
+
+
+def _instruction_messages(record: Record, cfg: DataConfig) -> list[Message]:
+    prompt = _string(record, cfg, "instruction", "instruction")
+    extra = _string(record, cfg, "input", "instruction", required=False)
+    if extra.strip():
+        prompt = prompt + "\n\n" + extra
+    messages = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _string(record, cfg, "output", "instruction")},
+    ]
+    system = _string(record, cfg, "system", "instruction", required=False) or cfg.system_prompt
+    return _with_system_prompt(messages, system)
+
+
+def _with_system_prompt(messages: list[Message], system: str | None) -> list[Message]:
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _chat_messages(record: Record, cfg: DataConfig) -> list[Message]:
+    name = column(cfg, "messages")
+    where = record.where
+    if name not in record.fields:
+        raise DataError(
+            f"{where}: record has no field '{name}' (format chat; map your column with "
+            f"data.columns.messages=NAME; the record has {_field_list(record.fields)})"
+        )
+    messages: Any = record.fields[name]
+    if isinstance(messages, str):  # CSV cells hold the list as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field '{name}' is a string but not valid JSON ({e.msg})") from None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {name}[{i}] is {type(m).__name__}; expected {{role, content}}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            shown = "missing" if role is None else repr(role)
+            raise DataError(f"{where}: {name}[{i}].role is {shown}; expected system, user or assistant")
+        if not isinstance(content, str):
+            shown = "missing" if content is None else type(content).__name__
+            raise DataError(f"{where}: {name}[{i}].content is {shown}; expected a string")
+        out.append({"role": role, "content": content})  # drop extra keys the template must not see
+    return out

@@ -1,0 +1,119 @@
+"""From the recipe's `data` section to lists of Samples: read, split, format, render, filter, count."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from itertools import islice
+
+from tqdm.auto import tqdm
+
+from ..recipe import DataConfig
+from .errors import DataError
+from .formats import detect_format, to_example
+from .render import Renderer, Sample, fit_length
+from .sources import Record, read_records
+
+PROGRESS_MIN_RECORDS = 2000  # below this a progress bar is just noise
+
+
+@dataclass
+class DataSplits:
+    train: list[Sample]
+    val: list[Sample] | None
+    stats: dict  # {"train": {...}, "val": {...}}: see `split_stats`
+    format: str  # the format used (what `auto` resolved to)
+
+
+def load_data(cfg: DataConfig, tokenizer, seed: int = 0) -> DataSplits:
+    """Read, split and tokenize the training (and validation) data described by `cfg`.
+
+    Validation comes from `cfg.validation`, else a `cfg.val_fraction` of the training records chosen
+    at random by `seed` (the rest stay in their file order). `cfg.limit` keeps the first N training
+    records, before the split. The format is detected once, from the first training record.
+
+    Raises:
+        DataError: a missing or unreadable file, a bad record (the message names it), or a split left
+        with no usable sample.
+    """
+    if not cfg.train:
+        raise DataError("data.train is not set: give a .jsonl, .json, .csv, .parquet file or a save_to_disk folder")
+    records = list(islice(read_records(cfg.train), cfg.limit))
+    if not records:
+        raise DataError(f"{cfg.train}: no records")
+    val_records, val_name = None, None
+    if cfg.validation:
+        val_records, val_name = list(read_records(cfg.validation)), cfg.validation
+        if not val_records:
+            raise DataError(f"{cfg.validation}: no records")
+    elif cfg.val_fraction > 0:
+        records, val_records = split_records(records, cfg.val_fraction, seed)
+        val_name = f"the validation split of {cfg.train}"
+
+    fmt = detect_format(records[0], cfg)
+    renderer = Renderer(tokenizer, train_on_prompt=cfg.train_on_prompt, assistant_turns=cfg.assistant_turns)
+    train, train_stats = _build(records, fmt, cfg, renderer, cfg.train)
+    stats = {"train": train_stats}
+    val = None
+    if val_records is not None:
+        val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name)
+    return DataSplits(train=train, val=val, stats=stats, format=fmt)
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out round(fraction * n) records (at least 1) chosen by `seed`; both parts keep file order."""
+    n = len(records)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise DataError(f"data.val_fraction={fraction} leaves no training records out of {n}")
+    held = set(random.Random(f"tunesmith-val:{seed}").sample(range(n), n_val))
+    train = [r for i, r in enumerate(records) if i not in held]
+    val = [r for i, r in enumerate(records) if i in held]
+    return train, val
+
+
+def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer, name: str):
+    """Render records into samples, applying max_length/overflow and dropping untrainable ones."""
+    samples: list[Sample] = []
+    dropped_too_long = truncated = no_trained_token = 0
+    bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
+    for record in bar:
+        example = to_example(record, fmt, cfg)
+        try:
+            sample = renderer(example)
+        except DataError as e:
+            raise DataError(f"{record.where}: {e}") from None
+        sample, was_truncated = fit_length(sample, cfg.max_length, cfg.overflow)
+        if sample is None:
+            dropped_too_long += 1
+        elif not any(sample["weights"]):
+            no_trained_token += 1  # e.g. a chat with no assistant turn, or an answer cut off by truncation
+        else:
+            truncated += was_truncated
+            samples.append(sample)
+    if not samples:
+        raise DataError(
+            f"no usable samples in {name} after filtering ({dropped_too_long} dropped as too long "
+            f"(max_length={cfg.max_length}), {no_trained_token} with no trained token)"
+        )
+    return samples, split_stats(samples, records=len(records), dropped_too_long=dropped_too_long,
+                                truncated=truncated, no_trained_token=no_trained_token)
+
+
+def split_stats(samples: list[Sample], **counts: int) -> dict:
+    """Counts and token statistics of one split (lengths in tokens, percentiles by nearest rank)."""
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+
+    def pct(q: float) -> int:
+        return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
+
+    return {
+        **counts,
+        "samples": len(samples),
+        "tokens": sum(lengths),
+        "trained_tokens": int(sum(sum(1 for w in s["weights"] if w) for s in samples)),
+        "length_p50": pct(0.50),
+        "length_p90": pct(0.90),
+        "length_p99": pct(0.99),
+        "length_max": lengths[-1],
+    }

@@ -1,0 +1,151 @@
+"""Render an example into token ids plus per-token loss weights.
+
+`weights[t]` is the loss weight for predicting `input_ids[t]` from the tokens before it, so
+`weights[0]` is always 0. 0 = not trained, 1 = trained (other values are left to importance-aware
+losses).
+
+Chats are rendered with the tokenizer's own chat template and tokenized once as a whole string, so
+training sees exactly the ids inference will see. Assistant turns are found by rendering message
+prefixes (the template has no `{% generation %}` block, so `return_assistant_tokens_mask` would
+silently return zeros) and mapped to tokens through the offset mapping.
+"""
+from __future__ import annotations
+
+import warnings
+from bisect import bisect_left, bisect_right
+from typing import TypedDict
+
+from .errors import DataError
+from .formats import Example, Message
+
+# Used when a tokenizer has no chat template (base models). Plain ChatML, without a default system
+# prompt: a template that is not prefix-stable would break the span search below.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_warned_no_template = False
+
+
+class Sample(TypedDict):
+    input_ids: list[int]
+    weights: list[float]
+
+
+def chat_template(tokenizer) -> str:
+    """The tokenizer's chat template, or ChatML (with a one-time warning) when it has none."""
+    global _warned_no_template
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if not _warned_no_template:
+        warnings.warn("the tokenizer has no chat template; chats are rendered as ChatML", stacklevel=2)
+        _warned_no_template = True
+    return CHATML_TEMPLATE
+
+
+class Renderer:
+    """Turns examples (text or chat messages) into Samples for one tokenizer and masking policy."""
+
+    def __init__(self, tokenizer, *, train_on_prompt: bool = False, assistant_turns: str = "all"):
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("the model's tokenizer is a slow (Python) tokenizer; tunesmith needs a fast one "
+                            "(a tokenizer.json) to map assistant text to tokens")
+        self.tokenizer = tokenizer
+        self.train_on_prompt = train_on_prompt
+        self.assistant_turns = assistant_turns
+        self.template = chat_template(tokenizer)
+        # Turn terminators (<|im_end|>, <|eot_id|>, <end_of_turn>) are special tokens: the first one
+        # after an answer is trained so the model learns to stop.
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.special_ids = special
+
+    def __call__(self, example: Example) -> Sample:
+        return self.text(example) if isinstance(example, str) else self.chat(example)
+
+    def text(self, text: str) -> Sample:
+        """Plain text: every token after the first trains, and an eos ends it."""
+        ids = self.tokenizer(text)["input_ids"]  # special tokens as the tokenizer adds them (e.g. bos)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        return {"input_ids": ids, "weights": [0.0] + [1.0] * (len(ids) - 1)}
+
+    def chat(self, messages: list[Message]) -> Sample:
+        """A chat rendered with the template; by default only assistant answers and their terminators train."""
+        full = self._render(messages)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if self.train_on_prompt:
+            return {"input_ids": ids, "weights": [0.0] + [1.0] * (len(ids) - 1)}
+
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ends = [e for _, e in enc["offset_mapping"]]
+        weights = [0.0] * len(ids)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.assistant_turns == "last":
+            turns = turns[-1:]
+        cursor = 0
+        for i in turns:
+            content_start, content_end, turn_end = self._assistant_span(messages, i, full, cursor)
+            stop = self._terminator_end(ids, starts, ends, full, content_end, turn_end)
+            # Every token overlapping [content_start, stop) trains.
+            for t in range(bisect_right(ends, content_start), bisect_left(starts, stop)):
+                weights[t] = 1.0
+            cursor = content_end
+        weights[0] = 0.0  # nothing predicts the first token
+        return {"input_ids": ids, "weights": weights}
+
+    def _render(self, messages: list[Message], generation: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+        )
+
+    def _prefix_len(self, messages: list[Message], full: str, generation: bool) -> int | None:
+        """Length of the rendering of `messages` if it is a prefix of `full`, else None."""
+        if not messages:
+            return None  # templates refuse an empty conversation
+        prefix = self._render(messages, generation)
+        return len(prefix) if full.startswith(prefix) else None
+
+    def _assistant_span(self, messages, i, full, cursor) -> tuple[int, int, int | None]:
+        """(content start, content end, turn end) of assistant message i, in characters of `full`.
+
+        The rendering of messages[:i] with a generation prompt ends where the answer begins; that of
+        messages[:i+1] ends where the turn (terminator and template newline included) ends. A template
+        that is not prefix-stable (say, one that rewrites earlier turns) falls back to searching the text.
+        """
+        start = self._prefix_len(messages[:i], full, generation=True)
+        end = self._prefix_len(messages[: i + 1], full, generation=False)
+        start = cursor if start is None else start
+        # Templates may trim the content, so search for the stripped text inside the turn.
+        text = messages[i]["content"].strip()
+        pos = full.find(text, start, len(full) if end is None else end)
+        if pos < 0:
+            raise DataError(f"cannot find assistant message {i} in the text the chat template rendered")
+        return pos, pos + len(text), end
+
+    def _terminator_end(self, ids, starts, ends, full, content_end, turn_end) -> int:
+        """Where the trained part of a turn stops: after the first special token that follows the
+        answer (<|im_end|>), so the template's newline after it and the next header stay untrained."""
+        last = len(ids) if turn_end is None else bisect_left(starts, turn_end)
+        for t in range(bisect_left(starts, content_end), last):
+            if ids[t] in self.special_ids:
+                return ends[t]
+        if turn_end is None:
+            return content_end
+        # No special terminator (ChatML text on a base tokenizer): train the turn's suffix up to its
+        # last visible character.
+        return content_end + len(full[content_end:turn_end].rstrip())
+
+
+def fit_length(sample: Sample, max_length: int, overflow: str) -> tuple[Sample | None, bool]:
+    """Apply `max_length`: returns (sample or None when dropped, whether it was truncated)."""
+    if len(sample["input_ids"]) <= max_length:
+        return sample, False
+    if overflow == "drop":
+        return None, False
+    return {"input_ids": sample["input_ids"][:max_length], "weights": sample["weights"][:max_length]}, True
