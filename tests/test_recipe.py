@@ -56,3 +56,11 @@ def test_shipped_recipes_load(name):
     from pathlib import Path
 
     load_recipe(Path(__file__).parent.parent / "recipes" / name)
+
+
+def test_readme_documents_every_recipe_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [k for k, _, _ in reference() if f"`{k}`" not in readme]
+    assert not missing, f"README recipe reference lacks {missing}"
