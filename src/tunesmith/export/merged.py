@@ -1,0 +1,51 @@
+"""A merged model: base + s·BA folded into every adapted weight, saved as a plain transformers folder.
+
+The result loads with `AutoModelForCausalLM.from_pretrained` alone (no tunesmith, no PEFT) and
+has exactly the base model's state-dict keys. Merging happens in fp32 and is cast to `dtype` last,
+so a bf16 export rounds once, not twice.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.methods.lora import LoRA
+from tunesmith.models.load import DTYPES, load_model, resolve
+
+from .atomic import ExportError, atomic_folder
+from .peft_format import load_adapter
+
+
+def export_merged(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path:
+    """Merge the adapter into `base` and save a transformers folder (atomically); return its path.
+
+    Args:
+        base: the base model (any name `load_model` takes).
+        adapter_dir: a PEFT adapter folder or a tunesmith run folder; None re-saves `base` itself
+            (e.g. a fully fine-tuned model) in `dtype`.
+        out_dir: the folder to write; an existing model folder there is replaced.
+        dtype: `fp32`, `bf16` or `fp16` for the saved weights.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # an export prints nothing; the caller reports the path
+    try:
+        model, _ = load_model(base, dtype="fp32" if adapter_dir is not None else dtype)
+        if adapter_dir is not None:
+            load_adapter(model, adapter_dir)
+            LoRA(None).merge(model)  # merge reads no config: each layer knows its own scale
+        model.to(DTYPES[dtype])
+        # The tokenizer as shipped (load_tokenizer may have set a pad token for training).
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve(base)))
+        with atomic_folder(out_dir, marker="config.json") as tmp:
+            model.save_pretrained(tmp)  # safetensors (transformers 5 writes nothing else)
+            tokenizer.save_pretrained(tmp)
+            if model.generation_config is not None and not (tmp / "generation_config.json").is_file():
+                model.generation_config.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return Path(out_dir)
