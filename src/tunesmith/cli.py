@@ -22,13 +22,10 @@ def _user_errors():
     from .train.loop import TrainError
 
     errors = [RecipeError, DataError, ModelError, MethodError, TrainError, FileNotFoundError]
-    try:
-        from .export.peft_format import ExportError
+    from .export.atomic import ExportError
+    from .infer.generate import InferError
 
-        errors.append(ExportError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return tuple(errors + [ExportError, InferError])
 
 
 def cmd_train(args) -> int:
@@ -78,7 +75,11 @@ def cmd_chat(args) -> int:
 
 def cmd_export(args) -> int:
     from .export.merged import export_merged
+    from .infer.generate import base_model_for
+    from .models.load import DEFAULT_MODEL
 
+    if args.model is None:
+        args.model = base_model_for(args.adapter) if args.adapter else DEFAULT_MODEL
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
     print(f"[tunesmith] merged model written to {out}")
     return 0
@@ -92,8 +93,10 @@ def cmd_recipe(args) -> int:
     return 0
 
 
-def _model_args(p, default_model: str = "smollm2-135m-instruct"):
-    p.add_argument("--model", default=default_model, help="base model: folder, .gguf, cached hub id, or the embedded default")
+def _model_args(p):
+    p.add_argument("--model", default=None,
+                   help="base model: folder, .gguf, cached hub id, a full-tuning run folder, or "
+                        "smollm2-135m-instruct (default: the adapter's base, else the embedded model)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) or a tunesmith run folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.export.peft_format import load_adapter
+from tunesmith.export.peft_format import adapter_folder, load_adapter
 from tunesmith.methods.lora import LoRA
-from tunesmith.models.load import load_model
+from tunesmith.models.load import DEFAULT_MODEL, load_model
 
 
 class InferError(ValueError):
@@ -315,12 +315,28 @@ def chat(model, tokenizer, *, system_prompt: str | None = None, max_new_tokens: 
         history.append({"role": "assistant", "content": reply})
 
 
-def load_for_inference(model: str, adapter: str | None = None, dtype: str = "fp32", merge: bool = True):
+def base_model_for(adapter) -> str:
+    """The base model an adapter was trained on (`base_model_name_or_path` in its config)."""
+    config = json.loads((adapter_folder(adapter) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise InferError(f"{adapter}: adapter_config.json names no base model; pass --model")
+    return base
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None, dtype: str = "fp32",
+                       merge: bool = True):
     """Load a model (and optionally a LoRA adapter) ready to generate; return (model, tokenizer).
 
-    `adapter` is a PEFT adapter folder or a tunesmith run folder (its `adapter/` is used). With
-    `merge`, the adapter is folded into the weights, so generation runs at the base model's speed.
+    `adapter` is a PEFT adapter folder or a tunesmith run folder (its `adapter/` is used); with no
+    `model`, the base named in the adapter is loaded (else the embedded default). A full-fine-tuning
+    run folder works as `model` (its `model/` is used). With `merge`, the adapter is folded into the
+    weights, so generation runs at the base model's speed.
     """
+    if model is None:
+        model = base_model_for(adapter) if adapter is not None else DEFAULT_MODEL
+    elif (Path(model) / "model" / "config.json").is_file():
+        model = str(Path(model) / "model")
     m, tokenizer = load_model(model, dtype)
     if adapter is not None:
         load_adapter(m, adapter)
