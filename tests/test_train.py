@@ -26,8 +26,12 @@ def samples():
     return [sample(rng, 9, 3), sample(rng, 14, 5), sample(rng, 6, 1), sample(rng, 11, 4)]
 
 
-def test_packed_equals_one_by_one(tokenizer, samples):
+@pytest.mark.parametrize("attention", ["packed", "sdpa", "eager"])
+def test_packed_equals_one_by_one(tokenizer, samples, attention):
+    from tunesmith.models.attention import use_attention, use_packed_attention
+
     model = make_tiny_model(tokenizer)
+    use_packed_attention(model) if attention == "packed" else use_attention(model, attention)
     packed = collate(samples, packing=True, pad_id=tokenizer.pad_token_id)
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
@@ -44,6 +48,7 @@ def test_packed_equals_one_by_one(tokenizer, samples):
             loss_alone, n_alone = loss_alone + float(l), n_alone + n
             start += len(s["input_ids"])
         # without the block mask the second sample would see the first: make sure that would differ
+        use_attention(model, "sdpa")
         leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
         s0 = len(samples[0]["input_ids"])
         assert (leaky[s0:s0 + 5] - logits[s0:s0 + 5]).abs().max() > 1e-3
@@ -51,8 +56,12 @@ def test_packed_equals_one_by_one(tokenizer, samples):
     assert math.isclose(float(loss_packed), loss_alone, rel_tol=1e-5)
 
 
-def test_padded_equals_packed_loss(tokenizer, samples):
+@pytest.mark.parametrize("attention", ["packed", "sdpa"])
+def test_padded_equals_packed_loss(tokenizer, samples, attention):
+    from tunesmith.models.attention import use_attention, use_packed_attention
+
     model = make_tiny_model(tokenizer)
+    use_packed_attention(model) if attention == "packed" else use_attention(model, attention)
     with torch.no_grad():
         a = causal_lm_loss(model, collate(samples, packing=True, pad_id=tokenizer.pad_token_id))
         b = causal_lm_loss(model, collate(samples, packing=False, pad_id=tokenizer.pad_token_id))

@@ -32,8 +32,8 @@ class ModelConfig:
     "Dtype the weights are stored in. Trainable weights stay fp32 whatever the compute precision."
     frozen_dtype: Literal["same", "bf16", "fp16"] = "same"
     "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
-    attention: Literal["sdpa", "eager"] = "sdpa"
-    "Attention kernel."
+    attention: Literal["packed", "sdpa", "eager"] = "packed"
+    "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask."
 
 
 @dataclass(kw_only=True)

@@ -10,18 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..models.attention import PACKED, segments_from_ids
 from ..models.masks import attention_mask
 
 
 def forward_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states (B, T, d) of the decoder for a (possibly packed) batch."""
+    """Last hidden states (B, T, d) of the decoder for a (possibly packed) batch.
+
+    Samples never attend to each other: with per-sample attention (`models.attention`) each
+    sample's attention runs on its own; otherwise a block-causal mask isolates them."""
     body = getattr(model, model.base_model_prefix)
-    out = body(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=attention_mask(batch["segment_ids"]),
-        use_cache=False,
-    )
+    if model.config._attn_implementation == PACKED:
+        isolation = {"attention_mask": None, "tunesmith_segments": segments_from_ids(batch["segment_ids"])}
+    else:
+        eager = model.config._attn_implementation == "eager"
+        isolation = {"attention_mask": attention_mask(batch["segment_ids"], additive=eager)}
+    out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **isolation)
     return out.last_hidden_state
 
 

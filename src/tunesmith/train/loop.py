@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import recipe as rcp
 from ..data import collate, load_data, plan_batches
 from ..methods import build_method, cast_frozen, count_parameters, mark_trainable
+from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model, load_tokenizer
 from ..objectives import causal_lm_loss
 from . import checkpoint as ckpt
@@ -152,8 +153,12 @@ class _Interrupt:
 def prepare_model(recipe, model=None, tokenizer=None):
     """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
     if model is None:
-        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype, recipe.model.attention)
+        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype)
         tokenizer = tokenizer or loaded_tokenizer
+    if recipe.model.attention == "packed":
+        use_packed_attention(model)
+    else:
+        use_attention(model, recipe.model.attention)
     torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
     method = build_method(recipe.method)
     method.apply(model)
@@ -290,6 +295,7 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
 def save_output(recipe, model, tokenizer, method) -> Path:
     """LoRA → an HF PEFT adapter in `<run>/adapter`; full → a transformers folder in `<run>/model`."""
     run_dir = recipe.run_dir
+    use_attention(model, "sdpa")  # what a saved model should run with
     if method.name == "lora":
         from ..export.peft_format import save_adapter
 
