@@ -279,12 +279,13 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
         log.close()
 
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "wall_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+    summary = {"steps": step, "session_steps": step - start_step, "wall_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                "peak_mem_gb": peak_memory_gb(device), "val_loss": last_val}
     output = None
     if status == "completed":
         output = save_output(recipe, model, tokenizer, method)
-        print(f"[tunesmith] done: {step} steps in {elapsed:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
+        print(f"[tunesmith] done: step {step}/{total_steps} ({step - start_step} in this session, {elapsed:.0f} s), "
+              f"{summary['tokens_per_s']:,.0f} tokens/s, "
               f"peak memory {summary['peak_mem_gb']:.2f} GB → {output}", flush=True)
     from .report import write_report
 
