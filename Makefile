@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/tunesmith train recipes/lora-sft.yaml
+	rm -rf runs/quickstart
+	$(BIN)/tunesmith quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

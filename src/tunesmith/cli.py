@@ -25,7 +25,10 @@ def _user_errors():
     from .export.atomic import ExportError
     from .infer.generate import InferError
 
-    return tuple(errors + [ExportError, InferError])
+    from .eval.files import FileTaskError
+    from .eval.runner import EvalError
+
+    return tuple(errors + [ExportError, InferError, EvalError, FileTaskError])
 
 
 def cmd_train(args) -> int:
@@ -85,9 +88,44 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.runner import evaluate, format_summary, get_eval_task, save_result
+
+    if args.task.startswith("text:"):
+        from .eval.perplexity import perplexity
+
+        model, tok = _load(args)
+        result = perplexity(model, tok, args.task[len("text:"):], limit=args.limit)
+        print("\n".join(f"{k:<10} {v:.4f}" if isinstance(v, float) else f"{k:<10} {v}" for k, v in result.items()))
+        return 0
+    task = get_eval_task(args.task, args.metric, seed=args.seed)
+    model, tok = _load(args)
+    ks = tuple(int(k) for k in args.k.split(","))
+    result = evaluate(model, tok, task, split=args.split, limit=args.limit, shots=args.shots, samples=args.samples,
+                      temperature=args.temperature, ks=ks, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, seed=args.seed)
+    out = args.output or f"eval-{result.task}-{args.split}.json"
+    save_result(result, out, model=args.model, adapter=args.adapter)
+    print(format_summary(result))
+    print(f"[tunesmith] per-example records: {out}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    quickstart(args.recipe, args.overrides)
+    return 0
+
+
 def cmd_recipe(args) -> int:
     from .recipe import reference
 
+    if args.markdown:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, doc in reference():
+            print(f"| `{key}` | `{default}` | {doc} |")
+        return 0
     for key, default, doc in reference():
         print(f"{key:34s} {default!s:22s} {doc}")
     return 0
@@ -141,7 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(fn=cmd_export)
 
+    p = sub.add_parser("eval", help="measure a model (with an adapter) on a task")
+    _model_args(p)
+    p.add_argument("--task", required=True,
+                   help="sql, json, humaneval, a JSONL task file, or text:FILE for loss/perplexity")
+    p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, sql, python")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--shots", type=int, default=0, help="k training examples in the prompt (in-context baseline)")
+    p.add_argument("--samples", type=int, default=1, help="samples per example (for pass@k)")
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k, e.g. 1,5")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="where the per-example JSON goes")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
+    p.add_argument("--recipe", default="recipes/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides of the quickstart recipe")
+    p.set_defaults(fn=cmd_quickstart)
+
     p = sub.add_parser("recipe", help="every recipe key with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
     p.set_defaults(fn=cmd_recipe)
     return parser
 

@@ -147,6 +147,26 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    task: str | None = None
+    "A task measured during training and by quickstart: sql, json, humaneval, or a JSONL task file."
+    metric: str | None = None
+    "Metric for a JSONL task file (exact_match, contains, bleu, chrf, sql, python)."
+    every: int = 0
+    "Measure the task every N steps and at the end of training (0 = not during training)."
+    split: str = "validation"
+    "Split measured during training (quickstart measures `test`)."
+    limit: int | None = 50
+    "Examples per measurement (None = the whole split)."
+    max_new_tokens: int = 128
+    "Longest generated answer."
+    batch_size: int = 16
+    "Prompts generated together."
+    seed: int = 0
+    "Seed of the built-in task's generator."
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = "run"
     "Run name; the run folder is `<output_dir>/<name>`."
@@ -162,6 +182,8 @@ class Recipe:
     "The tuning method."
     train: TrainConfig = field(default_factory=TrainConfig)
     "The training loop."
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    "Task evaluation during training."
 
     @property
     def run_dir(self) -> Path:
@@ -289,6 +311,11 @@ def _validate(obj, prefix: str) -> None:
         for k in obj.columns:
             if k not in allowed:
                 raise RecipeError(f"{prefix}columns: unknown column role `{k}`{_nearest(k, allowed)}")
+    if isinstance(obj, EvalConfig):
+        positive("every", allow_zero=True)
+        positive("limit")
+        positive("max_new_tokens")
+        positive("batch_size")
     if isinstance(obj, LoraConfig):
         positive("rank")
         positive("alpha")

@@ -15,7 +15,7 @@ from typing import Any, Iterator, NamedTuple
 
 from .errors import DataError
 
-SUPPORTED = ".jsonl, .json, .csv, .parquet, or an HF save_to_disk folder"
+SUPPORTED = ".jsonl, .json, .csv, .parquet, an HF save_to_disk folder, or task:NAME/SPLIT"
 
 
 class Record(NamedTuple):
@@ -24,7 +24,13 @@ class Record(NamedTuple):
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
-    """Yield the records of a data file or `save_to_disk` folder, in file order."""
+    """Yield the records of a data file or `save_to_disk` folder, in file order.
+
+    `task:sql/train` (or `task:json`, split `train` by default) reads a split of a built-in
+    generated task as chat records.
+    """
+    if str(path).startswith("task:"):
+        return _read_task(str(path))
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -35,6 +41,18 @@ def read_records(path: str | Path) -> Iterator[Record]:
     if reader is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {SUPPORTED}")
     return reader(path)
+
+
+def _read_task(spec: str) -> Iterator[Record]:
+    from .tasks import get_task, task_records
+
+    name, _, split = spec[len("task:"):].partition("/")
+    try:
+        task = get_task(name)
+    except ValueError as e:
+        raise DataError(f"{spec}: {e}") from None
+    split = split or "train"
+    return (Record(f"{spec}[#{i}]", r) for i, r in enumerate(task_records(task, split)))
 
 
 def _as_record(where: str, value: Any) -> Record:

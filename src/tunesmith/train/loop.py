@@ -150,6 +150,23 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
+def evaluate_task(model, tokenizer, recipe):
+    """Measure the recipe's eval task with the model as it is now (stock attention for generation)."""
+    from ..eval.runner import evaluate as run_eval, get_eval_task
+
+    cfg = recipe.eval
+    task = get_eval_task(cfg.task, cfg.metric, seed=cfg.seed)
+    training_attention = model.config._attn_implementation
+    use_attention(model, "sdpa")
+    try:
+        with autocast(model.device, recipe.train.precision):
+            return run_eval(model, tokenizer, task, split=cfg.split, limit=cfg.limit,
+                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
+    finally:
+        model.set_attn_implementation(training_attention)
+        model.train()
+
+
 def prepare_model(recipe, model=None, tokenizer=None):
     """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
     if model is None:
@@ -265,6 +282,12 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
                     last_val = evaluate(model, val_batches, device, cfg.precision, cfg.loss_chunk, cfg.eval_batches)
                     log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
                     tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
+
+                if recipe.eval.task and recipe.eval.every and (step % recipe.eval.every == 0 or step == total_steps):
+                    result = evaluate_task(model, tokenizer, recipe)
+                    log.write({"step": step, f"eval_{result.metric}": result.main})
+                    tqdm.write(f"[tunesmith] step {step}: {result.task} {result.split} {result.metric} "
+                               f"{100 * result.main:.1f}%")
 
                 stop = interrupt.requested or (_stop_after is not None and step >= _stop_after)
                 if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics, the sandbox for model-written code, and the runner."""

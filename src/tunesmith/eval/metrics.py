@@ -1,0 +1,45 @@
+"""Text metrics: normalised exact match, corpus BLEU and chrF (through sacrebleu, so our numbers
+are the ones papers report), and pass@k."""
+from __future__ import annotations
+
+import math
+import re
+import string
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and English articles, collapse whitespace (SQuAD-style)."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, one reference per example)."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2)."""
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf(predictions, [references]).score
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al., 2021): 1 - C(n-c, k) / C(n, k),
+    computed as a product so large n does not overflow."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

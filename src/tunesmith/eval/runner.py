@@ -1,0 +1,133 @@
+"""Run a model on a task: generate, score, summarise, write per-example records.
+
+    result = evaluate(model, tokenizer, get_eval_task("sql"), split="test", limit=100)
+    print(format_summary(result))
+
+The summary holds the task's main metric (`accuracy` = share of correct greedy answers, or pass@k
+from n samples with the unbiased estimator), the mean partial score, and for text tasks corpus BLEU
+and chrF. `shots=k` puts k training examples before each question as earlier chat turns: the
+in-context baseline that fine-tuning is compared against.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .task import Example
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message says why."""
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    metric: str
+    summary: dict
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def main(self) -> float:
+        return self.summary[self.metric]
+
+
+def get_eval_task(name: str, metric: str | None = None, seed: int = 0):
+    """A built-in task (`sql`, `json`, `humaneval`) or a JSONL task file (with its metric)."""
+    if name.endswith(".jsonl"):
+        from .files import FileTask
+
+        return FileTask(name, metric or "exact_match")
+    if name == "humaneval":
+        from .humaneval import HumanEvalTask
+
+        return HumanEvalTask()
+    from ..data.tasks import get_task
+
+    return get_task(name, seed=seed)
+
+
+def build_prompt(task, example: Example, shots: list[Example]):
+    """The chat for one question: system prompt, k solved examples as earlier turns, the question."""
+    messages = []
+    if getattr(task, "system_prompt", None):
+        messages.append({"role": "system", "content": task.system_prompt})
+    for s in shots:
+        messages += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.reference}]
+    messages.append({"role": "user", "content": example.prompt})
+    return messages
+
+
+def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None = None, shots: int = 0,
+             samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, ks: tuple[int, ...] = (1,),
+             max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> EvalResult:
+    """Generate answers for a split of `task`, score them and summarise."""
+    from ..infer.generate import generate
+    from .metrics import bleu, chrf, pass_at_k
+
+    if samples > 1 and temperature <= 0:
+        raise EvalError(f"{samples} samples per example need sampling: set a temperature > 0")
+    if max(ks) > samples:
+        raise EvalError(f"pass@{max(ks)} needs at least {max(ks)} samples per example (got samples={samples})")
+    examples = task.examples(split)[:limit] if limit else task.examples(split)
+    if not examples:
+        raise EvalError(f"task {task.name} has no examples in split {split}")
+    shot_pool = task.examples("train")[:shots] if shots else []
+    prompts = [build_prompt(task, ex, shot_pool) for ex in examples]
+    t0 = time.perf_counter()
+    outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       batch_size=batch_size)
+    gen_s = time.perf_counter() - t0
+    records, n_correct, partial = [], [], []
+    for i, ex in enumerate(examples):
+        outs = outputs[i * samples:(i + 1) * samples]
+        verdicts = [task.score(o, ex) for o in outs]
+        n_correct.append(sum(v.correct for v in verdicts))
+        partial.append(verdicts[0].score)
+        records.append({
+            "id": ex.id, "prompt": ex.prompt, "prediction": outs[0], "reference": ex.reference,
+            "correct": verdicts[0].correct, "score": verdicts[0].score, "error": verdicts[0].error,
+            "extracted": verdicts[0].extracted,
+            **({"samples": [{"prediction": o, "correct": v.correct} for o, v in zip(outs, verdicts)]}
+               if samples > 1 else {}),
+        })
+    summary = {"examples": len(examples), "accuracy": sum(r["correct"] for r in records) / len(records),
+               "mean_score": sum(partial) / len(partial), "generation_s": gen_s, "shots": shots}
+    if samples > 1:
+        for k in ks:
+            summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in n_correct) / len(examples)
+    if task.metric in ("bleu", "chrf"):
+        preds, refs = [r["prediction"].strip() for r in records], [r["reference"] for r in records]
+        summary["bleu"], summary["chrf"] = bleu(preds, refs), chrf(preds, refs)
+    metric = task.metric if task.metric in summary else ("pass@1" if "pass@1" in summary else "accuracy")
+    return EvalResult(task.name, split, metric, summary, records)
+
+
+def save_result(result: EvalResult, path: str | Path, **context) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"task": result.task, "split": result.split, "metric": result.metric, **context,
+               "summary": result.summary, "records": result.records}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def format_summary(result: EvalResult) -> str:
+    rows = [("task", f"{result.task} ({result.split})"), ("examples", str(result.summary["examples"]))]
+    for key, value in result.summary.items():
+        if key in ("examples",):
+            continue
+        if key in ("accuracy", "mean_score") or key.startswith("pass@"):
+            rows.append((key, f"{100 * value:.1f}%"))
+        elif isinstance(value, float):
+            rows.append((key, f"{value:.2f}"))
+        else:
+            rows.append((key, str(value)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
