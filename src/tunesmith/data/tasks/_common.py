@@ -1,0 +1,108 @@
+"""What the generated tasks share: seeded randomness, value lists, and the splitting rules.
+
+A test question must measure generalisation, not recall, so splits are disjoint twice over:
+- in phrasings: each template belongs to one split (one per family to validation, one to test,
+  the rest to train), so every family is trained but tested only with unseen wording;
+- in values: each slot value (a city, a first name, a threshold, ...) belongs to one split, so no
+  value of a test question appears in any training question.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
+
+from ...eval.task import SPLITS
+
+HELD_OUT = 0.15  # share of every value list kept for validation, and again for test (at least one each)
+
+T = TypeVar("T")
+
+FIRST_NAMES = [
+    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Karin", "Leo",
+    "Maya", "Nils", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor", "Wendy", "Yusuf", "Zoe", "Adam",
+    "Beatrice", "Carlos", "Dora", "Emil", "Fatima", "George", "Hannah", "Ivan", "Julia", "Kofi", "Lena",
+    "Marco", "Nora", "Omar", "Petra", "Rami", "Sofia", "Tomas", "Ursula", "Vera", "Walter", "Xavier",
+    "Yara", "Aisha", "Bruno", "Chloe", "Diego", "Erik", "Freya", "Gustav", "Helga", "Ingrid", "Jamal",
+    "Kira", "Lucas", "Mila",
+]
+LAST_NAMES = [
+    "Novak", "Silva", "Moreau", "Fischer", "Rossi", "Jansen", "Kowalski", "Lindqvist", "Okafor", "Haddad",
+    "Tanaka", "Meyer", "Costa", "Dubois", "Horvat", "Keller", "Larsen", "Mendes", "Nielsen", "Park",
+    "Quinn", "Reyes", "Schmidt", "Torres", "Varga", "Weber", "Young", "Adler", "Brandt", "Castillo",
+    "Dalton", "Eriksen", "Ferreira", "Garcia", "Hansen", "Ibrahim", "Jovanovic", "Kuznetsov", "Lopez",
+    "Marino", "Nakamura", "Olsen", "Petrov", "Ramos", "Sato", "Thomsen", "Ullman", "Vidal", "Wagner",
+    "Zielinski",
+]
+CITIES = [
+    "Oslo", "Lisbon", "Madrid", "Vienna", "Prague", "Dublin", "Berlin", "Paris", "Rome", "Warsaw", "Athens",
+    "Zurich", "Munich", "Milan", "Porto", "Lyon", "Hamburg", "Krakow", "Seville", "Geneva", "Bergen", "Turin",
+    "Ghent", "Bruges", "Valencia", "Antwerp", "Gothenburg", "Tallinn", "Riga", "Ljubljana", "Bratislava",
+    "Salzburg",
+]
+
+
+def rng_for(*parts) -> random.Random:
+    # A str seed is hashed with SHA-512, so this is stable across runs (unlike hash()).
+    return random.Random("/".join(map(str, parts)))
+
+
+class ValueSplit:
+    """Puts every slot value in exactly one split. Lists are added in order; a value already placed
+    by an earlier list (e.g. 7 as a LIMIT and as a count) keeps its split, so splits stay disjoint."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.split_of: dict[Hashable, str] = {}
+        self.pools: dict[str, dict[str, list]] = {}
+
+    def add(self, kind: str, values: Iterable[Hashable]) -> dict[str, list]:
+        values = list(dict.fromkeys(values))
+        n_held = max(1, round(HELD_OUT * len(values)))
+        free = [v for v in values if v not in self.split_of]
+        self.rng.shuffle(free)
+        for split in ("validation", "test"):
+            need = n_held - sum(self.split_of.get(v) == split for v in values)
+            for v in free[:max(0, need)]:
+                self.split_of[v] = split
+            free = free[max(0, need):]
+        for v in free:
+            self.split_of[v] = "train"
+        self.pools[kind] = {s: [v for v in values if self.split_of[v] == s] for s in SPLITS}
+        return self.pools[kind]
+
+
+def split_templates(families: Sequence, rng: random.Random) -> dict[str, list[tuple[str, object, int]]]:
+    """(template id, family, phrasing index) per split: per family one phrasing for validation, one
+    for test, the rest (at least one) for train. Families need `.name` and `.phrasings`."""
+    out: dict[str, list] = {s: [] for s in SPLITS}
+    for family in families:
+        assert len(family.phrasings) >= 3, family.name
+        order = list(range(len(family.phrasings)))
+        rng.shuffle(order)
+        for rank, i in enumerate(order):
+            split = "validation" if rank == 0 else "test" if rank == 1 else "train"
+            out[split].append((f"{family.name}.{i}", family, i))
+    return out
+
+
+def fill(templates: list[T], n: int, draw: Callable[[T], tuple[str, object] | None], rng: random.Random,
+         tries: int = 40) -> list:
+    """Up to `n` items, taking templates in turn (so any prefix of the list is balanced across
+    templates). `draw(t)` returns (dedup key, item) or None for a rejected draw; a template that
+    yields nothing new in `tries` draws has run out of values and leaves the rotation."""
+    live = list(templates)
+    rng.shuffle(live)
+    out, seen = [], set()
+    while len(out) < n and live:
+        for t in list(live):
+            if len(out) == n:
+                break
+            for _ in range(tries):
+                got = draw(t)
+                if got is not None and got[0] not in seen:
+                    seen.add(got[0])
+                    out.append(got[1])
+                    break
+            else:
+                live.remove(t)
+    return out
