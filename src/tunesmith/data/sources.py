@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+from ..jsonl import read_jsonl
 from .errors import DataError
 
 SUPPORTED = ".jsonl, .json, .csv, .parquet, an HF save_to_disk folder, or task:NAME/SPLIT"
@@ -62,16 +63,8 @@ def _as_record(where: str, value: Any) -> Record:
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (often a trailing one) are not records
-            where = f"{path}:{line_no}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield _as_record(where, value)
+    for where, value in read_jsonl(path, DataError):
+        yield _as_record(where, value)
 
 
 def _read_json(path: Path) -> Iterator[Record]:

@@ -9,9 +9,9 @@ metrics, so each example's verdict there is a sentence-level chrF.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..jsonl import read_jsonl
 from .task import Example, Verdict
 
 METRICS = ("exact_match", "contains", "bleu", "chrf", "sql", "python")
@@ -35,14 +35,7 @@ class FileTask:
 
     def _read(self) -> list[Example]:
         examples = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FileTaskError(f"{where}: not valid JSON ({e.msg})") from None
+        for where, row in read_jsonl(self.path, FileTaskError):
             if not isinstance(row, dict):
                 raise FileTaskError(f"{where}: expected a JSON object")
             for key in ("prompt", "reference"):
@@ -56,7 +49,7 @@ class FileTask:
                 db = Path(row["db"])
                 row["db"] = str(db if db.is_absolute() else self.path.parent / db)
             meta = {k: v for k, v in row.items() if k not in ("prompt", "reference")}
-            examples.append(Example(str(row.get("id", n)), row["prompt"], row["reference"], meta))
+            examples.append(Example(str(row.get("id", where.rsplit(":", 1)[1])), row["prompt"], row["reference"], meta))
         if not examples:
             raise FileTaskError(f"{self.path}: no examples")
         return examples

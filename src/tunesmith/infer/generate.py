@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.jsonl import read_jsonl
 from tunesmith.export.peft_format import adapter_folder, load_adapter
 from tunesmith.methods.lora import LoRA
 from tunesmith.models.load import DEFAULT_MODEL, load_model
@@ -191,32 +192,24 @@ def generate_file(model, tokenizer, in_path, out_path, **kw) -> Path:
     if not in_path.is_file():
         raise InferError(f"input file not found: {in_path}")
     records, prompts = [], []
-    with in_path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{in_path}:{lineno}"
+    for where, rec in read_jsonl(in_path, InferError):
+        if not isinstance(rec, dict):
+            raise InferError(f"{where}: expected a JSON object with `prompt` or `messages`")
+        if "prompt" in rec:
+            prompt = rec["prompt"]
+            if not isinstance(prompt, str):
+                raise InferError(f"{where}: `prompt` must be a string, got {type(prompt).__name__}")
+        elif "messages" in rec:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InferError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise InferError(f"{where}: expected a JSON object with `prompt` or `messages`")
-            if "prompt" in rec:
-                prompt = rec["prompt"]
-                if not isinstance(prompt, str):
-                    raise InferError(f"{where}: `prompt` must be a string, got {type(prompt).__name__}")
-            elif "messages" in rec:
-                try:
-                    if not isinstance(rec["messages"], list):
-                        raise InferError(f"expected a list of {{role, content}}, got {rec['messages']!r:.80}")
-                    prompt = _messages(rec["messages"])
-                except InferError as e:
-                    raise InferError(f"{where}: `messages`: {e}") from None
-            else:
-                raise InferError(f"{where}: needs `prompt` (a string) or `messages` (a list of {{role, content}})")
-            records.append(rec)
-            prompts.append(prompt)
+                if not isinstance(rec["messages"], list):
+                    raise InferError(f"expected a list of {{role, content}}, got {rec['messages']!r:.80}")
+                prompt = _messages(rec["messages"])
+            except InferError as e:
+                raise InferError(f"{where}: `messages`: {e}") from None
+        else:
+            raise InferError(f"{where}: needs `prompt` (a string) or `messages` (a list of {{role, content}})")
+        records.append(rec)
+        prompts.append(prompt)
 
     completions: list[str | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
-from ...eval.task import SPLITS
+from ...eval.task import SPLITS, Example
 
 HELD_OUT = 0.15  # share of every value list kept for validation, and again for test (at least one each)
 
@@ -106,3 +106,22 @@ def fill(templates: list[T], n: int, draw: Callable[[T], tuple[str, object] | No
             else:
                 live.remove(t)
     return out
+
+
+class GeneratedTask:
+    """A task whose examples are generated from a seed, once, on first use."""
+
+    def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 200):
+        self.seed = seed
+        self.sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+        self._splits: dict[str, list[Example]] | None = None
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split `{split}`; choose one of {', '.join(SPLITS)}")
+        if self._splits is None:
+            self._splits = self._generate()
+        return list(self._splits[split])
+
+    def _generate(self) -> dict[str, list[Example]]:
+        raise NotImplementedError

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from ...eval.task import SPLITS, Example, Verdict
-from ._common import CITIES, FIRST_NAMES, LAST_NAMES, ValueSplit, fill, rng_for, split_templates
+from ._common import CITIES, FIRST_NAMES, LAST_NAMES, GeneratedTask, ValueSplit, fill, rng_for, split_templates
 
 FIELDS = ("city", "day", "item", "name", "quantity")
 ITEMS = [  # no word is shared by two items, so a held-out item shares no word with a training one
@@ -87,23 +87,14 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-class ExtractTask:
+class ExtractTask(GeneratedTask):
     """Structured extraction of orders to JSON; see the module docstring."""
     name = "json"
     metric = "exact_match"
     system_prompt = "Answer with one JSON object."
 
     def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 200):
-        self.seed = seed
-        self.sizes = {"train": n_train, "validation": n_validation, "test": n_test}
-        self._splits: dict[str, list[Example]] | None = None
-
-    def examples(self, split: str) -> list[Example]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split `{split}`; choose one of {', '.join(SPLITS)}")
-        if self._splits is None:
-            self._splits = self._generate()
-        return list(self._splits[split])
+        super().__init__(seed, n_train, n_validation, n_test)
 
     def score(self, prediction: str, example: Example) -> Verdict:
         """Correct iff the first JSON object equals the gold object; score = fields right / fields

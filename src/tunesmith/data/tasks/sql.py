@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...eval.task import SPLITS, Example, Verdict
-from ._common import CITIES, FIRST_NAMES, LAST_NAMES, ValueSplit, fill, rng_for, split_templates
+from ._common import CITIES, FIRST_NAMES, LAST_NAMES, GeneratedTask, ValueSplit, fill, rng_for, split_templates
 
 VERSION = 1  # bump when the generator changes: it is part of the database file name
 
@@ -465,7 +465,7 @@ def _informative(rows: list[tuple]) -> bool:
     return bool(rows) and not (len(rows) == 1 and all(v in (None, 0) for v in rows[0]))
 
 
-class SqlTask:
+class SqlTask(GeneratedTask):
     """Questions about a generated company database; see the module docstring."""
     name = "sql"
     metric = "execution_accuracy"
@@ -473,19 +473,10 @@ class SqlTask:
 
     def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 200,
                  workdir: str | Path | None = None):
-        self.seed = seed
-        self.sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+        super().__init__(seed, n_train, n_validation, n_test)
         self.timeout_s = 2.0
         self.db = build_database(seed, workdir)
-        self._splits: dict[str, list[Example]] | None = None
         self._gold: dict[str, list] = {}
-
-    def examples(self, split: str) -> list[Example]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split `{split}`; choose one of {', '.join(SPLITS)}")
-        if self._splits is None:
-            self._splits = self._generate()
-        return list(self._splits[split])
 
     def score(self, prediction: str, example: Example) -> Verdict:
         db = example.meta["db"]
