@@ -119,3 +119,26 @@ def test_task_file_and_its_errors(tmp_path):
         FileTask(path, "rouge")
     with pytest.raises(FileTaskError, match="needs a string field `tests`"):
         FileTask(path, "python")
+
+
+def test_perplexity_equals_hf_loss(tokenizer, tmp_path):
+    import torch
+
+    from tunesmith.eval.perplexity import perplexity
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Tuning small models on a CPU.", "SELECT 1"]
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    model = make_tiny_model(tokenizer)
+    got = perplexity(model, tokenizer, str(path))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+            x = torch.tensor([ids])
+            n = len(ids) - 1
+            total += float(model(x, labels=x).loss) * n
+            count += n
+    assert got["tokens"] == count
+    assert math.isclose(got["loss"], total / count, rel_tol=1e-5)
+    assert math.isclose(got["perplexity"], math.exp(total / count), rel_tol=1e-5)

@@ -12,7 +12,7 @@ def perplexity(model, tokenizer, path: str, *, limit: int | None = None, max_len
     """Token-weighted mean NLL over the trained tokens of `path` (all tokens for text; the answers
     for chats) and its exponential."""
     from ..data import collate, load_data, plan_batches
-    from ..objectives import causal_lm_loss
+    from ..train.loop import mean_loss
     from ..recipe import DataConfig
 
     cfg = DataConfig(train=path, format=fmt, max_length=max_length, limit=limit, shuffle=False)
@@ -20,14 +20,6 @@ def perplexity(model, tokenizer, path: str, *, limit: int | None = None, max_len
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = plan_batches([len(s["input_ids"]) for s in samples], packing=True, batch_tokens=max(batch_tokens, max_length),
                         batch_size=1, seed=0, epoch=0, shuffle=False)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for rows in plan:
-        batch = collate([samples[i] for i in rows], packing=True, pad_id=pad)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        loss, n, _ = causal_lm_loss(model, batch)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    mean = total / max(count, 1)
+    batches = (collate([samples[i] for i in rows], packing=True, pad_id=pad) for rows in plan)
+    mean, count = mean_loss(model, batches, model.device)
     return {"samples": len(samples), "tokens": count, "loss": mean, "perplexity": math.exp(min(mean, 50))}

@@ -110,7 +110,8 @@ def backward_window(model, batches: list[dict], device, precision: str, chunk: i
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, precision: str, chunk: int, limit: int = 0) -> float:
+def mean_loss(model, batches, device, precision: str = "fp32", chunk: int = 1024, limit: int = 0) -> tuple[float, int]:
+    """Trained-token-weighted mean loss over `batches` (validation loss, perplexity) and the token count."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -122,7 +123,7 @@ def evaluate(model, batches, device, precision: str, chunk: int, limit: int = 0)
         total += float(loss_sum)
         count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 class _Interrupt:
@@ -279,7 +280,7 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
                 bar.update(1)
 
                 if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    last_val = evaluate(model, val_batches, device, cfg.precision, cfg.loss_chunk, cfg.eval_batches)
+                    last_val, _ = mean_loss(model, val_batches, device, cfg.precision, cfg.loss_chunk, cfg.eval_batches)
                     log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
                     tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
 
