@@ -11,7 +11,7 @@ def test_fast_quickstart_writes_every_section(tmp_path, tiny_model_dir):
 
     report = quickstart(ROOT / "recipes" / "quickstart.yaml", [
         f"model.name={tiny_model_dir}", f"output_dir={tmp_path}", "model.frozen_dtype=same",
-        "data.limit=24", "train.steps=2", "train.batch_tokens=512", "train.precision=fp32",
+        "data.limit=24", "train.steps=2", "train.eval_every=1", "train.batch_tokens=512", "train.precision=fp32",
         "eval.limit=4", "eval.max_new_tokens=8", "train.eval_batches=1"])
     text = report.read_text()
     for section in ("## Before and after: sql", "| accuracy |", "## Loss", "loss.png", "tokens/s",
