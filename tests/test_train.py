@@ -11,7 +11,7 @@ from tunesmith.data import collate
 from tunesmith.objectives.sft import causal_lm_loss, forward_hidden
 from tunesmith.recipe import load_recipe
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import TrainError, backward_window, train
+from tunesmith.train.loop import LossModule, TrainError, backward_window, train
 from tunesmith.train.metrics import read_metrics
 
 
@@ -77,9 +77,9 @@ def test_grad_accumulation_equals_big_batch(tokenizer, samples):
     dev = torch.device("cpu")
     m1 = make_tiny_model(tokenizer)
     micro = [collate([s], packing=False, pad_id=tokenizer.pad_token_id) for s in samples]
-    loss1, tok1, _ = backward_window(m1, micro, dev, "fp32", 1024)
+    loss1, tok1, _ = backward_window(LossModule(m1), micro, dev, "fp32")
     m2 = make_tiny_model(tokenizer)
-    loss2, tok2, _ = backward_window(m2, [collate(samples, packing=False, pad_id=tokenizer.pad_token_id)], dev, "fp32", 1024)
+    loss2, tok2, _ = backward_window(LossModule(m2), [collate(samples, packing=False, pad_id=tokenizer.pad_token_id)], dev, "fp32")
     assert tok1 == tok2
     assert math.isclose(loss1, loss2, rel_tol=1e-5)
     g1, g2 = grads(m1), grads(m2)

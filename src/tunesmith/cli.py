@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,9 +34,15 @@ def _user_errors():
 
 def cmd_train(args) -> int:
     from .recipe import load_recipe
+    from .train import distributed
     from .train.loop import train
 
-    result = train(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.nproc > 1 and not distributed.under_launcher():
+        return distributed.launch(recipe.nproc, ["train", args.recipe, *args.overrides])
+    result = train(recipe)
+    if distributed.under_launcher() and int(os.environ.get("RANK", "0")) != 0:
+        return 0 if result.status == "completed" else 130
     print(f"[tunesmith] report: {result.run_dir / 'report.md'}")
     return 0 if result.status == "completed" else 130
 

@@ -130,6 +130,10 @@ class TrainConfig:
     "Seed for initialisation, shuffling and dropout."
     device: str = "auto"
     "`auto`, `cpu`, `cuda` or `cuda:N`."
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    "With several processes: `ddp` (replicas, gradients summed) or `fsdp` (FSDP2 sharding); auto = fsdp on CUDA, ddp on CPU."
+    dist_timeout: int = 600
+    "Seconds a collective may wait before the job fails (a dead rank takes the job down)."
     threads: int = 0
     "CPU threads (0 = number of physical cores)."
     loss_chunk: int = 1024
@@ -174,6 +178,8 @@ class Recipe:
     "Where run folders go."
     resume: bool = False
     "Continue from the newest checkpoint in the run folder."
+    nproc: int = 1
+    "Processes on this node: `tunesmith train` relaunches itself under torchrun when > 1."
     model: ModelConfig = field(default_factory=ModelConfig)
     "The base model."
     data: DataConfig = field(default_factory=DataConfig)
@@ -294,8 +300,10 @@ def _validate(obj, prefix: str) -> None:
         if v is not None and (v < 0 or (v == 0 and not allow_zero)):
             raise RecipeError(f"{prefix}{name}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
+    if isinstance(obj, Recipe):
+        positive("nproc")
     if isinstance(obj, TrainConfig):
-        for n in ("batch_tokens", "batch_size", "grad_accum", "lr", "loss_chunk", "log_every", "keep_last"):
+        for n in ("batch_tokens", "batch_size", "grad_accum", "lr", "loss_chunk", "log_every", "keep_last", "dist_timeout"):
             positive(n)
         for n in ("eval_every", "save_every", "eval_batches", "threads", "warmup", "weight_decay", "max_grad_norm"):
             positive(n, allow_zero=True)

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
@@ -56,38 +55,106 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info: dict, keep_last: int) -> Path:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _all_rng(d) -> list[dict]:
+    """Every rank's RNG state, gathered (dropout streams differ per rank)."""
+    if d is None or not d.active:
+        return [rng_state()]
+    import torch.distributed as dist
+
+    states = [None] * d.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info: dict, keep_last: int,
+                    d=None) -> Path:
+    """Write `checkpoints/step-N/` atomically. Replicated runs (one process, DDP) save the trainable
+    tensors once, as safetensors; FSDP saves its shards with torch.distributed.checkpoint."""
     folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step}-", dir=folder))
-    try:
-        tensors = trainable_state(model)
-        # tied weights appear once under their first name
-        seen, unique = {}, {}
-        for n, t in tensors.items():
-            key = (t.data_ptr(), t.shape)
-            if key not in seen:
-                seen[key] = n
-                unique[n] = t
-        save_file(unique, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "train_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+    tmp = folder / f".tmp-{PREFIX}{step}"  # the same path on every rank
+    main = d is None or d.main
+    sharded = d is not None and d.active and d.strategy == "fsdp"
+    rngs = _all_rng(d)
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if d is not None:
+        d.barrier()
+    try:
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        if main:
+            if not sharded:
+                save_file(_unique(trainable_state(model)), tmp / "trainable.safetensors")
+            torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rngs[0], "rng_ranks": rngs}, tmp / "train_state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": sharded, **info}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if d is not None:
+        d.barrier()
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights appear once, under their first name."""
+    seen, unique = set(), {}
+    for n, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[n] = t
+    return unique
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
     """Restore parameters, optimizer, scheduler and RNG from `path`; return its state.json."""
     path = Path(path)
+    info = json.loads((path / "state.json").read_text())
+    sharded_now = d is not None and d.active and d.strategy == "fsdp"
+    if info.get("sharded") != sharded_now:
+        raise ValueError(f"checkpoint {path} was written {'sharded (fsdp)' if info.get('sharded') else 'unsharded'}; "
+                         f"resume it with train.strategy={'fsdp' if info.get('sharded') else 'ddp'} "
+                         "(the process count may change)")
+    state = torch.load(path / "train_state.pt", weights_only=True)
+    if sharded_now:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:
+        _load_trainable(path, model)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == world:
+        set_rng_state(ranks[rank])
+    elif rank == 0:
+        print(f"[tunesmith] note: {path} was written by {len(ranks)} processes, resuming with {world}: "
+              "data order and weights carry over, dropout streams start afresh", flush=True)
+    return info
+
+
+def _load_trainable(path: Path, model) -> None:
     tensors = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors
@@ -101,8 +168,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
-    state = torch.load(path / "train_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return json.loads((path / "state.json").read_text())
+
+
+def gathered_model(model, recipe, d):
+    """Under FSDP: gather the full weights (every rank takes part) into a plain, unsharded copy of
+    the model on rank 0 (None elsewhere), ready to save."""
+    full = {n: _full(t).detach().cpu() for n, t in model.state_dict().items()}
+    if not d.main:
+        return None
+    from .loop import prepare_model
+
+    plain, _, _ = prepare_model(recipe)
+    plain.load_state_dict(full, strict=True)
+    return plain

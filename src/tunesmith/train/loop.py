@@ -9,6 +9,7 @@ write a checkpoint and return; a NaN/Inf loss stops before the optimizer touches
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -28,9 +29,10 @@ from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model, load_tokenizer
 from ..objectives import causal_lm_loss
 from . import checkpoint as ckpt
+from . import distributed
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
-from .runtime import autocast, peak_memory_gb, pick_device, set_threads
+from .runtime import autocast, peak_memory_gb, set_threads
 
 
 class TrainError(RuntimeError):
@@ -62,6 +64,7 @@ class MicroBatches:
         self.packing, self.shuffle = data_cfg.packing, data_cfg.shuffle
         self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
         self.lengths = [len(s["input_ids"]) for s in samples]
+        self.trained = [sum(w > 0 for w in s["weights"]) for s in samples]  # weights[0] is always 0
         self._plans: dict[int, list[list[int]]] = {}
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -78,6 +81,11 @@ class MicroBatches:
             epoch += 1
         return epoch, index
 
+    def trained_tokens(self, index: int) -> int:
+        """Trained tokens of micro-batch `index`, without building it."""
+        epoch, i = self.locate(index)
+        return sum(self.trained[j] for j in self.plan(epoch)[i])
+
     def get(self, index: int) -> tuple[dict, int]:
         """Micro-batch number `index` (counted across epochs) and its epoch."""
         epoch, i = self.locate(index)
@@ -93,37 +101,61 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def backward_window(model, batches: list[dict], device, precision: str, chunk: int):
-    """Forward/backward every micro-batch of one accumulation window, each scaled by the trained
-    tokens of the *whole* window, so the summed gradient is that of one big batch.
-    Returns (loss, trained tokens, all tokens) of the window."""
-    window_tokens = sum(trained_tokens(b) for b in batches)
+class LossModule(torch.nn.Module):
+    """The model with its objective as `forward`, so DDP/FSDP wrap one module whose output is the
+    loss (the chunked lm_head never runs outside a wrapped forward)."""
+
+    def __init__(self, model, chunk: int = 1024):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        loss_sum, _, _ = causal_lm_loss(self.model, batch, self.chunk)
+        return loss_sum
+
+
+def backward_window(runner, batches: list[dict], device, precision: str, window_tokens: int | None = None,
+                    scale: float = 1.0):
+    """Forward/backward every micro-batch of one accumulation window, each divided by the trained
+    tokens of the *whole* window (all ranks' micro-batches included), so the summed gradient is
+    that of one big batch. `scale` undoes the averaging of data-parallel gradient reduction.
+    Returns (this rank's loss sum / window tokens, window tokens, this rank's tokens)."""
+    if window_tokens is None:
+        window_tokens = sum(trained_tokens(b) for b in batches)
     loss_total, n_tokens = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = to_device(batch, device)
-        with autocast(device, precision):
-            loss_sum, _, _ = causal_lm_loss(model, batch, chunk)
-        (loss_sum / max(window_tokens, 1)).backward()
+        last = i == len(batches) - 1
+        # DDP: sum gradients across ranks once, at the last micro-batch of the window
+        sync = runner.no_sync() if hasattr(runner, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, precision):
+                loss_sum = runner(batch)
+            (loss_sum * (scale / max(window_tokens, 1))).backward()
         loss_total += float(loss_sum.detach())
         n_tokens += int((batch["segment_ids"] > 0).sum())
     return loss_total / max(window_tokens, 1), window_tokens, n_tokens
 
 
 @torch.no_grad()
-def mean_loss(model, batches, device, precision: str = "fp32", chunk: int = 1024, limit: int = 0) -> tuple[float, int]:
-    """Trained-token-weighted mean loss over `batches` (validation loss, perplexity) and the token count."""
-    was_training = model.training
-    model.eval()
+def mean_loss(runner, batches, device, precision: str = "fp32", chunk: int = 1024, limit: int = 0,
+              reduce: bool = True):
+    """Trained-token-weighted mean loss over `batches` (validation loss, perplexity) and the token
+    count; with reduce=False, the loss sum and count (for summing across ranks first).
+    `runner` is a LossModule (possibly wrapped) or a plain causal LM."""
+    if hasattr(runner, "config"):  # a plain transformers model
+        runner = LossModule(runner, chunk)
+    was_training = runner.training
+    runner.eval()
     total, count = 0.0, 0
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
         with autocast(device, precision):
-            loss_sum, n, _ = causal_lm_loss(model, to_device(batch, device), chunk)
-        total += float(loss_sum)
-        count += n
-    model.train(was_training)
-    return total / max(count, 1), count
+            total += float(runner(to_device(batch, device)))
+        count += trained_tokens(batch)
+    runner.train(was_training)
+    return (total / max(count, 1), count) if reduce else (total, count)
 
 
 class _Interrupt:
@@ -190,25 +222,37 @@ def prepare_model(recipe, model=None, tokenizer=None):
 
 
 def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | None = None) -> RunResult:
-    """Run the recipe. `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
+    """Run the recipe, in this process or as one rank of a torchrun job.
+    `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
+    cfg = recipe.train
+    d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
+    try:
+        return _train(recipe, d, device, model, tokenizer, _stop_after)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     cfg = recipe.train
     run_dir = recipe.run_dir
+    say = print if d.main else (lambda *a, **k: None)
     resume_from = ckpt.latest_checkpoint(run_dir) if recipe.resume else None
     if not recipe.resume and ckpt.list_checkpoints(run_dir):
         raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
                          "or start a new run with name=<new name>")
-    device = pick_device(cfg.device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + d.rank)  # dropout differs per rank; data order does not
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = rcp.to_yaml(recipe)
-    (run_dir / "recipe.yaml").write_text(resolved)
-    print(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(resolved)
+    say(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
 
     if tokenizer is None:  # data first: a mistake in the data should not wait for the model to load
         tokenizer = load_tokenizer(recipe.model.name)
     splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     model, tokenizer, method = prepare_model(recipe, model, tokenizer)
     model.to(device)
     if cfg.activation_checkpointing:
@@ -216,51 +260,62 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     model.config.use_cache = False
     model.train()
     n_train, n_total = count_parameters(model)
-    print(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
-          f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}", flush=True)
+    runner = distributed.wrap(LossModule(model, cfg.loss_chunk), d, device, decoder_layers(model))
+    strategy = f" · {d.strategy} × {d.world} processes" if d.active else ""
+    say(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
+        f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}{strategy}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = MicroBatches(splits.train, recipe.data, cfg, cfg.seed, pad_id)
     per_epoch = len(stream.plan(0))
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    per_step = cfg.grad_accum * d.world  # micro-batches of one optimizer step, all ranks together
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
     val_batches = None
     if splits.val:
         val_stream = MicroBatches(splits.val, recipe.data, cfg, cfg.seed, pad_id)
         val_stream.shuffle = False
-        val_batches = [val_stream.get(i)[0] for i in range(len(val_stream.plan(0)))]
-    print(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
-          f"{len(splits.val or []):,} validation · {total_steps:,} steps × {cfg.grad_accum} micro-batches", flush=True)
+        n_val = len(val_stream.plan(0))
+        val_batches = [val_stream.get(i)[0] for i in range(d.rank, n_val, d.world)]
+    say(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
+        f"{len(splits.val or []):,} validation · {total_steps:,} steps × {per_step} micro-batches", flush=True)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    start_step = 0
+    start_step, start_micro = 0, 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, d)
         start_step = state["step"]
-        print(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
+        start_micro = state.get("micro_batches", start_step * per_step)
+        say(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
     elif recipe.resume:
-        print(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
-    log = MetricsLog(run_dir, resume_step=start_step if resume_from else None)
+        say(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
+    d.barrier()
+    log = MetricsLog(run_dir, resume_step=start_step if resume_from else None) if d.main else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     status, step, last_val = "completed", start_step, None
     tokens_seen, t_start = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step",
+               dynamic_ncols=True, disable=not d.main)
     try:
         with _Interrupt() as interrupt:
             while step < total_steps:
                 t0 = time.perf_counter()
-                window = [stream.get(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-                epoch = window[-1][1]
-                loss, window_tokens, n_tokens = backward_window(model, [b for b, _ in window], device,
-                                                                cfg.precision, cfg.loss_chunk)
+                first = start_micro + (step - start_step) * per_step  # global micro-batch index
+                window_tokens = sum(stream.trained_tokens(first + k) for k in range(per_step))
+                mine = [stream.get(i) for i in distributed.window(first, cfg.grad_accum, d)]
+                epoch = mine[-1][1]
+                loss, _, n_tokens = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
+                                                    window_tokens, scale=d.world)
+                loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
                 if not math.isfinite(loss):
                     last = ckpt.latest_checkpoint(run_dir)
                     raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are "
                                      f"updated; last good checkpoint: {last or 'none'} (lower train.lr, check the data)")
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                if not torch.isfinite(norm):
-                    raise TrainError(f"gradient norm is {float(norm)} at step {step + 1}: stopping before the "
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not math.isfinite(norm):
+                    raise TrainError(f"gradient norm is {norm} at step {step + 1}: stopping before the "
                                      f"weights are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
                 optimizer.step()
                 scheduler.step()
@@ -270,56 +325,82 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
                 dt = time.perf_counter() - t0
                 tokens_seen += n_tokens
                 lr = scheduler.get_last_lr()[0]
-                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
                        "tokens": n_tokens, "trained_tokens": window_tokens, "tokens_per_s": n_tokens / dt,
                        "trained_tokens_per_s": window_tokens / dt, "step_s": dt,
                        "peak_mem_gb": peak_memory_gb(device)}
-                if step % cfg.log_every == 0 or step == total_steps:
+                if log and (step % cfg.log_every == 0 or step == total_steps):
                     log.write(row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
                 bar.update(1)
 
-                if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    last_val, _ = mean_loss(model, val_batches, device, cfg.precision, cfg.loss_chunk, cfg.eval_batches)
-                    log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
-                    tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
+                if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                    total, count = mean_loss(runner, val_batches, device, cfg.precision, limit=cfg.eval_batches,
+                                             reduce=False)
+                    last_val = d.sum(total) / max(d.sum(count), 1)
+                    if log:
+                        log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+                    if d.main:
+                        tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
 
                 if recipe.eval.task and recipe.eval.every and (step % recipe.eval.every == 0 or step == total_steps):
+                    if d.active:
+                        raise TrainError("eval.every (generation during training) runs in one process only; "
+                                         "measure the saved adapter with `tunesmith eval` instead")
                     result = evaluate_task(model, tokenizer, recipe)
                     log.write({"step": step, f"eval_{result.metric}": result.main})
                     tqdm.write(f"[tunesmith] step {step}: {result.task} {result.split} {result.metric} "
                                f"{100 * result.main:.1f}%")
 
-                stop = interrupt.requested or (_stop_after is not None and step >= _stop_after)
+                stop = (_stop_after is not None and step >= _stop_after) or bool(d.sum(float(bool(interrupt.requested))))
                 if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
                     ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                         {"epoch": epoch, "total_steps": total_steps}, cfg.keep_last)
+                                         {"epoch": epoch, "total_steps": total_steps, "world": d.world,
+                                          "micro_batches": start_micro + (step - start_step) * per_step},
+                                         cfg.keep_last, d)
                 if stop:
                     status = "interrupted"
-                    tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
+                    if d.main:
+                        tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
                     break
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
 
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "session_steps": step - start_step, "wall_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-               "peak_mem_gb": peak_memory_gb(device), "val_loss": last_val}
+    summary = {"steps": step, "session_steps": step - start_step, "wall_s": elapsed,
+               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(device),
+               "val_loss": last_val, "processes": d.world}
     output = None
     if status == "completed":
-        output = save_output(recipe, model, tokenizer, method)
-        print(f"[tunesmith] done: step {step}/{total_steps} ({step - start_step} in this session, {elapsed:.0f} s), "
-              f"{summary['tokens_per_s']:,.0f} tokens/s, "
-              f"peak memory {summary['peak_mem_gb']:.2f} GB → {output}", flush=True)
-    from .report import write_report
+        output = save_output(recipe, model, tokenizer, method, d)
+        say(f"[tunesmith] done: step {step}/{total_steps} ({step - start_step} in this session, {elapsed:.0f} s), "
+            f"{summary['tokens_per_s']:,.0f} tokens/s, "
+            f"peak memory {summary['peak_mem_gb']:.2f} GB → {output}", flush=True)
+    if d.main:
+        from .report import write_report
 
-    write_report(run_dir, summary)
+        write_report(run_dir, summary)
+    d.barrier()
     return RunResult(run_dir, status, step, total_steps, output, summary)
 
 
-def save_output(recipe, model, tokenizer, method) -> Path:
-    """LoRA → an HF PEFT adapter in `<run>/adapter`; full → a transformers folder in `<run>/model`."""
+def decoder_layers(model) -> list:
+    """The transformer blocks (each becomes its own FSDP group)."""
+    body = getattr(model, model.base_model_prefix)
+    return list(getattr(body, "layers", []))
+
+
+def save_output(recipe, model, tokenizer, method, d=None) -> Path | None:
+    """LoRA → an HF PEFT adapter in `<run>/adapter`; full → a transformers folder in `<run>/model`.
+    Under FSDP every rank gathers the full weights; rank 0 writes."""
     run_dir = recipe.run_dir
+    if d is not None and d.strategy == "fsdp" and d.active:
+        model = ckpt.gathered_model(model, recipe, d)
+    if d is not None and not d.main:
+        return None
+    model = model.to("cpu") if model.device.type != "cpu" else model
     use_attention(model, "sdpa")  # what a saved model should run with
     if method.name == "lora":
         from ..export.peft_format import save_adapter
