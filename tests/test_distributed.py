@@ -90,7 +90,12 @@ def test_two_process_run_resumes_on_its_curve(tmp_path, tiny_model_dir):
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step-4")
-    torchrun(args + ["resume=true"])
+    # `nproc=2` makes `tunesmith train` launch torchrun itself
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(ROOT / "recipes" / "lora-sft.yaml"), *args,
+           "resume=true", "nproc=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "launching 2 processes" in r.stdout
     assert losses(run) == pytest.approx(full, abs=1e-6)
 
 
@@ -107,3 +112,20 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "model")  # the gathered model loads as a plain model
+
+
+def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_model_dir):
+    import shutil
+
+    args = overrides(tmp_path, tiny_model_dir, "fr", "train.strategy=fsdp", "method.name=full", "train.lr=1e-3")
+    torchrun(args)
+    run = tmp_path / "runs" / "fr"
+    full = losses(run)
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    torchrun(args + ["resume=true"])
+    assert losses(run) == pytest.approx(full, abs=1e-5)
+    # an FSDP checkpoint cannot be resumed by a single unsharded process: a clear error says so
+    from tunesmith.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sharded"):
+        train(load_recipe(ROOT / "recipes" / "lora-sft.yaml", args + ["resume=true", "train.steps=6"]))

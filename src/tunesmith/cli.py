@@ -20,9 +20,10 @@ def _user_errors():
     from .methods import MethodError
     from .models.load import ModelError
     from .recipe import RecipeError
+    from .train.checkpoint import CheckpointError
     from .train.loop import TrainError
 
-    errors = [RecipeError, DataError, ModelError, MethodError, TrainError, FileNotFoundError]
+    errors = [RecipeError, DataError, ModelError, MethodError, TrainError, CheckpointError, FileNotFoundError]
     from .export.atomic import ExportError
     from .infer.generate import InferError
 

@@ -19,6 +19,10 @@ from safetensors.torch import load_file, save_file
 PREFIX = "step-"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed as asked; the message says how to resume it."""
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
@@ -129,9 +133,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
     info = json.loads((path / "state.json").read_text())
     sharded_now = d is not None and d.active and d.strategy == "fsdp"
     if info.get("sharded") != sharded_now:
-        raise ValueError(f"checkpoint {path} was written {'sharded (fsdp)' if info.get('sharded') else 'unsharded'}; "
-                         f"resume it with train.strategy={'fsdp' if info.get('sharded') else 'ddp'} "
-                         "(the process count may change)")
+        raise CheckpointError(f"checkpoint {path} was written {'sharded (fsdp)' if info.get('sharded') else 'unsharded'};"
+                         + (" resume it with train.strategy=fsdp and nproc >= 2 (the process count may change)"
+                            if info.get("sharded") else " resume it without fsdp (one process or ddp)"))
     state = torch.load(path / "train_state.pt", weights_only=True)
     if sharded_now:
         import torch.distributed.checkpoint as dcp
@@ -161,7 +165,7 @@ def _load_trainable(path: Path, model) -> None:
                and not any(params[m] is p for m in tensors if m in params)]
     unknown = [n for n in tensors if n not in params]
     if unknown or missing:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match this recipe's method "
             f"(unknown: {unknown[:3]}, missing: {missing[:3]}); resume with the recipe that wrote it"
         )
