@@ -129,3 +129,30 @@ def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_model_dir):
 
     with pytest.raises(CheckpointError, match="sharded"):
         train(load_recipe(ROOT / "recipes" / "lora-sft.yaml", args + ["resume=true", "train.steps=6"]))
+
+
+def test_a_dying_rank_takes_the_job_down(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    args = overrides(tmp_path, tiny_model_dir, "die", "train.strategy=ddp", "train.steps=100000", "train.save_every=0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tunesmith", "train", str(ROOT / "recipes" / "lora-sft.yaml"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "runs" / "die" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.5)
+    assert metrics.is_file(), "training never started"
+    # the rank-1 worker: a child of torchrun whose environment says RANK=1
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    victim = next(int(p) for p in workers if "RANK=1\0" in Path(f"/proc/{p}/environ").read_text(errors="ignore"))
+    os.kill(victim, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung after a rank died")
+    assert proc.returncode != 0
+    assert "rank" in err.lower() and ("SIGKILL" in err or "-9" in err), err[-2000:]
