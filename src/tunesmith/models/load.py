@@ -99,18 +99,32 @@ def resolve(name: str) -> Path:
     if path.exists():
         raise ModelError(f"{path}: expected a model folder or a .gguf file")
     if "/" in name and not name.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download  # local cache lookup only, never a download
-
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:
+        cached = hub_cache_folder(name)
+        if cached is None:
             raise ModelError(
                 f"model `{name}` is neither a local path nor in the local HF cache "
                 "(tunesmith never downloads; copy the model folder here and pass its path)"
-            ) from None
+            )
+        return cached
     raise ModelError(
         f"model not found: `{name}` (give a model folder, a .gguf file, a cached hub id, or `{DEFAULT_MODEL}`)"
     )
+
+
+def hub_cache_folder(repo_id: str) -> Path | None:
+    """The snapshot folder of `repo_id` in the local HF cache (`$HF_HUB_CACHE`, else
+    `$HF_HOME/hub`, else ~/.cache/huggingface/hub), read from disk only; None if absent."""
+    root = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    repo = Path(root) / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip() / "config.json").is_file():
+        return snapshots / ref.read_text().strip()
+    found = sorted((p for p in snapshots.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def load_tokenizer(name: str):
