@@ -229,3 +229,15 @@ def test_embedded_model_loss_falls(tmp_path):
     losses = train_losses(result.run_dir)
     assert result.status == "completed" and len(losses) == 5
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_continue_from_an_adapter(tmp_path, tiny_model_dir):
+    """model.adapter starts a new run from a saved LoRA: its first loss continues the first run's."""
+    first = train(tiny_recipe(tmp_path / "a", tiny_model_dir, "data.val_fraction=0", "method.lora.dropout=0"))
+    second = train(tiny_recipe(tmp_path / "b", tiny_model_dir, "data.val_fraction=0", "method.lora.dropout=0",
+                               f"model.adapter={first.run_dir}", "method.lora.rank=4", "train.steps=2"))
+    a, b = train_losses(first.run_dir), train_losses(second.run_dir)
+    assert b[0] < a[0] - 0.5, (a, b)  # starts where the first run got to, not from scratch
+    from tunesmith.export.peft_format import read_adapter
+
+    assert read_adapter(second.run_dir / "adapter")[0].rank == 16  # the adapter's own rank won

@@ -32,6 +32,8 @@ class ModelConfig:
     "Dtype the weights are stored in. Trainable weights stay fp32 whatever the compute precision."
     frozen_dtype: Literal["same", "bf16", "fp16"] = "same"
     "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
+    adapter: str | None = None
+    "Start from this LoRA adapter (a PEFT folder or a run folder), e.g. an SFT stage's, and keep training it."
     attention: Literal["packed", "sdpa", "eager"] = "packed"
     "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask."
 
@@ -44,10 +46,10 @@ class DataConfig:
     "Validation file; if unset, `val_fraction` of the training records are held out."
     val_fraction: float = 0.0
     "Fraction of training records held out for validation when no validation file is given."
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
-    "Record format; `auto` picks chat if `messages` exist, instruction if `instruction`/`output`, else text."
+    format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
+    "Record format; `auto` picks preference if `chosen`/`rejected` exist, chat if `messages`, instruction if `instruction`/`output`, else text."
     columns: dict[str, str] = field(default_factory=dict)
-    "Column mapping, e.g. {messages: conversation, output: response}; keys: text, instruction, input, output, system, messages."
+    "Column mapping, e.g. {messages: conversation, output: response}; keys: text, instruction, input, output, system, messages, prompt, chosen, rejected."
     system_prompt: str | None = None
     "System prompt added to chat/instruction records that have none."
     train_on_prompt: bool = False
@@ -94,6 +96,58 @@ class MethodConfig:
     "Options of `lora`."
     full: FullConfig = field(default_factory=FullConfig)
     "Options of `full`."
+
+
+@dataclass(kw_only=True)
+class PreferenceConfig:
+    beta: float = 0.1
+    "Strength of the implicit KL to the reference (DPO, IPO, hinge) or reward scale (SimPO)."
+    gamma: float = 0.5
+    "SimPO's target reward margin divided by beta (Meng et al., 2024: gamma/beta ≈ 0.5)."
+    orpo_lambda: float = 0.1
+    "ORPO's weight of the odds-ratio term next to the SFT loss on the chosen answer."
+    label_smoothing: float = 0.0
+    "Conservative DPO: the probability that a preference label is flipped."
+    reference: Literal["auto", "adapter_off", "copy", "none"] = "auto"
+    "Reference model: the base with the LoRA switched off, a frozen copy (full tuning), or none (SimPO, ORPO)."
+    precompute_reference: bool = False
+    "Compute reference log-probs once before training (frees the reference during training)."
+
+
+@dataclass(kw_only=True)
+class GrpoConfig:
+    task: str = "sql"
+    "Prompts and verifier: a built-in task (sql, json, humaneval) or a JSONL task file."
+    reward: list[str] = field(default_factory=lambda: ["task"])
+    "Reward functions summed: task (the task's verifier), exact_match, format, or module:function."
+    samples: int = 8
+    "Completions per prompt (the group)."
+    prompts_per_step: int = 4
+    "Prompts per optimizer step."
+    temperature: float = 1.0
+    "Sampling temperature of the completions."
+    max_new_tokens: int = 96
+    "Longest completion."
+    epsilon: float = 0.2
+    "Clip range of the importance ratio."
+    kl_beta: float = 0.0
+    "Weight of the KL penalty to the reference (0 = none)."
+    iterations: int = 1
+    "Optimizer steps on each batch of completions (the ratio is 1 on the first)."
+    scale_rewards: bool = True
+    "Divide advantages by the group's reward std (False: Dr. GRPO)."
+    split: str = "train"
+    "Task split the prompts come from."
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: Literal["sft", "dpo", "ipo", "hinge", "simpo", "orpo", "grpo"] = "sft"
+    "Training objective: causal LM (SFT), a preference loss, or GRPO."
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    "Options of the preference objectives (dpo, ipo, hinge, simpo, orpo)."
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    "Options of grpo."
 
 
 @dataclass(kw_only=True)
@@ -186,6 +240,8 @@ class Recipe:
     "The training data."
     method: MethodConfig = field(default_factory=MethodConfig)
     "The tuning method."
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    "What the training minimises."
     train: TrainConfig = field(default_factory=TrainConfig)
     "The training loop."
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -315,7 +371,7 @@ def _validate(obj, prefix: str) -> None:
         positive("max_length")
         if not 0.0 <= obj.val_fraction < 1.0:
             raise RecipeError(f"{prefix}val_fraction: must be in [0, 1), got {obj.val_fraction}")
-        allowed = {"text", "instruction", "input", "output", "system", "messages"}
+        allowed = {"text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected"}
         for k in obj.columns:
             if k not in allowed:
                 raise RecipeError(f"{prefix}columns: unknown column role `{k}`{_nearest(k, allowed)}")

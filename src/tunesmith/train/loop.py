@@ -211,7 +211,16 @@ def prepare_model(recipe, model=None, tokenizer=None):
         use_attention(model, recipe.model.attention)
     torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
     method = build_method(recipe.method)
-    method.apply(model)
+    if recipe.model.adapter:
+        if method.name != "lora":
+            raise TrainError("model.adapter continues a LoRA adapter: it needs method.name=lora")
+        from ..export.peft_format import load_adapter, read_adapter
+
+        recipe.method.lora = read_adapter(recipe.model.adapter)[0]  # its rank, alpha, targets win
+        method = build_method(recipe.method)
+        load_adapter(model, recipe.model.adapter)
+    else:
+        method.apply(model)
     mark_trainable(model, method)
     if recipe.model.frozen_dtype != "same":
         cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
@@ -225,6 +234,8 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     """Run the recipe, in this process or as one rank of a torchrun job.
     `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
     cfg = recipe.train
+    if recipe.objective.name != "sft":
+        raise TrainError(f"objective.name={recipe.objective.name} is not available in this version; use sft")
     d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
         return _train(recipe, d, device, model, tokenizer, _stop_after)
