@@ -77,9 +77,9 @@ def test_grad_accumulation_equals_big_batch(tokenizer, samples):
     dev = torch.device("cpu")
     m1 = make_tiny_model(tokenizer)
     micro = [collate([s], packing=False, pad_id=tokenizer.pad_token_id) for s in samples]
-    loss1, tok1, _ = backward_window(LossModule(m1), micro, dev, "fp32")
+    loss1, tok1, _, _ = backward_window(LossModule(m1), micro, dev, "fp32")
     m2 = make_tiny_model(tokenizer)
-    loss2, tok2, _ = backward_window(LossModule(m2), [collate(samples, packing=False, pad_id=tokenizer.pad_token_id)], dev, "fp32")
+    loss2, tok2, _, _ = backward_window(LossModule(m2), [collate(samples, packing=False, pad_id=tokenizer.pad_token_id)], dev, "fp32")
     assert tok1 == tok2
     assert math.isclose(loss1, loss2, rel_tol=1e-5)
     g1, g2 = grads(m1), grads(m2)
@@ -173,7 +173,7 @@ def test_full_finetune_grad_accum_run(tmp_path, tiny_model_dir):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import tunesmith.train.loop as loop
+    import tunesmith.objectives as loop
 
     real = loop.causal_lm_loss
     calls = {"n": 0}
@@ -199,7 +199,7 @@ def test_sigint_writes_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     import os
     import signal
 
-    import tunesmith.train.loop as loop
+    import tunesmith.objectives as loop
 
     real = loop.causal_lm_loss
     calls = {"n": 0}

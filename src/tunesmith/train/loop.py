@@ -27,7 +27,7 @@ from ..data import collate, load_data, plan_batches
 from ..methods import build_method, cast_frozen, count_parameters, mark_trainable
 from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model, load_tokenizer
-from ..objectives import causal_lm_loss
+from ..objectives import PREFERENCE, SFT, build_objective
 from . import checkpoint as ckpt
 from . import distributed
 from .metrics import MetricsLog
@@ -57,14 +57,16 @@ def seed_everything(seed: int) -> None:
 
 class MicroBatches:
     """The deterministic stream of micro-batches: epoch e's order depends only on (seed, e), so
-    the data position of a resumed run is just the number of micro-batches already consumed."""
+    the data position of a resumed run is just the number of micro-batches already consumed.
+    `objective` says how long an item is, how many loss units it holds and what to collate."""
 
-    def __init__(self, samples, data_cfg, train_cfg, seed: int, pad_id: int):
-        self.samples, self.pad_id, self.seed = samples, pad_id, seed
-        self.packing, self.shuffle = data_cfg.packing, data_cfg.shuffle
+    def __init__(self, items, objective, data_cfg, train_cfg, seed: int, pad_id: int, shuffle: bool | None = None):
+        self.items, self.objective, self.pad_id, self.seed = items, objective, pad_id, seed
+        self.packing = data_cfg.packing
+        self.shuffle = data_cfg.shuffle if shuffle is None else shuffle
         self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
-        self.lengths = [len(s["input_ids"]) for s in samples]
-        self.trained = [sum(w > 0 for w in s["weights"]) for s in samples]  # weights[0] is always 0
+        self.lengths = [objective.length(x) for x in items]
+        self.unit_counts = [objective.units(x) for x in items]
         self._plans: dict[int, list[list[int]]] = {}
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -81,16 +83,21 @@ class MicroBatches:
             epoch += 1
         return epoch, index
 
-    def trained_tokens(self, index: int) -> int:
-        """Trained tokens of micro-batch `index`, without building it."""
+    def units(self, index: int) -> int:
+        """Loss units (trained tokens, or pairs) of micro-batch `index`, without building it."""
         epoch, i = self.locate(index)
-        return sum(self.trained[j] for j in self.plan(epoch)[i])
+        return sum(self.unit_counts[j] for j in self.plan(epoch)[i])
 
     def get(self, index: int) -> tuple[dict, int]:
         """Micro-batch number `index` (counted across epochs) and its epoch."""
         epoch, i = self.locate(index)
-        rows = [self.samples[j] for j in self.plan(epoch)[i]]
+        rows = self.objective.rows([self.items[j] for j in self.plan(epoch)[i]])
         return collate(rows, packing=self.packing, pad_id=self.pad_id), epoch
+
+    def epoch_batches(self, epoch: int = 0) -> list[tuple[dict, int]]:
+        """Every micro-batch of one epoch with its loss units (validation)."""
+        plan = self.plan(epoch)
+        return [(self.get(i)[0], sum(self.unit_counts[j] for j in plan[i])) for i in range(len(plan))]
 
 
 def trained_tokens(batch: dict) -> int:
@@ -105,24 +112,25 @@ class LossModule(torch.nn.Module):
     """The model with its objective as `forward`, so DDP/FSDP wrap one module whose output is the
     loss (the chunked lm_head never runs outside a wrapped forward)."""
 
-    def __init__(self, model, chunk: int = 1024):
+    def __init__(self, model, objective=None):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model = model
+        self.objective = objective or SFT()
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        loss_sum, _, _ = causal_lm_loss(self.model, batch, self.chunk)
-        return loss_sum
+    def forward(self, batch: dict):
+        loss_sum, _, metrics = self.objective(self.model, batch)
+        return loss_sum, metrics
 
 
-def backward_window(runner, batches: list[dict], device, precision: str, window_tokens: int | None = None,
+def backward_window(runner, batches: list[dict], device, precision: str, window_units: int | None = None,
                     scale: float = 1.0):
-    """Forward/backward every micro-batch of one accumulation window, each divided by the trained
-    tokens of the *whole* window (all ranks' micro-batches included), so the summed gradient is
+    """Forward/backward every micro-batch of one accumulation window, each divided by the loss
+    units of the *whole* window (all ranks' micro-batches included), so the summed gradient is
     that of one big batch. `scale` undoes the averaging of data-parallel gradient reduction.
-    Returns (this rank's loss sum / window tokens, window tokens, this rank's tokens)."""
-    if window_tokens is None:
-        window_tokens = sum(trained_tokens(b) for b in batches)
-    loss_total, n_tokens = 0.0, 0
+    Returns (this rank's loss sum / window units, window units, this rank's tokens, metric sums)."""
+    if window_units is None:
+        window_units = sum(trained_tokens(b) for b in batches)
+    loss_total, n_tokens, metrics = 0.0, 0, {}
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
         last = i == len(batches) - 1
@@ -130,30 +138,32 @@ def backward_window(runner, batches: list[dict], device, precision: str, window_
         sync = runner.no_sync() if hasattr(runner, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             with autocast(device, precision):
-                loss_sum = runner(batch)
-            (loss_sum * (scale / max(window_tokens, 1))).backward()
+                loss_sum, batch_metrics = runner(batch)
+            (loss_sum * (scale / max(window_units, 1))).backward()
         loss_total += float(loss_sum.detach())
         n_tokens += int((batch["segment_ids"] > 0).sum())
-    return loss_total / max(window_tokens, 1), window_tokens, n_tokens
+        for k, v in batch_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+    return loss_total / max(window_units, 1), window_units, n_tokens, metrics
 
 
 @torch.no_grad()
-def mean_loss(runner, batches, device, precision: str = "fp32", chunk: int = 1024, limit: int = 0,
-              reduce: bool = True):
-    """Trained-token-weighted mean loss over `batches` (validation loss, perplexity) and the token
-    count; with reduce=False, the loss sum and count (for summing across ranks first).
-    `runner` is a LossModule (possibly wrapped) or a plain causal LM."""
+def mean_loss(runner, batches, device, precision: str = "fp32", limit: int = 0, reduce: bool = True):
+    """Mean loss per unit over `batches` — (batch, units) pairs, or plain batches counted in
+    trained tokens — for validation loss and perplexity; with reduce=False, (loss sum, units)
+    for summing across ranks first. `runner` is a LossModule (possibly wrapped) or a causal LM."""
     if hasattr(runner, "config"):  # a plain transformers model
-        runner = LossModule(runner, chunk)
+        runner = LossModule(runner)
     was_training = runner.training
     runner.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(batches):
+    for i, item in enumerate(batches):
         if limit and i >= limit:
             break
+        batch, units = item if isinstance(item, tuple) else (item, trained_tokens(item))
         with autocast(device, precision):
-            total += float(runner(to_device(batch, device)))
-        count += trained_tokens(batch)
+            total += float(runner(to_device(batch, device))[0])
+        count += units
     runner.train(was_training)
     return (total / max(count, 1), count) if reduce else (total, count)
 
@@ -234,8 +244,10 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     """Run the recipe, in this process or as one rank of a torchrun job.
     `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
     cfg = recipe.train
-    if recipe.objective.name != "sft":
-        raise TrainError(f"objective.name={recipe.objective.name} is not available in this version; use sft")
+    if recipe.objective.name == "grpo":
+        from .grpo import train_grpo
+
+        return train_grpo(recipe, model=model, tokenizer=tokenizer)
     d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
         return _train(recipe, d, device, model, tokenizer, _stop_after)
@@ -262,7 +274,12 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
 
     if tokenizer is None:  # data first: a mistake in the data should not wait for the model to load
         tokenizer = load_tokenizer(recipe.model.name)
-    splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
+    if recipe.objective.name in PREFERENCE:
+        from ..data.preference import load_pairs
+
+        splits = load_pairs(recipe.data, tokenizer, seed=cfg.seed)
+    else:
+        splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
     model, tokenizer, method = prepare_model(recipe, model, tokenizer)
     model.to(device)
@@ -271,22 +288,21 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     model.config.use_cache = False
     model.train()
     n_train, n_total = count_parameters(model)
-    runner = distributed.wrap(LossModule(model, cfg.loss_chunk), d, device, decoder_layers(model))
+    objective = build_objective(recipe, model)
+    runner = distributed.wrap(LossModule(model, objective), d, device, decoder_layers(model))
     strategy = f" · {d.strategy} × {d.world} processes" if d.active else ""
     say(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
         f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}{strategy}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream = MicroBatches(splits.train, recipe.data, cfg, cfg.seed, pad_id)
+    stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
     per_epoch = len(stream.plan(0))
     per_step = cfg.grad_accum * d.world  # micro-batches of one optimizer step, all ranks together
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
     val_batches = None
     if splits.val:
-        val_stream = MicroBatches(splits.val, recipe.data, cfg, cfg.seed, pad_id)
-        val_stream.shuffle = False
-        n_val = len(val_stream.plan(0))
-        val_batches = [val_stream.get(i)[0] for i in range(d.rank, n_val, d.world)]
+        val_all = MicroBatches(splits.val, objective, recipe.data, cfg, cfg.seed, pad_id, shuffle=False).epoch_batches()
+        val_batches = val_all[d.rank::d.world]
     say(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
         f"{len(splits.val or []):,} validation · {total_steps:,} steps × {per_step} micro-batches", flush=True)
 
@@ -313,12 +329,13 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
             while step < total_steps:
                 t0 = time.perf_counter()
                 first = start_micro + (step - start_step) * per_step  # global micro-batch index
-                window_tokens = sum(stream.trained_tokens(first + k) for k in range(per_step))
+                window_units = sum(stream.units(first + k) for k in range(per_step))
                 mine = [stream.get(i) for i in distributed.window(first, cfg.grad_accum, d)]
                 epoch = mine[-1][1]
-                loss, _, n_tokens = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
-                                                    window_tokens, scale=d.world)
+                loss, _, n_tokens, metrics = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
+                                                             window_units, scale=d.world)
                 loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
+                metrics = {k: d.sum(v) / max(window_units, 1) for k, v in sorted(metrics.items())}
                 if not math.isfinite(loss):
                     last = ckpt.latest_checkpoint(run_dir)
                     raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are "
@@ -336,13 +353,15 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 dt = time.perf_counter() - t0
                 tokens_seen += n_tokens
                 lr = scheduler.get_last_lr()[0]
+                unit = "trained_tokens" if objective.name == "sft" else "pairs"
                 row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                       "tokens": n_tokens, "trained_tokens": window_tokens, "tokens_per_s": n_tokens / dt,
-                       "trained_tokens_per_s": window_tokens / dt, "step_s": dt,
-                       "peak_mem_gb": peak_memory_gb(device)}
+                       "tokens": n_tokens, unit: window_units, "tokens_per_s": n_tokens / dt,
+                       f"{unit}_per_s": window_units / dt, "step_s": dt,
+                       "peak_mem_gb": peak_memory_gb(device), **metrics}
                 if log and (step % cfg.log_every == 0 or step == total_steps):
                     log.write(row)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}")
+                shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k in ("rewards/margins", "rewards/accuracies")}
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}", **shown)
                 bar.update(1)
 
                 if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
