@@ -31,6 +31,9 @@ class SFT:
     def rows(self, items) -> list:
         return items
 
+    def finish(self, items, batch: dict) -> dict:
+        return batch
+
     def __call__(self, model, batch):
         return causal_lm_loss(model, batch, self.chunk)
 
@@ -40,6 +43,7 @@ class Preference:
 
     def __init__(self, name: str, cfg, reference=None, chunk: int = 1024):
         self.name, self.cfg, self.reference, self.chunk = name, cfg, reference, chunk
+        self.precomputed = False
 
     def length(self, item) -> int:
         return len(item["chosen"]["input_ids"]) + len(item["rejected"]["input_ids"])
@@ -51,6 +55,32 @@ class Preference:
         from ..data.preference import flatten_pairs
 
         return flatten_pairs(items)
+
+    def finish(self, items, batch: dict) -> dict:
+        if self.precomputed:  # [S] reference sums in segment order: c1, r1, c2, r2, ...
+            import torch
+
+            batch["ref_logps"] = torch.tensor([p[side]["ref_logp"] for p in items for side in ("chosen", "rejected")])
+        return batch
+
+    def precompute(self, model, items, *, pad_id: int, device, precision: str, batch_tokens: int) -> None:
+        """Reference log-probs of every pair, once (`precompute_reference`); the reference copy, if
+        any, is released afterwards."""
+        from ..data import collate, plan_batches
+        from ..train.runtime import autocast
+        from .preference import reference_logps
+
+        ref, adapters_off = (self.reference, False) if self.reference is not None else (model, True)
+        plan = plan_batches([self.length(p) for p in items], packing=True, batch_tokens=batch_tokens,
+                            batch_size=1, seed=0, epoch=0, shuffle=False)
+        for group in plan:
+            pairs = [items[i] for i in group]
+            batch = {k: v.to(device) for k, v in collate(self.rows(pairs), packing=True, pad_id=pad_id).items()}
+            with autocast(device, precision):
+                logps = reference_logps(ref, batch, adapters_off=adapters_off, chunk=self.chunk).tolist()
+            for i, p in enumerate(pairs):
+                p["chosen"]["ref_logp"], p["rejected"]["ref_logp"] = logps[2 * i], logps[2 * i + 1]
+        self.precomputed, self.reference = True, None
 
     def __call__(self, model, batch):
         from .preference import preference_objective
@@ -69,7 +99,9 @@ def build_objective(recipe, model=None):
         reference = None
         mode = cfg.reference
         if mode == "auto":
-            mode = "none" if name in ("simpo", "orpo") else ("adapter_off" if recipe.method.name == "lora" else "copy")
+            # a run that continues an adapter (DPO after SFT) compares against that adapter, not the bare base
+            lora_base = recipe.method.name == "lora" and not recipe.model.adapter
+            mode = "none" if name in ("simpo", "orpo") else ("adapter_off" if lora_base else "copy")
         if mode == "copy":
             import copy
 

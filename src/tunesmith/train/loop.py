@@ -91,8 +91,9 @@ class MicroBatches:
     def get(self, index: int) -> tuple[dict, int]:
         """Micro-batch number `index` (counted across epochs) and its epoch."""
         epoch, i = self.locate(index)
-        rows = self.objective.rows([self.items[j] for j in self.plan(epoch)[i]])
-        return collate(rows, packing=self.packing, pad_id=self.pad_id), epoch
+        items = [self.items[j] for j in self.plan(epoch)[i]]
+        batch = collate(self.objective.rows(items), packing=self.packing, pad_id=self.pad_id)
+        return self.objective.finish(items, batch), epoch
 
     def epoch_batches(self, epoch: int = 0) -> list[tuple[dict, int]]:
         """Every micro-batch of one epoch with its loss units (validation)."""
@@ -295,6 +296,13 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
         f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}{strategy}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if getattr(recipe.objective.preference, "precompute_reference", False) and hasattr(objective, "precompute"):
+        if objective.name in ("simpo", "orpo"):
+            raise TrainError(f"{objective.name} uses no reference model: precompute_reference does not apply")
+        for items in (splits.train, splits.val or []):
+            objective.precompute(model, items, pad_id=pad_id, device=device, precision=cfg.precision,
+                                 batch_tokens=cfg.batch_tokens)
+        say("[tunesmith] reference log-probs precomputed", flush=True)
     stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
     per_epoch = len(stream.plan(0))
     per_step = cfg.grad_accum * d.world  # micro-batches of one optimizer step, all ranks together
