@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tunesmith.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, reference, to_yaml
@@ -51,15 +53,15 @@ def test_yaml_round_trip_and_reference(tmp_path):
     assert all(doc for _, _, doc in reference()), "every field has a doc line"
 
 
-@pytest.mark.parametrize("name", ["lora-sft.yaml", "full-sft.yaml", "quickstart.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
 def test_shipped_recipes_load(name):
-    from pathlib import Path
+
 
     load_recipe(Path(__file__).parent.parent / "recipes" / name)
 
 
 def test_readme_documents_every_recipe_key():
-    from pathlib import Path
+
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for key, default, doc in reference():
