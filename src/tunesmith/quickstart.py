@@ -111,9 +111,11 @@ def examples_table(base, tuned, n: int = 5) -> str:
     def cell(text: str) -> str:
         return (text or "").strip().replace("|", "\\|").replace("\n", " ")[:160]
 
+    def mark(record: dict) -> str:
+        return ("✅ " if record["correct"] else "❌ ") + cell(record["prediction"])
+
     lines = ["## Answers before and after", "", "| question | base | tuned |", "|---|---|---|"]
     for b, a in list(zip(base.records, tuned.records))[:n]:
         question = b["prompt"].strip().splitlines()[-1]
-        mark = lambda r: ("✅ " if r["correct"] else "❌ ") + cell(r["prediction"])  # noqa: E731
         lines.append(f"| {cell(question)} | {mark(b)} | {mark(a)} |")
     return "\n".join(lines)

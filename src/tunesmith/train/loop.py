@@ -265,7 +265,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
         raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
                          "or start a new run with name=<new name>")
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
-    seed_everything(cfg.seed + d.rank)  # dropout differs per rank; data order does not
+    seed_everything(cfg.seed)
 
     resolved = rcp.to_yaml(recipe)
     if d.main:
@@ -281,8 +281,9 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
         splits = load_pairs(recipe.data, tokenizer, seed=cfg.seed)
     else:
         splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    model, tokenizer, method = prepare_model(recipe, model, tokenizer)
+    model, tokenizer, method = prepare_model(recipe, model, tokenizer)  # seeded: the same on every rank
+    if d.active:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; data order does not
     model.to(device)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
