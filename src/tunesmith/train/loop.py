@@ -248,7 +248,7 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
     if recipe.objective.name == "grpo":
         from .grpo import train_grpo
 
-        return train_grpo(recipe, model=model, tokenizer=tokenizer)
+        return train_grpo(recipe, model=model, tokenizer=tokenizer, _stop_after=_stop_after)
     d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
         return _train(recipe, d, device, model, tokenizer, _stop_after)
