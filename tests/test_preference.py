@@ -499,6 +499,7 @@ def test_preference_training_end_to_end(tmp_path, tiny_model_dir, extra):
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     assert all("pairs" in r and r["pairs"] > 0 for r in rows)
     assert any("val_loss" in r for r in read_metrics(result.run_dir / "metrics.jsonl"))
+    assert "reward margin" in (result.run_dir / "report.md").read_text()
 
 
 def test_reference_after_sft_is_the_sft_model(tiny_model, tokenizer):

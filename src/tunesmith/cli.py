@@ -36,9 +36,11 @@ def _user_errors():
 def cmd_train(args) -> int:
     from .recipe import load_recipe
     from .train import distributed
-    from .train.loop import train
+    from .train.loop import TrainError, train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.nproc > 1 and recipe.objective.name == "grpo":
+        raise TrainError("grpo runs in one process (its rollouts and updates alternate); drop nproc")
     if recipe.nproc > 1 and not distributed.under_launcher():
         return distributed.launch(recipe.nproc, ["train", args.recipe, *args.overrides])
     result = train(recipe)

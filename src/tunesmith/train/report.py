@@ -41,6 +41,12 @@ def write_report(run_dir: Path, summary: dict, extra_sections: list[str] | None 
         lines.append(f"| first / last train loss | {train[0]['loss']:.4f} / {train[-1]['loss']:.4f} |")
         speeds = sorted(r["tokens_per_s"] for r in train[1:] or train)
         lines.append(f"| tokens/s (median step) | {speeds[len(speeds) // 2]:,.0f} |")
+    prefs = [r for r in train if "rewards/margins" in r]
+    if prefs:
+        first, last = prefs[0], prefs[-1]
+        lines.append(f"| reward margin, first / last step | {first['rewards/margins']:.3f} / {last['rewards/margins']:.3f} |")
+        lines.append(f"| reward accuracy, first / last step | {100 * first['rewards/accuracies']:.0f}% / "
+                     f"{100 * last['rewards/accuracies']:.0f}% |")
     val = [r for r in rows if "val_loss" in r]
     if val:
         lines.append(f"| validation loss (last) | {val[-1]['val_loss']:.4f} |")
