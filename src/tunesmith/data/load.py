@@ -36,6 +36,21 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0) -> DataSplits:
         DataError: a missing or unreadable file, a bad record (the message names it), or a split left
         with no usable sample.
     """
+    records, val_records, val_name = read_splits(cfg, seed)
+
+    fmt = detect_format(records[0], cfg)
+    renderer = Renderer(tokenizer, train_on_prompt=cfg.train_on_prompt, assistant_turns=cfg.assistant_turns)
+    train, train_stats = _build(records, fmt, cfg, renderer, cfg.train)
+    stats = {"train": train_stats}
+    val = None
+    if val_records is not None:
+        val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name)
+    return DataSplits(train=train, val=val, stats=stats, format=fmt)
+
+
+def read_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record] | None, str | None]:
+    """(training records, validation records or None, a name for the validation source): `limit`
+    applies to the training file, then a validation file or a seeded `val_fraction` is held out."""
     if not cfg.train:
         raise DataError("data.train is not set: give a .jsonl, .json, .csv, .parquet file or a save_to_disk folder")
     records = list(islice(read_records(cfg.train), cfg.limit))
@@ -49,15 +64,7 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0) -> DataSplits:
     elif cfg.val_fraction > 0:
         records, val_records = split_records(records, cfg.val_fraction, seed)
         val_name = f"the validation split of {cfg.train}"
-
-    fmt = detect_format(records[0], cfg)
-    renderer = Renderer(tokenizer, train_on_prompt=cfg.train_on_prompt, assistant_turns=cfg.assistant_turns)
-    train, train_stats = _build(records, fmt, cfg, renderer, cfg.train)
-    stats = {"train": train_stats}
-    val = None
-    if val_records is not None:
-        val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name)
-    return DataSplits(train=train, val=val, stats=stats, format=fmt)
+    return records, val_records, val_name
 
 
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, TypedDict
 
 from tqdm.auto import tqdm
@@ -29,9 +28,8 @@ from tqdm.auto import tqdm
 from ..recipe import DataConfig
 from .errors import DataError
 from .formats import ROLES, Message, column
-from .load import PROGRESS_MIN_RECORDS, split_records, split_stats
+from .load import PROGRESS_MIN_RECORDS, read_splits, split_stats
 from .render import Renderer, Sample, fit_length
-from .sources import read_records
 
 
 class PairSample(TypedDict):
@@ -61,19 +59,7 @@ def load_pairs(cfg: DataConfig, tokenizer, seed: int = 0) -> PairSplits:
     if cfg.format not in ("auto", "preference"):
         raise DataError(f"data.format={cfg.format} cannot feed a preference objective; preference records "
                         "need chosen/rejected answers (set data.format=preference or auto)")
-    if not cfg.train:
-        raise DataError("data.train is not set: give a .jsonl, .json, .csv, .parquet file or a save_to_disk folder")
-    records = list(islice(read_records(cfg.train), cfg.limit))
-    if not records:
-        raise DataError(f"{cfg.train}: no records")
-    val_records, val_name = None, None
-    if cfg.validation:
-        val_records, val_name = list(read_records(cfg.validation)), cfg.validation
-        if not val_records:
-            raise DataError(f"{cfg.validation}: no records")
-    elif cfg.val_fraction > 0:
-        records, val_records = split_records(records, cfg.val_fraction, seed)
-        val_name = f"the validation split of {cfg.train}"
+    records, val_records, val_name = read_splits(cfg, seed)
 
     renderer = Renderer(tokenizer, assistant_turns="last")
     train, train_stats = _build(records, cfg, renderer, cfg.train)
