@@ -51,3 +51,17 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def trained_runs(sample, tokenizer) -> list[str]:
+    """Decoded text of each maximal run of trained tokens."""
+    runs, run = [], []
+    for tok, w in zip(sample["input_ids"], sample["weights"]):
+        if w:
+            run.append(tok)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    return [tokenizer.decode(r) for r in runs]

@@ -11,23 +11,10 @@ import pytest
 import torch
 
 from tunesmith.data import DataError, Renderer, collate, format_inspection, load_data, plan_batches, read_records
+from tests.conftest import trained_runs
 from tunesmith.recipe import DataConfig
 
 END = "<|im_end|>"
-
-
-def trained_runs(sample, tokenizer) -> list[str]:
-    """Decoded text of each maximal run of trained tokens."""
-    runs, run = [], []
-    for tok, w in zip(sample["input_ids"], sample["weights"]):
-        if w:
-            run.append(tok)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-    return [tokenizer.decode(r) for r in runs]
 
 
 def untrained_text(sample, tokenizer) -> str:

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, trained_runs
 from tunesmith.data import DataError, Renderer, collate
 from tunesmith.data.preference import flatten_pairs, load_pairs, pair_lengths, render_pair
 from tunesmith.methods import build_method, mark_trainable
@@ -27,19 +27,6 @@ END = "<|im_end|>"
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def trained_runs(sample, tokenizer) -> list[str]:
-    runs, run = [], []
-    for tok, w in zip(sample["input_ids"], sample["weights"]):
-        if w:
-            run.append(tok)
-        elif run:
-            runs.append(run)
-            run = []
-    if run:
-        runs.append(run)
-    return [tokenizer.decode(r) for r in runs]
 
 
 def first_trained(sample) -> int:
