@@ -116,16 +116,19 @@ def _chat_messages(record: Record, cfg: DataConfig) -> list[Message]:
             raise DataError(f"{where}: field '{name}' is a string but not valid JSON ({e.msg})") from None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: {name}[{i}] is {type(m).__name__}; expected {{role, content}}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            shown = "missing" if role is None else repr(role)
-            raise DataError(f"{where}: {name}[{i}].role is {shown}; expected system, user or assistant")
-        if not isinstance(content, str):
-            shown = "missing" if content is None else type(content).__name__
-            raise DataError(f"{where}: {name}[{i}].content is {shown}; expected a string")
-        out.append({"role": role, "content": content})  # drop extra keys the template must not see
-    return out
+    return [check_message(m, where, f"{name}[{i}]") for i, m in enumerate(messages)]
+
+
+def check_message(m: Any, where: str, at: str) -> Message:
+    """One {role, content} message, checked; errors name the record and the message (`at`).
+    Extra keys are dropped: the chat template must not see them."""
+    if not isinstance(m, dict):
+        raise DataError(f"{where}: {at} is {type(m).__name__}; expected {{role, content}}")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        shown = "missing" if role is None else repr(role)
+        raise DataError(f"{where}: {at}.role is {shown}; expected system, user or assistant")
+    if not isinstance(content, str):
+        shown = "missing" if content is None else type(content).__name__
+        raise DataError(f"{where}: {at}.content is {shown}; expected a string")
+    return {"role": role, "content": content}

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..recipe import DataConfig
 from .errors import DataError
-from .formats import ROLES, Message, column
+from .formats import Message, check_message, column
 from .load import PROGRESS_MIN_RECORDS, read_splits, split_stats
 from .render import Renderer, Sample, fit_length
 
@@ -181,21 +181,9 @@ def _messages(value: Any, where: str, name: str, single: bool = False) -> list[M
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{name}' is {type(value).__name__}; expected a list of "
                         "{role, content} messages")
-    out = []
-    for i, m in enumerate(value):
-        at = name if single else f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: {at} is {type(m).__name__}; expected {{role, content}}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            shown = "missing" if role is None else repr(role)
-            raise DataError(f"{where}: {at}.role is {shown}; expected system, user or assistant")
-        if single and role != "assistant":
-            raise DataError(f"{where}: {at}.role is {role!r}; the answer must be an assistant message")
-        if not isinstance(content, str):
-            shown = "missing" if content is None else type(content).__name__
-            raise DataError(f"{where}: {at}.content is {shown}; expected a string")
-        out.append({"role": role, "content": content})  # drop extra keys the template must not see
+    out = [check_message(m, where, name if single else f"{name}[{i}]") for i, m in enumerate(value)]
+    if single and out[0]["role"] != "assistant":
+        raise DataError(f"{where}: {name}.role is {out[0]['role']!r}; the answer must be an assistant message")
     return out
 
 

@@ -93,17 +93,24 @@ def _check(max_new_tokens, temperature, top_p, top_k, batch_size=1):
         raise InferError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id prompts padded on the left, so every prompt ends at
+    the last column and generation continues all rows in step."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
 def _generate_batch(model, tokenizer, rows: list[list[int]], *, max_new_tokens, temperature, top_p, top_k,
                     seed, streamer=None) -> list[str]:
     """Complete one batch of token-id prompts; return the decoded new text of each row."""
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: the prompt ends at the last column
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+    input_ids, mask = left_pad(rows, pad)
     device = next(model.parameters()).device
     settings = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
     if temperature > 0:
@@ -121,7 +128,7 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], *, max_new_tokens, 
         model.train(was_training)
     texts = []
     stop_set = set(stops)
-    for row in out[:, width:].tolist():
+    for row in out[:, input_ids.shape[1]:].tolist():
         end = next((j for j, t in enumerate(row) if t in stop_set), len(row))
         texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .. import recipe as rcp
 from ..data import collate, plan_batches
 from ..eval.runner import build_prompt, get_eval_task, save_result
-from ..infer.generate import render_prompt, stop_ids
+from ..infer.generate import left_pad, render_prompt, stop_ids
 from ..methods import count_parameters
 from ..models.attention import use_attention
 from ..models.load import load_tokenizer
@@ -90,12 +90,7 @@ def sample_completions(model, rows: list[list[int]], *, max_new_tokens: int, tem
     return the new token ids of each, up to and including the first stop token.
     Seeded by `seed`, without touching the caller's RNG."""
     device = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every prompt ends at the last column
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+    input_ids, mask = left_pad(rows, pad)
     training_attention = model.config._attn_implementation
     was_training = model.training
     use_attention(model, "sdpa")
@@ -113,7 +108,7 @@ def sample_completions(model, rows: list[list[int]], *, max_new_tokens: int, tem
         model.set_attn_implementation(training_attention)
         model.train(was_training)
     stop_set, completions = set(stops), []
-    for row in out[:, width:].tolist():
+    for row in out[:, input_ids.shape[1]:].tolist():
         end = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
         completions.append(row[:end])
     return completions
