@@ -80,6 +80,12 @@ class LoraConfig:
     "Module names or regexes to adapt; `all-linear` = every Linear in the decoder layers (not lm_head)."
     rslora: bool = False
     "Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)."
+    dora: bool = False
+    "DoRA (Liu et al., 2024): train a per-output magnitude and the LoRA direction of W + s·BA separately."
+    plus_ratio: float = 1.0
+    "LoRA+ (Hayou et al., 2024): B learns this many times faster than A (the paper suggests 16); 1 = plain LoRA."
+    init: Literal["default", "pissa"] = "default"
+    "`default`: A Kaiming, B zero. `pissa` (Meng et al., 2024): A, B from the top-r singular vectors of W, which keeps the residual."
 
 
 @dataclass(kw_only=True)
@@ -89,13 +95,131 @@ class FullConfig:
 
 
 @dataclass(kw_only=True)
+class FreezeConfig:
+    modules: list[str] = field(default_factory=list)
+    "Parameter names or regexes that train (e.g. `mlp`, `layers\\.1\\.self_attn`); empty = use `layers`."
+    layers: int = 2
+    "Train the top-k decoder layers whole (used when `modules` is empty)."
+    embeddings: bool = False
+    "Also train the token embeddings (and a tied lm_head)."
+    norms: bool = False
+    "Also train every norm layer."
+    lm_head: bool = False
+    "Also train the output head (an untied lm_head; a tied one trains with `embeddings`)."
+
+
+@dataclass(kw_only=True)
+class HftConfig:
+    redraw: Literal["stage", "epoch"] = "stage"
+    "Draw the trained half once per training stage (the paper), or afresh every epoch."
+    seed: int | None = None
+    "Seed of the draw; None uses train.seed."
+    embeddings: bool = False
+    "Also train the token embeddings (HFT leaves this open; frozen by default)."
+    norms: bool = False
+    "Also train every norm layer."
+    lm_head: bool = False
+    "Also train an untied output head."
+
+
+@dataclass(kw_only=True)
+class SparseConfig:
+    density: float = 0.01
+    "Fraction of each target matrix's entries that train (SpIEL's default 1%)."
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    "Linear layers that get sparse deltas, as for LoRA."
+    reselect_every: int = 20
+    "S: every S optimizer steps, prune and regrow the active entries."
+    accumulate_steps: int = 5
+    "A: steps over which the growth criterion is accumulated before the swap."
+    regrow: float = 0.2
+    "Fraction of active entries swapped at a reselection, decaying linearly to 0 over the run."
+    criterion: Literal["ag", "ma"] = "ag"
+    "Growth criterion: `ag` accumulated gradients of the candidates; `ma` SM3-style row×column momentum."
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    form: Literal["sequential", "parallel"] = "parallel"
+    "`sequential` takes the sublayer's output (Houlsby, Pfeiffer); `parallel` its input (He et al., 2022)."
+    sublayers: list[Literal["attn", "ffn"]] = field(default_factory=lambda: ["ffn"])
+    "Where: after/beside attention, the FFN, or both (Houlsby = sequential at both, Pfeiffer = sequential at ffn)."
+    bottleneck: int = 64
+    "Bottleneck width of the down/up projection."
+    scale: float = 4.0
+    "s in h + s·f(x W_down) W_up; 1 = plain add, 4 = He et al.'s scaled parallel adapter."
+
+
+@dataclass(kw_only=True)
+class PrefixConfig:
+    length: int = 30
+    "Number of prefix key/value vectors per layer."
+    reparam: bool = True
+    "Train through an MLP reparameterisation (Li & Liang, 2021), folded into plain prefixes at save."
+    hidden: int = 512
+    "Hidden width of the reparameterisation MLP."
+
+
+@dataclass(kw_only=True)
+class Ia3Config:
+    targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    "Linear layers whose activations get a learned scale (IA3: keys, values and the FFN)."
+    feedforward: list[str] = field(default_factory=lambda: ["down_proj"])
+    "Of those, the ones scaled on their input (the FFN's inner activation) rather than their output."
+
+
+@dataclass(kw_only=True)
+class MamConfig:
+    prefix_length: int = 30
+    "Prefix vectors on attention (He et al., 2022: 30)."
+    prefix_hidden: int = 512
+    "Hidden width of the prefix reparameterisation MLP."
+    prefix_reparam: bool = True
+    "Train the prefixes through the MLP (folded into plain prefixes at save)."
+    bottleneck: int = 512
+    "Bottleneck of the scaled parallel adapter on the FFN (He et al., 2022: 512)."
+    scale: float = 4.0
+    "Scale s of the parallel adapter."
+
+
+@dataclass(kw_only=True)
+class LongLoraConfig:
+    rank: int = 8
+    "LoRA rank on attention."
+    alpha: float = 16.0
+    "LoRA alpha."
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    "Attention projections that get LoRA."
+    embeddings: bool = True
+    "Train the token embeddings (LongLoRA: yes)."
+    norms: bool = True
+    "Train every norm layer (LongLoRA: yes)."
+
+
+@dataclass(kw_only=True)
 class MethodConfig:
-    name: Literal["lora", "full"] = "lora"
-    "Tuning method; its block below sets its options."
+    name: Literal["lora", "full", "freeze", "hft", "sparse", "adapter", "prefix", "ia3", "mam", "longlora"] = "lora"
+    "Tuning method; its block below sets its options (`tunesmith methods` lists them with their sizes)."
     lora: LoraConfig = field(default_factory=LoraConfig)
-    "Options of `lora`."
+    "Options of `lora` (also rsLoRA, DoRA, LoRA+ and PiSSA)."
     full: FullConfig = field(default_factory=FullConfig)
     "Options of `full`."
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    "Options of `freeze`: train chosen modules or the top layers, the rest frozen."
+    hft: HftConfig = field(default_factory=HftConfig)
+    "Options of `hft`, Half Fine-Tuning (Hui et al., 2024)."
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    "Options of `sparse`, SpIEL sparse fine-tuning (Ansell et al., 2024)."
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    "Options of `adapter`: bottleneck adapters, sequential or (scaled) parallel."
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    "Options of `prefix`, prefix tuning (Li & Liang, 2021)."
+    ia3: Ia3Config = field(default_factory=Ia3Config)
+    "Options of `ia3` (Liu et al., 2022)."
+    mam: MamConfig = field(default_factory=MamConfig)
+    "Options of `mam`: prefix on attention + scaled parallel adapter on the FFN (He et al., 2022)."
+    longlora: LongLoraConfig = field(default_factory=LongLoraConfig)
+    "Options of `longlora`'s trainable set: LoRA on attention + embeddings and norms (Chen et al., 2024)."
 
 
 @dataclass(kw_only=True)
@@ -383,8 +507,35 @@ def _validate(obj, prefix: str) -> None:
     if isinstance(obj, LoraConfig):
         positive("rank")
         positive("alpha")
+        positive("plus_ratio")
         if not 0.0 <= obj.dropout < 1.0:
             raise RecipeError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
+    if isinstance(obj, FreezeConfig):
+        positive("layers", allow_zero=True)
+    if isinstance(obj, SparseConfig):
+        if not 0.0 < obj.density <= 1.0:
+            raise RecipeError(f"{prefix}density: must be in (0, 1], got {obj.density}")
+        if not 0.0 <= obj.regrow <= 1.0:
+            raise RecipeError(f"{prefix}regrow: must be in [0, 1], got {obj.regrow}")
+        positive("reselect_every")
+        positive("accumulate_steps")
+        if obj.accumulate_steps >= obj.reselect_every:
+            raise RecipeError(f"{prefix}accumulate_steps: must be < reselect_every ({obj.reselect_every}), "
+                              f"got {obj.accumulate_steps}")
+    if isinstance(obj, AdapterConfig):
+        positive("bottleneck")
+        positive("scale")
+        if not obj.sublayers:
+            raise RecipeError(f"{prefix}sublayers: name at least one of attn, ffn")
+    if isinstance(obj, PrefixConfig):
+        positive("length")
+        positive("hidden")
+    if isinstance(obj, MamConfig):
+        for n in ("prefix_length", "prefix_hidden", "bottleneck", "scale"):
+            positive(n)
+    if isinstance(obj, LongLoraConfig):
+        positive("rank")
+        positive("alpha")
 
 
 def _parse_scalar(text: str):
@@ -439,6 +590,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 def recipe_from_dict(values: dict) -> Recipe:
     return _build(Recipe, values)
+
+
+def method_from_dict(name: str, options: dict, where: str = "method") -> MethodConfig:
+    """A MethodConfig for method `name` with its options block (e.g. read from a saved adapter)."""
+    return _build(MethodConfig, {"name": name, name: options}, f"{where}: ")
 
 
 def to_dict(recipe) -> dict:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.methods.lora import LoRA
+from tunesmith.methods import MethodError
 from tunesmith.models.load import DTYPES, load_model, resolve
 
 from .atomic import ExportError, atomic_folder
-from .peft_format import load_adapter
+from .tuned import load_tuned, read_method
 
 
 def export_merged(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path:
@@ -33,10 +33,20 @@ def export_merged(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # an export prints nothing; the caller reports the path
     try:
+        if adapter_dir is not None:
+            cfg, _ = read_method(adapter_dir)  # refuse an adapter that cannot merge before loading the model
+            from tunesmith.methods import method_class
+
+            if not method_class(cfg.name).mergeable:
+                raise ExportError(f"a `{cfg.name}` adapter cannot be merged into the base weights; use it with "
+                                  "`--adapter` (generate, chat, eval) instead")
         model, _ = load_model(base, dtype="fp32" if adapter_dir is not None else dtype)
         if adapter_dir is not None:
-            load_adapter(model, adapter_dir)
-            LoRA(None).merge(model)  # merge reads no config: each layer knows its own scale
+            method, _ = load_tuned(model, adapter_dir)
+            try:
+                method.merge(model)
+            except MethodError as e:
+                raise ExportError(str(e)) from None
         model.to(DTYPES[dtype])
         # The tokenizer as shipped (load_tokenizer may have set a pad token for training).
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(base)))

@@ -41,15 +41,8 @@ _DESCRIPTIVE = {
 _PLAIN_INITS = {"gaussian", "eva", "orthogonal"}
 
 
-def save_adapter(model: nn.Module, lora_cfg, base_model: str, out_dir) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter folder (atomically); return its path.
-
-    Args:
-        model: a model with our LoRA applied.
-        lora_cfg: the `LoraConfig` it was applied with (rank, alpha and rslora must match the layers).
-        base_model: recorded as `base_model_name_or_path`.
-        out_dir: the folder to write; an existing adapter folder there is replaced.
-    """
+def lora_payload(model: nn.Module, lora_cfg, base_model: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors in PEFT's names) for the model's LoRA layers."""
     mods = lora_modules(model)
     if not mods:
         raise ExportError("the model has no LoRA layers to save")
@@ -91,16 +84,36 @@ def save_adapter(model: nn.Module, lora_cfg, base_model: str, out_dir) -> Path:
     for name, m in mods.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_a.detach().to("cpu", torch.float32).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_b.detach().to("cpu", torch.float32).contiguous()
+    return config, tensors
+
+
+def write_peft(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write adapter_config.json + adapter_model.safetensors into `folder`."""
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def save_adapter(model: nn.Module, lora_cfg, base_model: str, out_dir) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder (atomically); return its path.
+
+    Args:
+        model: a model with our LoRA applied.
+        lora_cfg: the `LoraConfig` it was applied with (rank, alpha and rslora must match the layers).
+        base_model: recorded as `base_model_name_or_path`.
+        out_dir: the folder to write; an existing adapter folder there is replaced.
+    """
+    config, tensors = lora_payload(model, lora_cfg, base_model)
     with atomic_folder(out_dir, marker=ADAPTER_CONFIG) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_peft(tmp, config, tensors)
     return Path(out_dir)
 
 
 def adapter_folder(path) -> Path:
     """The adapter folder `path` names: itself, or `<path>/adapter` for a tunesmith run folder."""
     p = Path(path).expanduser()
-    if not (p / ADAPTER_CONFIG).is_file() and (p / "adapter" / ADAPTER_CONFIG).is_file():
+    markers = (ADAPTER_CONFIG, "tunesmith_method.json")
+    if not any((p / m).is_file() for m in markers) and any((p / "adapter" / m).is_file() for m in markers):
         return p / "adapter"
     return p
 

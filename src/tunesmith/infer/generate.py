@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.jsonl import read_jsonl
-from tunesmith.export.peft_format import adapter_folder, load_adapter
-from tunesmith.methods.lora import LoRA
+from tunesmith.export.peft_format import adapter_folder
 from tunesmith.models.load import DEFAULT_MODEL, load_model
 
 
@@ -316,11 +315,13 @@ def chat(model, tokenizer, *, system_prompt: str | None = None, max_new_tokens: 
 
 
 def base_model_for(adapter) -> str:
-    """The base model an adapter was trained on (`base_model_name_or_path` in its config)."""
-    config = json.loads((adapter_folder(adapter) / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
+    """The base model an adapter was trained on (`base_model_name_or_path` in its description)."""
+    from tunesmith.export.tuned import read_method
+
+    _, meta = read_method(adapter)
+    base = meta.get("base_model_name_or_path")
     if not base:
-        raise InferError(f"{adapter}: adapter_config.json names no base model; pass --model")
+        raise InferError(f"{adapter_folder(adapter)}: the adapter names no base model; pass --model")
     return base
 
 
@@ -339,9 +340,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dty
         model = str(Path(model) / "model")
     m, tokenizer = load_model(model, dtype)
     if adapter is not None:
-        load_adapter(m, adapter)
-        if merge:
-            LoRA(None).merge(m)  # merge reads no config: each layer knows its own scale
+        from tunesmith.export.tuned import load_tuned
+
+        method, _ = load_tuned(m, adapter)
+        if merge and method.mergeable:
+            method.merge(m)
     m.eval()
     m.requires_grad_(False)
     return m, tokenizer

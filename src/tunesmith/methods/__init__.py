@@ -1,19 +1,43 @@
-"""Tuning methods. Each is a transform (`apply`) plus a parameter filter (`is_trainable`)."""
+"""Tuning methods. Each is a transform (`apply`) plus a parameter filter (`is_trainable`), with
+optional hooks (optimizer options, per-epoch and per-step callbacks, PEFT export); see `base.py`.
+
+A new method is one module here with its class, one line in REGISTRY, and its options block in
+`recipe.py`. Compositions (`mam`, `longlora`) are built from other methods, not copied.
+"""
 from __future__ import annotations
 
-from .base import Method, MethodError, cast_frozen, count_parameters, mark_trainable
-from .full import Full
+import importlib
+
+from .base import (Compose, Method, MethodBase, MethodError, attach, cast_frozen, count_parameters, delta_state,
+                   mark_trainable)
 from .lora import LoRA, LoRALinear, adapters_disabled
 
-REGISTRY = {"lora": LoRA, "full": Full}
+# name -> "module:Class"; imported on first use
+REGISTRY = {
+    "full": "full:Full",
+    "freeze": "freeze:Freeze",
+    "hft": "hft:HFT",
+    "lora": "lora:LoRA",
+    "sparse": "sparse:Sparse",
+    "adapter": "adapters:Adapters",
+    "prefix": "prefix:Prefix",
+    "ia3": "ia3:IA3",
+    "mam": "compose:MAM",
+    "longlora": "compose:LongLoRA",
+}
+
+
+def method_class(name: str):
+    if name not in REGISTRY:
+        raise MethodError(f"unknown method `{name}`; choose one of {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def build_method(cfg) -> Method:
     """The method named by `cfg.name` (a MethodConfig), configured by its options block."""
-    if cfg.name not in REGISTRY:
-        raise MethodError(f"unknown method `{cfg.name}`; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[cfg.name](getattr(cfg, cfg.name))
+    return method_class(cfg.name)(getattr(cfg, cfg.name))
 
 
-__all__ = ["Method", "MethodError", "REGISTRY", "build_method", "mark_trainable", "cast_frozen",
-           "count_parameters", "LoRALinear", "adapters_disabled"]
+__all__ = ["Method", "MethodBase", "MethodError", "Compose", "REGISTRY", "build_method", "method_class", "attach",
+           "mark_trainable", "cast_frozen", "count_parameters", "delta_state", "LoRALinear", "adapters_disabled"]

@@ -24,10 +24,15 @@ class MethodError(ValueError):
 
 
 class Method(Protocol):
+    """What the loop, checkpoints and export need from a method. `MethodBase` gives every optional
+    hook a default, so a method defines only what it changes."""
+
     name: str
+    output: str  # "adapter": a delta saved on its own; "model": it trains base weights, save the model
+    mergeable: bool  # merge() folds the delta into the base weights
 
     def apply(self, model: nn.Module) -> None:
-        """Wrap the chosen modules of `model` in place."""
+        """Wrap the chosen modules of `model` in place (base keys unchanged; new tensors beside them)."""
 
     def is_trainable(self, name: str, param: nn.Parameter) -> bool:
         """Whether the parameter `name` trains."""
@@ -35,6 +40,109 @@ class Method(Protocol):
     def merge(self, model: nn.Module) -> None:
         """Fold the method's deltas into the base weights, leaving a plain transformers model.
         Methods that cannot merge raise MethodError."""
+
+    def optimizer_options(self, name: str, param: nn.Parameter) -> dict:
+        """Per-parameter optimizer options: `lr_scale` (a multiple of train.lr, e.g. LoRA+'s B) and
+        `decay` (whether weight decay applies). {} keeps the defaults."""
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Called before the first step of every epoch (and of a resumed run); e.g. HFT's redraw."""
+
+    def after_step(self, model: nn.Module, step: int, optimizer) -> None:
+        """Called after every optimizer step, gradients still present; e.g. SpIEL's prune/regrow."""
+
+    def peft_export(self, model: nn.Module, base_model: str) -> tuple[dict, dict] | None:
+        """(adapter_config.json, tensors in PEFT's names) where PEFT has this method, else None."""
+
+    def describe(self, model: nn.Module) -> str:
+        """One line the loop prints after applying the method (e.g. HFT's exact trained fraction); may be ''."""
+
+    def export_delta(self, model: nn.Module) -> tuple[dict, object]:
+        """(tensors, options block) to save as the adapter: by default the delta state and this
+        method's options. A method whose training form differs from its inference form (prefix
+        tuning's MLP reparameterisation) returns the folded tensors and the options that rebuild them."""
+
+
+class MethodBase:
+    """Defaults for the optional parts of the protocol."""
+
+    name = ""
+    output = "adapter"
+    mergeable = False
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def is_trainable(self, name: str, param) -> bool:
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> None:
+        raise MethodError(f"method `{self.name}` cannot be merged into the base weights (its delta is not "
+                          "a weight delta); load the adapter with the base model instead")
+
+    def optimizer_options(self, name: str, param) -> dict:
+        return {}
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int, optimizer) -> None:
+        return None
+
+    def peft_export(self, model: nn.Module, base_model: str):
+        return None
+
+    def describe(self, model: nn.Module) -> str:
+        return ""
+
+    def export_delta(self, model: nn.Module):
+        return delta_state(model), self.cfg
+
+
+class Compose(MethodBase):
+    """Several methods as one (e.g. MAM = prefix on attention + parallel adapter on the FFN): applied
+    in order; a parameter trains if any part trains it; merging needs every part to merge."""
+
+    def __init__(self, name: str, parts: list, cfg=None, output: str | None = None):
+        super().__init__(cfg)
+        self.name, self.parts = name, list(parts)
+        self.output = output or ("model" if all(p.output == "model" for p in self.parts) else "adapter")
+        self.mergeable = all(p.mergeable for p in self.parts)
+
+    def apply(self, model: nn.Module) -> None:
+        for part in self.parts:
+            part.apply(model)
+
+    def is_trainable(self, name: str, param) -> bool:
+        return any(part.is_trainable(name, param) for part in self.parts)
+
+    def merge(self, model: nn.Module) -> None:
+        if not self.mergeable:
+            odd = [p.name for p in self.parts if not p.mergeable]
+            raise MethodError(f"method `{self.name}` cannot be merged: its part(s) {', '.join(odd)} do not merge")
+        for part in self.parts:
+            part.merge(model)
+
+    def optimizer_options(self, name: str, param) -> dict:
+        options = {}
+        for part in self.parts:
+            if part.is_trainable(name, param):
+                options.update(part.optimizer_options(name, param))
+        return options
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+        for part in self.parts:
+            part.on_epoch(model, epoch)
+
+    def after_step(self, model: nn.Module, step: int, optimizer) -> None:
+        for part in self.parts:
+            part.after_step(model, step, optimizer)
+
+    def describe(self, model: nn.Module) -> str:
+        return " · ".join(d for d in (part.describe(model) for part in self.parts) if d)
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -88,7 +196,31 @@ def mark_trainable(model: nn.Module, method: Method) -> list[str]:
             names.append(name)
     if not names:
         raise MethodError(f"method `{method.name}` left no parameter trainable")
+    model._tunesmith_trained = tuple(names)
     return names
+
+
+def attach(model: nn.Module, method: Method) -> list[str]:
+    """Apply `method` to a plain model and mark what trains; remember the base keys, so the delta
+    (trained parameters + every tensor the method added) can be saved and loaded on its own."""
+    base_keys = frozenset(model.state_dict())
+    method.apply(model)
+    model._tunesmith_base_keys = base_keys
+    return mark_trainable(model, method)
+
+
+def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that make a tuned model differ from its base: every parameter marked trainable
+    (also while a method has frozen it for an epoch) and every tensor the method added (e.g. sparse
+    indices). Without `attach` bookkeeping, the parameters that require grad."""
+    trained = set(getattr(model, "_tunesmith_trained", ()))
+    base_keys = getattr(model, "_tunesmith_base_keys", None)
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        param = isinstance(t, nn.Parameter)
+        if name in trained or (param and t.requires_grad) or (base_keys is not None and name not in base_keys):
+            state[name] = t.detach()
+    return state
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from .base import MethodBase
 
 
-class Full:
+class Full(MethodBase):
     name = "full"
+    output = "model"
+    mergeable = True  # nothing to fold: the weights are the model
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self._frozen: set[int] = set()
 
     def apply(self, model: nn.Module) -> None:
@@ -21,4 +24,4 @@ class Full:
         return id(param) not in self._frozen
 
     def merge(self, model: nn.Module) -> None:
-        return None  # nothing to fold: the weights are the model
+        return None

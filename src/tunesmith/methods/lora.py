@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import select_modules, set_module
+from .base import MethodBase, select_modules, set_module
 
 
 class LoRALinear(nn.Linear):
@@ -58,13 +58,14 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}"
 
 
-class LoRA:
+class LoRA(MethodBase):
     """The `lora` method: wrap target Linears in LoRALinear; only lora_a/lora_b train."""
 
     name = "lora"
+    mergeable = True
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.targets: list[str] = []
 
     def apply(self, model: nn.Module) -> None:
@@ -81,6 +82,11 @@ class LoRA:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, LoRALinear):
                 set_module(model, name, mod.merged())
+
+    def peft_export(self, model: nn.Module, base_model: str):
+        from ..export.peft_format import lora_payload
+
+        return lora_payload(model, self.cfg, base_model)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -37,7 +37,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: _full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The method's delta (trained parameters and any tensors it added, e.g. sparse indices)."""
+    from ..methods import delta_state
+
+    return {n: _full(t).contiguous() for n, t in delta_state(model).items()}
 
 
 def rng_state() -> dict:
@@ -117,14 +120,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
 
 
 def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tied weights appear once, under their first name."""
-    seen, unique = set(), {}
-    for n, t in tensors.items():
-        key = (t.data_ptr(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            unique[n] = t
-    return unique
+    from ..export.tuned import unique_tensors
+
+    return unique_tensors(tensors)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
@@ -159,19 +157,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
 
 
 def _load_trainable(path: Path, model) -> None:
-    tensors = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors
-               and not any(params[m] is p for m in tensors if m in params)]
-    unknown = [n for n in tensors if n not in params]
-    if unknown or missing:
-        raise CheckpointError(
-            f"checkpoint {path} does not match this recipe's method "
-            f"(unknown: {unknown[:3]}, missing: {missing[:3]}); resume with the recipe that wrote it"
-        )
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
+    from ..export.atomic import ExportError
+    from ..export.tuned import load_delta
+
+    try:
+        load_delta(model, load_file(path / "trainable.safetensors"), where=str(path))
+    except ExportError as e:
+        raise CheckpointError(f"{e}; resume with the recipe that wrote it") from None
 
 
 def gathered_model(model, recipe, d):

@@ -197,7 +197,7 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
           f"{g.prompts_per_step} prompts × {g.samples} samples a step · method {method.name}: {n_train:,} trainable "
           f"of {n_total:,} · device {device} · {threads} threads · {cfg.precision}", flush=True)
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, method)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step = 0
     if resume_from is not None:
@@ -282,6 +282,7 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
                         raise TrainError(f"gradient norm is {norm} at step {step + 1}: stopping before the weights "
                                          f"are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
                     optimizer.step()
+                    method.after_step(model, step + 1, optimizer)
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss)
                     norms.append(norm)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import recipe as rcp
 from ..data import collate, load_data, plan_batches
-from ..methods import build_method, cast_frozen, count_parameters, mark_trainable
+from ..methods import attach, build_method, cast_frozen, count_parameters
 from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model, load_tokenizer
 from ..objectives import PREFERENCE, SFT, build_objective
@@ -221,18 +221,17 @@ def prepare_model(recipe, model=None, tokenizer=None):
     else:
         use_attention(model, recipe.model.attention)
     torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
-    method = build_method(recipe.method)
     if recipe.model.adapter:
-        if method.name != "lora":
-            raise TrainError("model.adapter continues a LoRA adapter: it needs method.name=lora")
-        from ..export.peft_format import load_adapter, read_adapter
+        from ..export.tuned import load_tuned, read_method
 
-        recipe.method.lora = read_adapter(recipe.model.adapter)[0]  # its rank, alpha, targets win
-        method = build_method(recipe.method)
-        load_adapter(model, recipe.model.adapter)
+        saved, _ = read_method(recipe.model.adapter)
+        if saved.name != recipe.method.name:
+            raise TrainError(f"model.adapter {recipe.model.adapter} holds a `{saved.name}` adapter: continuing it "
+                             f"needs method.name={saved.name} (the recipe says {recipe.method.name})")
+        method, recipe.method = load_tuned(model, recipe.model.adapter)  # the adapter's own options win
     else:
-        method.apply(model)
-    mark_trainable(model, method)
+        method = build_method(recipe.method)
+        attach(model, method)
     if recipe.model.frozen_dtype != "same":
         cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
     for p in model.parameters():  # master weights of everything that trains stay fp32
@@ -295,6 +294,8 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     strategy = f" · {d.strategy} × {d.world} processes" if d.active else ""
     say(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
         f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}{strategy}", flush=True)
+    if method.describe(model):
+        say(f"[tunesmith] {method.name}: {method.describe(model)}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if getattr(recipe.objective.preference, "precompute_reference", False) and hasattr(objective, "precompute"):
@@ -315,7 +316,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     say(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
         f"{len(splits.val or []):,} validation · {total_steps:,} steps × {per_step} micro-batches", flush=True)
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, method)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step, start_micro = 0, 0
     if resume_from is not None:
@@ -329,7 +330,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     log = MetricsLog(run_dir, resume_step=start_step if resume_from else None) if d.main else None
 
     params = [p for p in model.parameters() if p.requires_grad]
-    status, step, last_val = "completed", start_step, None
+    status, step, last_val, epoch_hooked = "completed", start_step, None, None
     tokens_seen, t_start = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step",
                dynamic_ncols=True, disable=not d.main)
@@ -341,6 +342,9 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 window_units = sum(stream.units(first + k) for k in range(per_step))
                 mine = [stream.get(i) for i in distributed.window(first, cfg.grad_accum, d)]
                 epoch = mine[-1][1]
+                if epoch_hooked != stream.locate(first)[0]:  # a new epoch (or the first of this session)
+                    epoch_hooked = stream.locate(first)[0]
+                    method.on_epoch(model, epoch_hooked)
                 loss, _, n_tokens, metrics = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
                                                              window_units, scale=d.world)
                 loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
@@ -355,6 +359,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                     raise TrainError(f"gradient norm is {norm} at step {step + 1}: stopping before the "
                                      f"weights are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
                 optimizer.step()
+                method.after_step(model, step + 1, optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -432,7 +437,8 @@ def decoder_layers(model) -> list:
 
 
 def save_output(recipe, model, tokenizer, method, d=None) -> Path | None:
-    """LoRA → an HF PEFT adapter in `<run>/adapter`; full → a transformers folder in `<run>/model`.
+    """An adapter method → `<run>/adapter` (its delta, plus PEFT's layout where PEFT has the method);
+    a method that trains base weights (full, freeze, hft) → a transformers folder in `<run>/model`.
     Under FSDP every rank gathers the full weights; rank 0 writes."""
     run_dir = recipe.run_dir
     if d is not None and d.strategy == "fsdp" and d.active:
@@ -441,10 +447,10 @@ def save_output(recipe, model, tokenizer, method, d=None) -> Path | None:
         return None
     model = model.to("cpu") if model.device.type != "cpu" else model
     use_attention(model, "sdpa")  # what a saved model should run with
-    if method.name == "lora":
-        from ..export.peft_format import save_adapter
+    if method.output == "adapter":
+        from ..export.tuned import save_tuned
 
-        return save_adapter(model, recipe.method.lora, recipe.model.name, run_dir / "adapter")
+        return save_tuned(model, method, recipe.model.name, run_dir / "adapter")
     from ..export.atomic import atomic_folder
 
     with atomic_folder(run_dir / "model", "config.json") as tmp:

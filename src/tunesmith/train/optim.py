@@ -11,20 +11,24 @@ def no_decay(name: str, param) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or ".lora_" in name
 
 
-def build_optimizer(model, cfg) -> torch.optim.AdamW:
-    decay, plain = [], []
+def build_optimizer(model, cfg, method=None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one group per (weight decay, lr scale); a method may set
+    both per parameter (`optimizer_options`: LoRA+'s faster B, SpIEL's decay toward the base)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": plain, "weight_decay": 0.0}) if g["params"]]
-    device = next(iter(groups[0]["params"])).device
+            options = method.optimizer_options(name, p) if method is not None else {}
+            decay = bool(options.get("decay", not no_decay(name, p)))
+            groups.setdefault((decay, float(options.get("lr_scale", 1.0))), []).append(p)
+    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+                    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    device = param_groups[0]["params"][0].device
     # fused AdamW exists for CPU and CUDA in recent torch; foreach is the safe fallback.
     kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
