@@ -164,7 +164,7 @@ def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
     """Through the real loop: 6 steps straight vs 3 + resume 3; output saved; loss goes down."""
     extra = [f"method.name={name}"] + [f"method.{name}.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}"
                                        for k, v in opts.items()]
-    extra += ["train.batch_tokens=128"]  # several epochs in 6 steps, so per-epoch hooks run
+    extra += ["train.batch_tokens=512"]  # 2 micro-batches an epoch: 3 epochs in 6 steps, so per-epoch hooks run
     full = train(tiny_recipe(tmp_path / "a", tiny_model_dir, *extra))
     first = train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra), _stop_after=3)
     assert first.status == "interrupted" and ckpt.latest_checkpoint(first.run_dir).name == "step-3"
@@ -173,3 +173,27 @@ def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
     assert len(a) == len(b) == 6
     assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
     assert full.output is not None and full.output.is_dir()
+
+
+def test_methods_command_lists_every_method_with_its_size(tiny_model_dir, capsys):
+    from tunesmith.cli import main
+    from tunesmith.methods.catalog import CATALOG
+
+    assert main(["methods", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert set(rows) == {label for label, *_ in CATALOG}
+    sizes = {k: int(v[1].replace(",", "")) for k, v in rows.items()}
+    total = int(out.split("(")[1].split()[0].replace(",", ""))
+    assert sizes["full"] == total  # every parameter trains
+    assert all(0 < n <= total for n in sizes.values())
+    assert sizes["ia3"] < sizes["lora"] < sizes["hft"] < sizes["full"]
+    assert sizes["dora"] > sizes["lora"]  # + a magnitude per output row
+    assert "method.name=lora method.lora.dora=true" in out  # the overrides that pick it
+
+
+def test_frozen_bf16_with_fp32_compute_is_refused_when_base_weights_train(tmp_path, tiny_model_dir):
+    from tunesmith.train.loop import TrainError
+
+    with pytest.raises(TrainError, match="model.frozen_dtype=bf16 with train.precision=fp32: method `freeze`"):
+        train(tiny_recipe(tmp_path, tiny_model_dir, "method.name=freeze", "model.frozen_dtype=bf16"))

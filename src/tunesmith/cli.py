@@ -5,6 +5,7 @@
     tunesmith chat --adapter runs/lora-sft
     tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
     tunesmith export --adapter runs/lora-sft/adapter --output merged/
+    tunesmith methods           # every tuning method with its size on a model
     tunesmith recipe            # every recipe key with its default and meaning
 """
 from __future__ import annotations
@@ -141,6 +142,18 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from .methods.catalog import format_table, method_table
+    from .models.load import DEFAULT_MODEL, load_model
+
+    model, _ = load_model(args.model or DEFAULT_MODEL, "fp32")
+    rows = method_table(model)
+    print(f"methods on {args.model or DEFAULT_MODEL} ({rows[0]['total']:,} parameters); "
+          "set one with the recipe overrides shown:")
+    print(format_table(rows, markdown=args.markdown))
+    return 0
+
+
 def _model_args(p):
     p.add_argument("--model", default=None,
                    help="base model: folder, .gguf, cached hub id, a full-tuning run folder, or "
@@ -210,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides of the quickstart recipe")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("methods", help="every tuning method with its trainable parameters on a model")
+    p.add_argument("model", nargs="?", default=None, help="a model (default: the embedded smollm2-135m-instruct)")
+    p.add_argument("--markdown", action="store_true", help="a markdown table with papers and when to pick each")
+    p.set_defaults(fn=cmd_methods)
 
     p = sub.add_parser("recipe", help="every recipe key with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="as the README's table")

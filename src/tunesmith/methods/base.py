@@ -45,6 +45,9 @@ class Method(Protocol):
         """Per-parameter optimizer options: `lr_scale` (a multiple of train.lr, e.g. LoRA+'s B) and
         `decay` (whether weight decay applies). {} keeps the defaults."""
 
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        """Called once the run's length is known (e.g. SpIEL's regrow fraction decays over it)."""
+
     def on_epoch(self, model: nn.Module, epoch: int) -> None:
         """Called before the first step of every epoch (and of a resumed run); e.g. HFT's redraw."""
 
@@ -85,6 +88,9 @@ class MethodBase:
 
     def optimizer_options(self, name: str, param) -> dict:
         return {}
+
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        return None
 
     def on_epoch(self, model: nn.Module, epoch: int) -> None:
         return None
@@ -132,6 +138,10 @@ class Compose(MethodBase):
             if part.is_trainable(name, param):
                 options.update(part.optimizer_options(name, param))
         return options
+
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        for part in self.parts:
+            part.on_train_start(model, total_steps)
 
     def on_epoch(self, model: nn.Module, epoch: int) -> None:
         for part in self.parts:

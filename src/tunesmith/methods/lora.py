@@ -1,65 +1,137 @@
-"""LoRA (Hu et al., 2021): a frozen Linear plus a low-rank update, y = W x + s · B A x.
+"""LoRA (Hu et al., 2021) and its family: a frozen Linear plus a low-rank update, y = W x + s · B A x.
 
 A is (r, in), Kaiming-uniform; B is (out, r), zero — so training starts exactly at the base model.
 The scale s is alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023), which keeps the
-update's magnitude stable as r grows.
+update's magnitude stable as r grows. Options of the same method:
+
+- LoRA+ (Hayou et al., 2024): B learns `plus_ratio` times faster than A (the paper suggests 16).
+  Pick it when plain LoRA learns slowly at a learning rate that is already at A's stable limit.
+- DoRA (Liu et al., 2024): W' = m ⊙ (W + s·BA) / ||W + s·BA||_row, a trained per-output magnitude m
+  (initialised to ||W||_row) times a LoRA-updated direction. The norm is treated as a constant in
+  backward (paper §4.3; as PEFT does). Pick it to get closer to full fine-tuning at a low rank, for
+  the price of one extra (out, in) norm per layer and step.
+- PiSSA (Meng et al., 2024): A and B start from the top-r singular triplets of W = U S Vᵀ,
+  B₀ = U_r diag(sqrt(S_r / s)), A₀ = diag(sqrt(S_r / s)) V_rᵀ (so s·B₀A₀ is W's rank-r principal part),
+  and the frozen weight becomes the residual W − s·B₀A₀: training starts at the base model's function
+  but updates its principal directions, which converges faster than a zero-initialised B. The saved
+  adapter is the equivalent plain LoRA of rank 2r on the original weights,
+  s·(BA − B₀A₀) = s·[B, −B₀]·[A; A₀], with alpha adjusted so the scale stays s.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MethodBase, select_modules, set_module
+from .base import MethodBase, MethodError, select_modules, set_module
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear that keeps its own `weight`/`bias` keys and adds `lora_a`, `lora_b`."""
+    """An nn.Linear that keeps its own `weight`/`bias` keys and adds `lora_a`, `lora_b` (plus
+    `lora_magnitude` with DoRA, and the buffers `lora_a0`, `lora_b0` with PiSSA)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False, init: str = "default"):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same tensors: keys and storage unchanged
-        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.rank, self.alpha, self.rslora, self.dora, self.init = rank, alpha, rslora, dora, init
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
         dev = base.weight.device
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        if init == "pissa":
+            self._pissa_init()
+        elif init != "default":
+            raise MethodError(f"lora.init: `{init}` is not an initialisation; choose default or pissa")
+        if dora:
+            self.lora_magnitude = nn.Parameter(self.weight_norm().detach().clone())
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
+
+    def _pissa_init(self) -> None:
+        if self.rank > min(self.in_features, self.out_features):
+            raise MethodError(f"lora.rank: PiSSA takes the top-r singular vectors, so rank must be at most "
+                              f"{min(self.in_features, self.out_features)} here, got {self.rank}")
+        if not self.weight.is_floating_point():
+            raise MethodError(f"lora.init=pissa needs floating-point base weights, got {self.weight.dtype}")
+        w = self.weight.detach().float()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s[: self.rank] / self.scale)
+        b0 = (u[:, : self.rank] * root).contiguous()  # (out, r)
+        a0 = (root[:, None] * vh[: self.rank]).contiguous()  # (r, in)
+        with torch.no_grad():
+            self.lora_a.copy_(a0)
+            self.lora_b.copy_(b0)
+            self.weight.copy_((w - self.scale * (b0 @ a0)).to(self.weight.dtype))
+        # the starting point, saved with checkpoints: exports subtract it (the adapter is s·(BA − B₀A₀))
+        self.register_buffer("lora_a0", a0.clone())
+        self.register_buffer("lora_b0", b0.clone())
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_b @ self.lora_a)  # (out, in)
 
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W + s·BA|| per output row, in fp32, with no gradient into B and A (paper §4.3)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return torch.linalg.norm(self.weight.float() + self.delta_weight().detach(), dim=1)  # (out,)
+
+    def _original(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The layer before any training: the frozen weight, plus PiSSA's principal part taken out of it."""
+        if self.init != "pissa":
+            return y
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_a0.dtype)
+        return y + (self.scale * F.linear(F.linear(h, self.lora_a0), self.lora_b0)).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.disabled:
-            return y
+            return self._original(x, y)
         h = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.lora_a.dtype)
-        return y + (self.scale * F.linear(F.linear(h, self.lora_a), self.lora_b)).to(y.dtype)
+        h_lora = h if torch.is_autocast_enabled(h.device.type) else h.to(self.lora_a.dtype)
+        lora = self.scale * F.linear(F.linear(h_lora, self.lora_a), self.lora_b)
+        if not self.dora:
+            return y + lora.to(y.dtype)
+        # y + (m/n − 1)·W x + (m/n)·s·BA x = (m/n)·(W + s·BA) x + bias. With dropout active the
+        # direction sees the dropped input on both terms, as in PEFT.
+        factor = self.lora_magnitude / self.weight_norm()  # (out,)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            base = F.linear(h, self.weight)
+        else:
+            base = y if self.bias is None else y - self.bias
+        return y + ((factor - 1) * base + factor * lora).to(y.dtype)
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with W + s·BA (in the base weight's dtype)."""
+        """A plain nn.Linear with W + s·BA, with DoRA m ⊙ (W + s·BA)/||W + s·BA|| (in the base weight's dtype)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
+            w = self.weight.float() + self.delta_weight().float()
+            if self.dora:
+                w = (self.lora_magnitude / self.weight_norm())[:, None] * w
+            out.weight.copy_(w.to(self.weight.dtype))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
 
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the same update on the original base weight: PiSSA's [A; A₀] and [B, −B₀] (rank 2r)."""
+        if self.init != "pissa":
+            return self.lora_a, self.lora_b
+        return torch.cat([self.lora_a, self.lora_a0], dim=0), torch.cat([self.lora_b, -self.lora_b0], dim=1)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}"
+        return (f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, "
+                f"dora={self.dora}, init={self.init}")
 
 
 class LoRA(MethodBase):
-    """The `lora` method: wrap target Linears in LoRALinear; only lora_a/lora_b train."""
+    """The `lora` method: wrap target Linears in LoRALinear; only lora_a/lora_b (and DoRA's magnitude) train."""
 
     name = "lora"
     mergeable = True
@@ -69,24 +141,59 @@ class LoRA(MethodBase):
         self.targets: list[str] = []
 
     def apply(self, model: nn.Module) -> None:
-        for name, mod in select_modules(model, self.cfg.targets):
+        c = self.cfg
+        for name, mod in select_modules(model, c.targets):
             if isinstance(mod, LoRALinear):
                 continue
-            set_module(model, name, LoRALinear(mod, self.cfg.rank, self.cfg.alpha, self.cfg.dropout, self.cfg.rslora))
+            set_module(model, name, LoRALinear(mod, c.rank, c.alpha, c.dropout, c.rslora, dora=c.dora, init=c.init))
             self.targets.append(name)
 
     def is_trainable(self, name: str, param) -> bool:
-        return name.endswith((".lora_a", ".lora_b"))
+        return name.endswith((".lora_a", ".lora_b", ".lora_magnitude"))
+
+    def optimizer_options(self, name: str, param) -> dict:
+        # LoRA+: B faster than A. DoRA's magnitude, like B a per-output vector, goes with B (as PEFT's
+        # create_loraplus_optimizer puts every 1-D trained tensor in B's group).
+        if self.cfg.plus_ratio != 1.0 and name.endswith((".lora_b", ".lora_magnitude")):
+            return {"lr_scale": float(self.cfg.plus_ratio)}
+        return {}
 
     def merge(self, model: nn.Module) -> None:
         for name, mod in list(model.named_modules()):
             if isinstance(mod, LoRALinear):
                 set_module(model, name, mod.merged())
 
+    def describe(self, model: nn.Module) -> str:
+        c = self.cfg
+        extras = [("DoRA", c.dora), (f"LoRA+ (B's lr ×{c.plus_ratio:g})", c.plus_ratio != 1),
+                  ("PiSSA init (base weights hold the residual)", c.init == "pissa")]
+        return " · ".join(text for text, on in extras if on)
+
+    def export_delta(self, model: nn.Module):
+        """The delta and options of the adapter on the original base: PiSSA's is converted to plain LoRA."""
+        if self.cfg.init != "pissa":
+            return super().export_delta(model)
+        tensors = {}
+        for name, mod in lora_modules(model).items():
+            a, b = mod.plain_factors()
+            tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a.detach(), b.detach()
+            if mod.dora:
+                tensors[f"{name}.lora_magnitude"] = mod.lora_magnitude.detach()
+        return tensors, saved_config(self.cfg)
+
     def peft_export(self, model: nn.Module, base_model: str):
         from ..export.peft_format import lora_payload
 
         return lora_payload(model, self.cfg, base_model)
+
+
+def saved_config(cfg):
+    """The options a saved adapter records: PiSSA's becomes plain LoRA of rank 2r with the same scale
+    (alpha × 2, or × sqrt(2) with rsLoRA), as PEFT's `path_initial_model_for_weight_conversion` does."""
+    if cfg.init != "pissa":
+        return cfg
+    alpha = cfg.alpha * (math.sqrt(2) if cfg.rslora else 2)
+    return dataclasses.replace(cfg, init="default", rank=2 * cfg.rank, alpha=alpha, targets=list(cfg.targets))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -95,7 +202,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Run the base model without its LoRA deltas (a reference model without a second copy)."""
+    """Run the base model without its LoRA deltas (a reference model without a second copy). With
+    PiSSA the layers then compute the original W x (the residual plus the removed principal part)."""
     mods = list(lora_modules(model).values())
     previous = [m.disabled for m in mods]
     for m in mods:

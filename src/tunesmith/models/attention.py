@@ -9,16 +9,27 @@ never crosses a sample boundary. The linear layers still run on the packed row w
 It is registered with transformers' AttentionInterface under `PACKED`; transformers then builds
 no mask at all for this implementation. Without segment information (plain inference calls) it
 falls back to transformers' sdpa path, so a model left in this mode still works.
+
+Prefix tuning (`methods/prefix.py`) adds l key/value vectors per layer that every query sees
+before its causal context. They are not in the KV cache: each attention call prepends them to
+that call's keys/values (and always-visible columns to its mask). `register_prefix` wraps the
+stock `sdpa` and `eager` registrations to do so, and `packed_attention` does it per sample, so a
+prefix survives every switch between implementations; modules without a prefix run unchanged.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 PACKED = "tunesmith_packed"
+PREFIX = "tunesmith_prefix"  # attribute of an attention module: callable(module) -> (key, value)
 _registered = False
+_prefix_registered = False
 
 
 @dataclass
@@ -57,21 +68,88 @@ def _gather(x: torch.Tensor, seg: Segments) -> torch.Tensor:
     return flat[seg.index].transpose(1, 2)
 
 
+def prefix_states(module, like: torch.Tensor):
+    """The module's prefix (key, value), each (1, kv_heads, l, head_dim) in `like`'s dtype, or None."""
+    source = module.__dict__.get(PREFIX)
+    if source is None:
+        return None
+    key, value = source(module)
+    return key.to(like.dtype)[None], value.to(like.dtype)[None]
+
+
+def _prepend_prefix(prefix, query, key, value, mask, causal: bool, additive: bool):
+    """Keys/values (B, kv_heads, l + K, D) with the prefix first, and a mask whose prefix columns
+    are always visible. Without a mask a causal call gets one aligned to the last key (queries may
+    be the tail of the keys, as with a cache), since sdpa's own `is_causal` aligns to the first."""
+    B, l = key.shape[0], prefix[0].shape[2]
+    key = torch.cat([prefix[0].expand(B, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix[1].expand(B, -1, -1, -1), value], dim=2)
+    Q, K = query.shape[2], key.shape[2] - l
+    if mask is None:
+        if not causal or Q == 1:
+            return key, value, None
+        mask = torch.ones(Q, K, dtype=torch.bool, device=query.device).tril(K - Q)[None, None]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min)
+    visible = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    mask = torch.cat([visible((*mask.shape[:-1], l)), mask], dim=-1)
+    return key, value, mask
+
+
+def with_prefix(attention, additive: bool):
+    """A transformers attention function that first prepends the calling module's prefix (if any)."""
+
+    def forward(module, query, key, value, attention_mask, *args, **kwargs):
+        prefix = prefix_states(module, key)
+        if prefix is not None:
+            key, value, attention_mask = _prepend_prefix(prefix, query, key, value, attention_mask,
+                                                         getattr(module, "is_causal", True), additive)
+        return attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return forward
+
+
+def _own_eager(module, *args, **kwargs):
+    # each transformers model file defines its own eager attention; Llama's is the common form
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn(module, *args, **kwargs)
+
+
+def _sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+sdpa_with_prefix = with_prefix(_sdpa, additive=False)
+eager_with_prefix = with_prefix(_own_eager, additive=True)
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
     seg: Segments | None = kwargs.get("tunesmith_segments")
     if seg is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_with_prefix(module, query, key, value, attention_mask, dropout=dropout,
+                                scaling=scaling, is_causal=is_causal, **kwargs)
     B, H, T, D = query.shape
     groups = H // key.shape[1]
     q, k, v = _gather(query, seg), _gather(key, seg), _gather(value, seg)
+    prefix = prefix_states(module, k)
+    if prefix is not None:  # every sample sees the prefix, then its own causal context
+        n = k.shape[0]
+        k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
     if groups > 1:  # grouped-query attention: share each K/V head among its query heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+    if prefix is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+    else:  # causal aligned to the last key: query i sees the l prefix keys and context 0..i
+        mask = causal_lower_right(q.shape[2], k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     out = out.transpose(1, 2)  # (n, Lmax, H, D)
     result = out.new_zeros(B * T, H, out.shape[-1])
     result = result.index_put((seg.index[seg.valid],), out[seg.valid])
@@ -85,6 +163,18 @@ def register() -> None:
 
         AttentionInterface.register(PACKED, packed_attention)
         _registered = True
+
+
+def register_prefix() -> None:
+    """Make the stock `sdpa` and `eager` implementations prefix-aware (a no-op for modules without one)."""
+    global _prefix_registered
+    if not _prefix_registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("sdpa", sdpa_with_prefix)
+        AttentionInterface.register("eager", eager_with_prefix)
+        _prefix_registered = True
+    register()
 
 
 def use_packed_attention(model) -> None:

@@ -181,6 +181,7 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
     if tokenizer is None:
         tokenizer = load_tokenizer(recipe.model.name)
     model, tokenizer, method = prepare_model(recipe, model, tokenizer)
+    method.on_train_start(model, total_steps)
     model.to(device)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -233,6 +233,13 @@ def prepare_model(recipe, model=None, tokenizer=None):
         method = build_method(recipe.method)
         attach(model, method)
     if recipe.model.frozen_dtype != "same":
+        base_trained = [n for n in model._tunesmith_trained if n in model._tunesmith_base_keys]
+        frozen = any(not p.requires_grad and p.is_floating_point() for p in model.parameters())
+        if base_trained and frozen and recipe.train.precision == "fp32":
+            raise TrainError(f"model.frozen_dtype={recipe.model.frozen_dtype} with train.precision=fp32: method "
+                             f"`{method.name}` trains base weights ({base_trained[0]}, ...), which stay fp32 beside "
+                             f"{recipe.model.frozen_dtype} frozen ones; train under autocast "
+                             f"(train.precision={recipe.model.frozen_dtype}) or set model.frozen_dtype=same")
         cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
     for p in model.parameters():  # master weights of everything that trains stay fp32
         if p.requires_grad and p.dtype != torch.float32:
@@ -309,6 +316,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     per_epoch = len(stream.plan(0))
     per_step = cfg.grad_accum * d.world  # micro-batches of one optimizer step, all ranks together
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
+    method.on_train_start(model, total_steps)
     val_batches = None
     if splits.val:
         val_all = MicroBatches(splits.val, objective, recipe.data, cfg, cfg.seed, pad_id, shuffle=False).epoch_batches()

@@ -1,0 +1,163 @@
+"""HFT, Half Fine-Tuning (Hui et al., 2024, arXiv 2404.18466): in each training stage a random half
+of the weight matrices trains fully and the other half stays exactly at its previous values.
+
+Category-level draw, per decoder layer (the ACL version, as reimplemented in the SSU repo):
+  attention {q, k, v, o}_proj: a random 2 of the 4 train;
+  FFN {gate, up, down}_proj: in a random half of the layers 1 of the 3 trains, in the others 2 do.
+With equal sizes within each category that is exactly 50% of the attention+FFN weights
+((2/4)·A + ((1 + 2)/(3 + 3))·F per layer pair); with grouped-query attention (k, v smaller than
+q, o) the attention share depends on the draw, so `describe` reports the exact fraction.
+A drawn projection trains whole (its weight and, where it has one, its bias). Embeddings, norms
+and lm_head are frozen unless switched on (the paper does not say).
+
+The frozen half acts as a regulariser toward the previous weights: less forgetting of what the
+base model knew than full fine-tuning, at about half the optimizer memory and with no new modules
+(`output = "model"`, merge is a no-op). Pick it over full fine-tuning when the base model's
+knowledge must survive an SFT/DPO stage or a sequence of tasks.
+
+`redraw="stage"` draws once, from the seed alone (the same on every process). `redraw="epoch"`
+draws afresh every epoch from (seed, epoch): the whole pool is trainable at attach time, so the
+optimizer holds it, and `on_epoch` switches off the half not drawn; AdamW skips parameters without
+a gradient, so that half stays bit-identical for the epoch.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from .base import MethodBase, MethodError
+from .freeze import decoder_blocks, switch_parameters, switch_words
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_projections(model: nn.Module) -> list[dict[str, list[str]]]:
+    """Per decoder layer: projection (`q_proj`, ..., `down_proj`) -> its parameter names."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise MethodError("hft: found no decoder layers (a ModuleList named layers, h or blocks) in this model")
+    layers = []
+    for block_name, block in blocks:
+        found: dict[str, list[str]] = {}
+        for sub, mod in block.named_modules():
+            last = sub.rpartition(".")[2]
+            if last in ATTENTION + FFN and last not in found:
+                found[last] = [f"{block_name}.{sub}.{p}" for p, _ in mod.named_parameters()]
+        missing = [p for p in ATTENTION + FFN if not found.get(p)]
+        if missing:
+            have = sorted({n.rpartition(".")[2] for n, m in block.named_modules() if isinstance(m, nn.Linear)})
+            raise MethodError(f"hft: layer {block_name} has no {', '.join(missing)} (its Linear layers: "
+                              f"{', '.join(have) or 'none'}); HFT needs separate q_proj, k_proj, v_proj, o_proj "
+                              "and gate_proj, up_proj, down_proj (Llama/Qwen/Mistral naming)")
+        layers.append(found)
+    return layers
+
+
+def _single_process() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise MethodError(f"hft.redraw=epoch cannot run with {dist.get_world_size()} processes: DDP/FSDP fix the "
+                          "set of trained parameters when they wrap the model, so it cannot change between "
+                          "epochs; use hft.redraw=stage")
+
+
+class HFT(MethodBase):
+    """The `hft` method: a seeded half of the attention and FFN projections trains."""
+
+    name = "hft"
+    output = "model"
+    mergeable = True  # nothing to fold: the weights are the model
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seed: int | None = None
+        self.epoch: int | None = None  # the epoch of the current draw (redraw=epoch)
+        self.plan: list[tuple[str, ...]] = []  # per layer: the projections that train
+        self._layers: list[dict[str, list[str]]] = []
+        self._pool: set[str] = set()
+        self._switches: set[str] = set()
+        self._live: set[str] = set()  # parameter names of the current draw
+
+    def apply(self, model: nn.Module) -> None:
+        if self.cfg.redraw == "epoch":
+            _single_process()
+        self._layers = layer_projections(model)
+        self._pool = {n for layer in self._layers for names in layer.values() for n in names}
+        self._switches = set(switch_parameters(model, self.cfg, "hft"))
+        self.seed = self.cfg.seed if self.cfg.seed is not None else torch.initial_seed()
+        self.epoch = 0 if self.cfg.redraw == "epoch" else None
+        self.plan = self.draw(self.epoch)
+        self._live = self.drawn()
+
+    def draw(self, epoch: int | None = None) -> list[tuple[str, ...]]:
+        """The trained projections of every layer, from (seed) or (seed, epoch) only: a private
+        generator, so the draw neither reads nor moves torch's global RNG."""
+        rng = random.Random(f"hft:{self.seed}" if epoch is None else f"hft:{self.seed}:epoch:{epoch}")
+        n = len(self._layers)
+        order = list(range(n))
+        rng.shuffle(order)
+        n_one = n // 2 + (n % 2 if rng.random() < 0.5 else 0)  # an odd layer count: the middle layer by coin
+        one = set(order[:n_one])
+        plan = []
+        for i in range(n):
+            attn = rng.sample(ATTENTION, 2)
+            ffn = rng.sample(FFN, 1 if i in one else 2)
+            plan.append(tuple(p for p in ATTENTION + FFN if p in attn + ffn))
+        return plan
+
+    def drawn(self) -> set[str]:
+        """Parameter names of the current draw's projections (switches not included)."""
+        return {n for layer, chosen in zip(self._layers, self.plan) for p in chosen for n in layer[p]}
+
+    def is_trainable(self, name: str, param) -> bool:
+        if name in self._switches:
+            return True
+        # redraw=epoch: the whole pool is trainable (the optimizer holds it); on_epoch masks it
+        return name in (self._pool if self.cfg.redraw == "epoch" else self._live)
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+        if self.cfg.redraw != "epoch":
+            return
+        _single_process()
+        self.epoch, self.plan = epoch, self.draw(epoch)
+        self._live = self.drawn()
+        for name, p in model.named_parameters():
+            if name in self._pool:
+                p.requires_grad_(name in self._live)
+                if name not in self._live:
+                    p.grad = None  # no gradient: AdamW leaves it (and its moments) untouched
+
+    def merge(self, model: nn.Module) -> None:
+        return None
+
+    def fractions(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """(trained, total) parameter counts of the current draw: attention, ffn, both, and all
+        parameters of the model (switches included)."""
+        sizes = {n: p.numel() for n, p in model.named_parameters()}
+        live = self._live
+        out = {}
+        for key, projs in (("attention", ATTENTION), ("ffn", FFN)):
+            names = [n for layer in self._layers for p in projs for n in layer[p]]
+            out[key] = (sum(sizes[n] for n in names if n in live), sum(sizes[n] for n in names))
+        out["attention+ffn"] = (out["attention"][0] + out["ffn"][0], out["attention"][1] + out["ffn"][1])
+        out["all"] = (sum(sizes[n] for n in live | self._switches if n in sizes), sum(sizes.values()))
+        return out
+
+    def describe(self, model: nn.Module) -> str:
+        f = self.fractions(model)
+
+        def pct(key):
+            a, b = f[key]
+            return f"{a:,}/{b:,} = {100 * a / max(b, 1):.2f}%"
+
+        one = [str(i) for i, chosen in enumerate(self.plan) if sum(p in FFN for p in chosen) == 1]
+        draw = "drawn once" if self.epoch is None else f"epoch {self.epoch}'s draw, redrawn every epoch"
+        extras = switch_words(model, self.cfg)
+        return (f"trains {pct('attention+ffn')} of attention+FFN weights (q,k,v,o: 2 of 4 per layer, "
+                f"{pct('attention')}; gate/up/down: 1 of 3 in layers {','.join(one) or 'none'}, 2 of 3 in the "
+                f"others, {pct('ffn')}) · {pct('all')} of all parameters"
+                f"{' with ' + ' + '.join(extras) if extras else ''} · seed {self.seed}, {draw}")

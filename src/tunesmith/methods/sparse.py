@@ -1,0 +1,298 @@
+"""SpIEL sparse fine-tuning (Ansell et al., 2024, "Scaling Sparse Fine-Tuning to Large Language Models").
+
+Each target Linear trains k = round(density · numel) entries of its weight: `sparse_indices` (flat
+positions) and `sparse_values` φ, so W' = W + scatter(φ at indices) and y = x W'ᵀ + b. φ starts at 0
+(training starts at the base model) at k random positions. The gradient of φ is the dense weight
+gradient gathered at the indices; optimizer state stays O(k). Weight decay acts on φ, pulling the
+weights back toward the pretrained ones.
+
+The active set moves during training (update → prune → regrow, after the optimizer step): a
+selection phase opens at steps t with (t+1) mod S = 0 (and at the start), and at t mod S = A the
+n = ⌊p·k⌋ active entries with the smallest |φ| are dropped and n new ones grown, with value 0:
+- `ag`: the candidates are the top-k |∇W| at the phase's first gradient; their gradients are summed
+  over the phase (a hook on the dense weight, only while a phase is open) and the largest |Σg| grow.
+  An index both dropped and grown stays, value and all. Grown entries' Adam moments are seeded from
+  the phase's gradient mean and mean square.
+- `ma`: SM3-style row/column accumulators R[out], C[in] fed by φ's gradients every step
+  (u = min(R[i], C[j]) + g², scatter-max); inactive (i, j) grow by R[i]·C[j]. No dense gradient ever.
+p = 1 at the first reselection (it replaces the random start), then regrow · (1 − t/T).
+
+Pick it over LoRA when the update should be a few exact weights rather than a low-rank product: the
+paper reports it often beats LoRA at a similar run time, and the result merges into the weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .base import MethodBase, MethodError, select_modules, set_module
+
+CRITERIA = ("ag", "ma")
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, so every rank selects the same indices (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _mask(numel: int, idx: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(numel, dtype=torch.bool, device=idx.device)
+    mask[idx] = True
+    return mask
+
+
+def plan_swap(indices: torch.Tensor, values: torch.Tensor, numel: int, n: int, scores: torch.Tensor,
+              candidates: torch.Tensor | None = None):
+    """Which slots of `indices` to overwrite, with which flat positions: (slots, incoming, picked),
+    `picked` being the incoming entries' positions in `candidates` (None without candidates).
+
+    Drop the n entries with the smallest |value|. With `candidates` (ag), grow the top-n of
+    `scores` among candidates that do not stay active; a dropped index that is grown again keeps
+    its slot. Without (ma), `scores` is dense and only inactive positions grow (as SpIEL's SM3)."""
+    drop = torch.topk(values.detach().abs(), n, largest=False, sorted=True).indices  # smallest first
+    dropped = _mask(numel, indices[drop])
+    if candidates is None:
+        scores = scores.masked_fill(_mask(numel, indices), float("-inf"))
+        grown = torch.topk(scores, min(n, numel - indices.numel()), sorted=True).indices
+        return drop[:grown.numel()], grown, None
+    stays = _mask(numel, indices) & ~dropped
+    valid = torch.nonzero(~stays[candidates]).flatten()
+    picked = valid[torch.topk(scores[valid], min(n, valid.numel()), sorted=True).indices]  # best first
+    grown = candidates[picked]
+    drop = drop[~_mask(numel, grown)[indices[drop]]]
+    fresh = ~dropped[grown]
+    grown, picked = grown[fresh], picked[fresh]
+    m = min(drop.numel(), grown.numel())
+    return drop[:m], grown[:m], picked[:m]
+
+
+def sm3_update(row: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               grad: torch.Tensor) -> None:
+    """SM3's cover update, in place: u = min(R[i], C[j]) + g², then R, C take the max of u per row/column."""
+    u = torch.minimum(row[rows], col[cols]) + grad.float() ** 2
+    row.scatter_reduce_(0, rows, u, "amax")
+    col.scatter_reduce_(0, cols, u, "amax")
+
+
+def reset_optimizer_state(optimizer, param: nn.Parameter, slots: torch.Tensor,
+                          mean: torch.Tensor | None = None, mean_sq: torch.Tensor | None = None) -> None:
+    """Fresh Adam state at `slots` of `param`: zero, or seeded so that after Adam's bias correction
+    (its step count is per parameter, not per entry) the moments read as the given mean and mean square."""
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
+    beta1, beta2 = group.get("betas", (0.9, 0.999))
+    t = float(state["step"]) if "step" in state else 0.0
+    seeds = (("exp_avg", mean, beta1), ("exp_avg_sq", mean_sq, beta2), ("max_exp_avg_sq", mean_sq, beta2))
+    for key, init, beta in seeds:
+        if key in state:
+            state[key][slots] = 0.0 if init is None else (init * (1.0 - beta ** t)).to(state[key].dtype)
+
+
+class SparseLinear(nn.Linear):
+    """An nn.Linear that keeps its own `weight`/`bias` keys and adds `sparse_indices`, `sparse_values`
+    and the state of its growth criterion (all persistent, so checkpoints resume mid-phase)."""
+
+    def __init__(self, base: nn.Linear, k: int, criterion: str):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors: keys and storage unchanged
+        self.criterion = criterion
+        dev, numel = base.weight.device, base.weight.numel()
+        indices = torch.randperm(numel)[:k].sort().values.to(dev)  # CPU generator: the same draw on any device
+        self.register_buffer("sparse_indices", indices)
+        self.sparse_values = nn.Parameter(torch.zeros(k, device=dev, dtype=torch.float32))
+        if criterion == "ag":
+            self.register_buffer("sparse_candidates", torch.zeros(k, device=dev, dtype=torch.int64))
+            self.register_buffer("sparse_grad_sum", torch.zeros(k, device=dev, dtype=torch.float32))
+            self.register_buffer("sparse_grad_sq", torch.zeros(k, device=dev, dtype=torch.float32))
+            # steps accumulated in the open selection phase; -1: no phase open. The first one opens now.
+            self.register_buffer("sparse_seen", torch.tensor(0, device=dev))
+        else:
+            self.register_buffer("sparse_row", torch.zeros(self.out_features, device=dev, dtype=torch.float32))
+            self.register_buffer("sparse_col", torch.zeros(self.in_features, device=dev, dtype=torch.float32))
+        self.collecting = criterion == "ag"  # mirrors sparse_seen >= 0 without a device sync per forward
+        self._step_grad = None  # this rank's gradient at the candidates during the current step
+
+    @property
+    def k(self) -> int:
+        return self.sparse_values.numel()
+
+    def delta_weight(self) -> torch.Tensor:
+        flat = torch.zeros(self.weight.numel(), device=self.sparse_values.device, dtype=torch.float32)
+        return flat.index_add(0, self.sparse_indices, self.sparse_values).view_as(self.weight)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 sum, so the small values are not rounded away against bf16 weights; autograd gives
+        # d values = (dense dW).flat[indices]
+        flat = self.weight.float().flatten().index_add(0, self.sparse_indices, self.sparse_values)
+        if self.collecting and flat.requires_grad:
+            flat.register_hook(self._collect)
+        w = flat.view(self.out_features, self.in_features)
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, w, self.bias)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def _collect(self, grad: torch.Tensor) -> None:
+        g = grad.reshape(-1).float()
+        if self._step_grad is None:
+            if int(self.sparse_seen) == 0:  # the phase's first gradient picks the candidates
+                dense = _all_reduce(g.clone())
+                self.sparse_candidates.copy_(torch.topk(dense.abs(), self.k, sorted=True).indices)
+            self._step_grad = g[self.sparse_candidates]
+        else:
+            self._step_grad += g[self.sparse_candidates]
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """After an optimizer step: add the step's (all-rank) gradient statistics to the criterion."""
+        if self.criterion == "ag":
+            if self._step_grad is not None:
+                g = _all_reduce(self._step_grad)
+                self._step_grad = None
+                self.sparse_grad_sum += g
+                self.sparse_grad_sq += g * g
+                self.sparse_seen += 1
+        elif self.sparse_values.grad is not None:  # already reduced across ranks (DDP)
+            idx = self.sparse_indices
+            sm3_update(self.sparse_row, self.sparse_col, idx // self.in_features, idx % self.in_features,
+                       self.sparse_values.grad)
+
+    @torch.no_grad()
+    def open_phase(self) -> None:
+        if self.criterion == "ag":
+            self.sparse_grad_sum.zero_()
+            self.sparse_grad_sq.zero_()
+            self.sparse_seen.fill_(0)
+            self.collecting, self._step_grad = True, None
+
+    @torch.no_grad()
+    def reselect(self, p: float, optimizer=None) -> int:
+        """Drop ⌊p·k⌋ entries and grow as many (closing an open phase); return how many moved."""
+        n = math.floor(p * self.k)
+        idx, values, numel = self.sparse_indices, self.sparse_values, self.weight.numel()
+        mean = mean_sq = None
+        if self.criterion == "ag":
+            seen = int(self.sparse_seen)
+            self.sparse_seen.fill_(-1)
+            self.collecting, self._step_grad = False, None
+            if n == 0 or seen <= 0:
+                return 0
+            slots, incoming, picked = plan_swap(idx, values, numel, n, self.sparse_grad_sum.abs(),
+                                                self.sparse_candidates)
+            mean, mean_sq = self.sparse_grad_sum[picked] / seen, self.sparse_grad_sq[picked] / seen
+        else:
+            if n == 0:
+                return 0
+            scores = torch.outer(self.sparse_row, self.sparse_col).flatten()
+            slots, incoming, _ = plan_swap(idx, values, numel, n, scores)
+        idx[slots] = incoming
+        values[slots] = 0.0
+        reset_optimizer_state(optimizer, values, slots, mean, mean_sq)
+        return int(slots.numel())
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + Δ (in the base weight's dtype)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, criterion={self.criterion}"
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+class Sparse(MethodBase):
+    """The `sparse` method: wrap target Linears in SparseLinear; only their values train.
+
+    `total_steps` (T of the regrow decay) is set by the loop through `on_train_start`; while it is
+    None (the method used outside the loop) the decay follows the learning-rate schedule instead
+    (regrow · lr_t / peak lr, the same line under a linear schedule without warm-up)."""
+
+    name = "sparse"
+    mergeable = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.criterion not in CRITERIA:
+            raise MethodError(f"method.sparse.criterion: `{cfg.criterion}` is not one of {', '.join(CRITERIA)}")
+        if not 0 < cfg.accumulate_steps < cfg.reselect_every:
+            raise MethodError(f"method.sparse.accumulate_steps must be in [1, reselect_every - 1] "
+                              f"(reselect_every = {cfg.reselect_every}), got {cfg.accumulate_steps}")
+        self.total_steps: int | None = None
+        self.targets: list[str] = []
+
+    def on_train_start(self, model: nn.Module, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def apply(self, model: nn.Module) -> None:
+        for name, mod in select_modules(model, self.cfg.targets):
+            if isinstance(mod, SparseLinear):
+                continue
+            k = max(1, round(self.cfg.density * mod.weight.numel()))
+            set_module(model, name, SparseLinear(mod, k, self.cfg.criterion))
+            self.targets.append(name)
+
+    def is_trainable(self, name: str, param) -> bool:
+        return name.endswith(".sparse_values")
+
+    def optimizer_options(self, name: str, param) -> dict:
+        return {"decay": True} if self.is_trainable(name, param) else {}
+
+    def merge(self, model: nn.Module) -> None:
+        for name, mod in list(sparse_modules(model).items()):
+            set_module(model, name, mod.merged())
+
+    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+        for mod in sparse_modules(model).values():
+            if hasattr(mod.sparse_values, "full_tensor"):
+                raise MethodError("method `sparse` cannot run under train.strategy=fsdp (its indices move "
+                                  "between steps); use train.strategy=ddp or one process")
+            if mod.criterion == "ag":  # a resumed run: the phase comes from the checkpoint
+                mod.collecting = int(mod.sparse_seen) >= 0
+
+    def regrow_fraction(self, step: int, optimizer) -> float:
+        if step == self.cfg.accumulate_steps:
+            return 1.0  # the first reselection replaces the random start
+        if self.total_steps:
+            return self.cfg.regrow * max(0.0, 1.0 - step / self.total_steps)
+        group = optimizer.param_groups[0] if optimizer is not None else {}
+        peak = group.get("initial_lr")
+        return self.cfg.regrow * (min(1.0, group["lr"] / peak) if peak else 1.0)
+
+    def after_step(self, model: nn.Module, step: int, optimizer) -> None:
+        mods = list(sparse_modules(model).values())
+        every, accumulate = self.cfg.reselect_every, self.cfg.accumulate_steps
+        for mod in mods:
+            mod.end_step()
+        if step % every == accumulate:
+            p = self.regrow_fraction(step, optimizer)
+            for mod in mods:
+                mod.reselect(p, optimizer)
+        if (step + 1) % every == 0 and (not self.total_steps or step + 1 + accumulate <= self.total_steps):
+            for mod in mods:
+                mod.open_phase()
+
+    def describe(self, model: nn.Module) -> str:
+        mods = list(sparse_modules(model).values())
+        if not mods:
+            return ""
+        k = sum(m.k for m in mods)
+        numel = sum(m.weight.numel() for m in mods)
+        return (f"{k:,} trained weights in {len(mods)} matrices ({100 * k / numel:.2f}% of their weights), "
+                f"reselected every {self.cfg.reselect_every} steps by `{self.cfg.criterion}`")
