@@ -197,3 +197,29 @@ def test_frozen_bf16_with_fp32_compute_is_refused_when_base_weights_train(tmp_pa
 
     with pytest.raises(TrainError, match="model.frozen_dtype=bf16 with train.precision=fp32: method `freeze`"):
         train(tiny_recipe(tmp_path, tiny_model_dir, "method.name=freeze", "model.frozen_dtype=bf16"))
+
+
+@pytest.mark.parametrize("name,opts", [p for p in PARAMS if p.id in ("sparse-ag", "ia3", "prefix", "mam")])
+def test_trained_adapter_serves_and_exports(tmp_path, tiny_model_dir, name, opts):
+    """After training: inference loads the run's adapter (merged when the method merges, with the
+    same logits as the trained model) and `export` writes a plain model or refuses by name."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.export import ExportError, export_merged
+    from tunesmith.infer.generate import generate, load_for_inference
+
+    extra = [f"method.name={name}"] + [f"method.{name}.{k}={v}" for k, v in opts.items()]
+    result = train(tiny_recipe(tmp_path, tiny_model_dir, *extra))
+    unmerged, tok = load_for_inference(str(tiny_model_dir), adapter=str(result.run_dir), merge=False)
+    served, _ = load_for_inference(str(tiny_model_dir), adapter=str(result.run_dir))
+    expected = logits(unmerged, IDS)
+    torch.testing.assert_close(logits(served, IDS), expected, atol=1e-5, rtol=1e-4)
+    assert generate(served, tok, ["What is 2 plus 3?"], max_new_tokens=4)[0] is not None
+    if not build_method(method_from_dict(name, opts)).mergeable:
+        with pytest.raises(ExportError, match=f"a `{name}` adapter cannot be merged"):
+            export_merged(str(tiny_model_dir), result.run_dir, tmp_path / "merged")
+        return
+    out = export_merged(str(tiny_model_dir), result.run_dir, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(plain, IDS), expected, atol=1e-5, rtol=1e-4)
+    assert (logits(plain, IDS) - logits(make_tiny_model(tokenizer=tok), IDS)).abs().max() > 1e-3

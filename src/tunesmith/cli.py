@@ -158,7 +158,7 @@ def _model_args(p):
     p.add_argument("--model", default=None,
                    help="base model: folder, .gguf, cached hub id, a full-tuning run folder, or "
                         "smollm2-135m-instruct (default: the adapter's base, else the embedded model)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (PEFT format) or a tunesmith run folder")
+    p.add_argument("--adapter", default=None, help="an adapter folder (any method, or a PEFT LoRA) or a tunesmith run folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
 
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.set_defaults(fn=cmd_chat)
 
-    p = sub.add_parser("export", help="merge a LoRA adapter into a plain transformers folder")
+    p = sub.add_parser("export", help="merge an adapter (LoRA family, IA3, sparse) into a plain transformers folder")
     _model_args(p)
     p.add_argument("--output", required=True)
     p.set_defaults(fn=cmd_export)

@@ -33,7 +33,7 @@ class ModelConfig:
     frozen_dtype: Literal["same", "bf16", "fp16"] = "same"
     "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
     adapter: str | None = None
-    "Start from this LoRA adapter (a PEFT folder or a run folder), e.g. an SFT stage's, and keep training it."
+    "Start from this adapter (an adapter folder, a PEFT LoRA or a run folder), e.g. an SFT stage's, and keep training it."
     attention: Literal["packed", "sdpa", "eager"] = "packed"
     "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask."
 
