@@ -5,6 +5,7 @@
     tunesmith chat --adapter runs/lora-sft
     tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
     tunesmith export --adapter runs/lora-sft/adapter --output merged/
+    tunesmith bench recipes/lora-sft.yaml steps=8   # tokens/s, memory, MFU, time per part
     tunesmith methods           # every tuning method with its size on a model
     tunesmith recipe            # every recipe key with its default and meaning
 """
@@ -142,6 +143,43 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench, format_bench, matmul_peak
+    from .recipe import RecipeError, load_recipe
+    from .train.runtime import pick_device, set_threads
+
+    overrides = []
+    for item in args.overrides:  # `steps=N` / `warmup=N` belong to the bench, the rest to the recipe
+        key, _, value = item.partition("=")
+        if key in ("steps", "warmup"):
+            if not value.isdigit():
+                raise RecipeError(f"{key}: expected a whole number, got {value!r}")
+            setattr(args, key, int(value))
+        else:
+            overrides.append(item)
+    if args.peak:
+        recipe = load_recipe(args.recipe, overrides) if args.recipe else load_recipe(None, overrides)
+        device = pick_device(recipe.train.device)
+        threads = set_threads(recipe.train.threads) if device.type == "cpu" else None
+        for dtype in ("bf16", "fp32"):
+            print(f"matmul peak {dtype}: {matmul_peak(device, dtype, threads, refresh=True):.3f} TFLOP/s "
+                  f"({device}, {threads or 'default'} threads; cached for MFU)")
+        if not args.recipe:
+            return 0
+    if not args.recipe:
+        raise RecipeError("tunesmith bench needs a recipe (or --peak alone)")
+    recipe = load_recipe(args.recipe, overrides)
+    result = bench(recipe, steps=args.steps, warmup=args.warmup, breakdown=not args.no_breakdown)
+    print(format_bench(result))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=1)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods.catalog import format_table, method_table
     from .models.load import DEFAULT_MODEL, load_model
@@ -223,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides of the quickstart recipe")
     p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("bench", help="time a recipe's training step: tokens/s, memory, MFU, where the time goes")
+    p.add_argument("recipe", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*", help="recipe overrides, and steps=N / warmup=N")
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--peak", action="store_true", help="measure this machine's bf16/fp32 matmul peak (cached for MFU)")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing step")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("methods", help="every tuning method with its trainable parameters on a model")
     p.add_argument("model", nargs="?", default=None, help="a model (default: the embedded smollm2-135m-instruct)")

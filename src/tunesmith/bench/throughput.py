@@ -1,0 +1,285 @@
+"""`tunesmith bench RECIPE steps=N`: the recipe's training step, timed.
+
+    tunesmith bench recipes/lora-sft.yaml --steps 8
+    tunesmith bench --peak              # measure (and cache) this machine's matmul peak
+
+It builds exactly what `train` builds (data, model, method, objective, optimizer), runs `warmup`
+steps untimed, then `steps` timed ones, and reports tokens/s (all tokens of the rows and the
+trained ones), seconds per step, peak memory (RSS on CPU, max allocated on CUDA) and MFU: model
+FLOPs per second over the measured bf16/fp32 matmul peak of this machine. One more step runs with
+timing hooks on the model's parts (embedding, attention, MLP, norms) and the optimizer, for the
+breakdown; what is left (lm_head + loss, data movement, the rest) is shown as such. Nothing is
+written to a run folder.
+
+Model FLOPs per token (Kaplan et al. / Chinchilla convention, on the matmuls only): forward 2·N,
+backward 2·N for activation gradients plus 2·N_trained for weight gradients, with N the weights of
+the Linear layers (lm_head included) and attention's 4·d·T_ctx per layer (×3 for training). An
+activation-checkpointed step recomputes the forward: that is work done, but not model FLOPs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.load import cache_dir
+
+
+@dataclass
+class BenchResult:
+    steps: int
+    s_per_step: float
+    tokens_per_s: float
+    trained_tokens_per_s: float
+    peak_mem_gb: float
+    flops_per_token: float
+    peak_tflops: float | None
+    mfu: float | None
+    breakdown: dict[str, float] = field(default_factory=dict)  # share of one step's wall time
+    info: dict = field(default_factory=dict)
+
+
+def _machine_key(device: torch.device, dtype: str, threads: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return f"{device.type}|{name}|{threads} threads|{dtype}|torch {torch.__version__}"
+
+
+def matmul_peak(device: torch.device, dtype: str = "bf16", threads: int | None = None, refresh: bool = False,
+                size: int = 2048, seconds: float = 2.0) -> float:
+    """Measured dense matmul throughput (TFLOP/s) of this device in `dtype`, cached per machine."""
+    threads = threads or torch.get_num_threads()
+    key = _machine_key(device, dtype, threads)
+    path = cache_dir() / "bench" / "matmul_peak.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if key in cached and not refresh:
+        return cached[key]
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    a = torch.randn(size, size, device=device, dtype=tdtype)
+    b = torch.randn(size, size, device=device, dtype=tdtype)
+    best = 0.0
+    for _ in range(3):  # warm up, then keep the best of a few timed batches
+        n, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            n += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed > seconds / 3:
+                break
+        best = max(best, 2 * size ** 3 * n / elapsed / 1e12)
+    cached[key] = best
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cached, indent=1))
+    return best
+
+
+def flops_per_token(model: nn.Module, context: float, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (see the module docstring); `context` is the mean attention span,
+    `head_fraction` the share of tokens the lm_head runs on (SFT: the trained ones)."""
+    head = model.get_output_embeddings()
+    head_id = id(head.weight) if head is not None else None
+    linear, trained, seen = 0, 0, {head_id}
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) not in seen:
+            seen.add(id(mod.weight))
+            linear += mod.weight.numel()
+            trained += mod.weight.numel() if mod.weight.requires_grad else 0
+    for name, p in model.named_parameters():  # trained tensors inside Linears that are not `.weight`
+        if p.requires_grad and p.ndim == 2 and not name.endswith(".weight"):
+            linear += p.numel()
+            trained += p.numel()
+    head_flops = 0.0
+    if head is not None:
+        n = head.weight.numel()
+        head_flops = head_fraction * (4 * n + (2 * n if head.weight.requires_grad else 0))
+    cfg = model.config
+    attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * context  # QK^T and AV, causal half already
+    return 2 * linear + 2 * linear + 2 * trained + 3 * attention + head_flops
+
+
+CATEGORIES = ("embedding", "attention", "mlp", "norms")
+
+
+def _category(name: str, mod: nn.Module, model: nn.Module) -> str | None:
+    if mod is model.get_input_embeddings():
+        return "embedding"
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("self_attn", "attn", "attention"):
+        return "attention"
+    if leaf in ("mlp", "feed_forward"):
+        return "mlp"
+    if "norm" in type(mod).__name__.lower() and not any(True for _ in mod.children()):
+        return "norms"
+    return None
+
+
+class _Timers:
+    """Forward and backward wall time per category (timing step only). Forward: module hooks.
+    Backward: hooks on the module's output tensor (its gradient arrives: the module's backward
+    starts) and on its input tensor (the input's gradient is complete: it ends) — module backward
+    hooks cannot be used, they do not see inputs passed by keyword, as transformers passes them."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.device, self.total, self.handles, self.open = device, dict.fromkeys(CATEGORIES, 0.0), [], {}
+        for name, mod in model.named_modules():
+            cat = _category(name, mod, model)
+            if cat is not None:
+                self.handles += [mod.register_forward_pre_hook(self._pre(cat), with_kwargs=True),
+                                 mod.register_forward_hook(self._post(cat))]
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _pre(self, cat):
+        def hook(mod, args, kwargs):
+            tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            self.open[id(mod)] = (self._now(), tensors[0] if tensors else None)
+        return hook
+
+    def _post(self, cat):
+        def hook(mod, args, output):
+            started, inp = self.open.pop(id(mod), (None, None))
+            if started is None:
+                return
+            self.total[cat] += self._now() - started
+            out = output[0] if isinstance(output, tuple) else output
+            if not (isinstance(out, torch.Tensor) and out.requires_grad and inp is not None and inp.requires_grad):
+                return
+            mark = {}
+            out.register_hook(lambda g: mark.__setitem__("t", self._now()))
+            inp.register_hook(lambda g: self._backward_done(cat, mark))
+        return hook
+
+    def _backward_done(self, cat, mark):
+        if "t" in mark:
+            self.total[cat] += self._now() - mark.pop("t")
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refresh_peak: bool = False) -> BenchResult:
+    """Time `steps` training steps of `recipe` after `warmup` untimed ones."""
+    from ..data import load_data
+    from ..methods import count_parameters
+    from ..models.load import load_tokenizer
+    from ..objectives import PREFERENCE, build_objective
+    from ..train.loop import LossModule, MicroBatches, backward_window, prepare_model
+    from ..train.optim import build_optimizer
+    from ..train.runtime import peak_memory_gb, pick_device, set_threads
+
+    cfg = recipe.train
+    device = pick_device(cfg.device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(recipe.model.name)
+    if recipe.objective.name in PREFERENCE:
+        from ..data.preference import load_pairs
+
+        splits = load_pairs(recipe.data, tokenizer, seed=cfg.seed)
+    else:
+        splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
+    model, tokenizer, method = prepare_model(recipe, None, tokenizer)
+    model.to(device)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    objective = build_objective(recipe, model)
+    runner = LossModule(model, objective)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
+    optimizer = build_optimizer(model, cfg, method)
+    method.on_train_start(model, warmup + steps + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def one_step(index: int, timers: _Timers | None = None):
+        batches = [stream.get(index * cfg.grad_accum + k)[0] for k in range(cfg.grad_accum)]
+        t0 = time.perf_counter()
+        _, units, tokens, _ = backward_window(runner, batches, device, cfg.precision)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        t_opt = time.perf_counter()
+        optimizer.step()
+        method.after_step(model, index + 1, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        contexts = [int(b["segment_ids"].gt(0).sum()) for b in batches]
+        return t1 - t0, t1 - t_opt, tokens, units, sum(contexts)
+
+    for i in range(warmup):
+        one_step(i)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, tokens, units = [], 0, 0
+    for i in range(warmup, warmup + steps):
+        dt, _, n, u, _ = one_step(i)
+        times.append(dt)
+        tokens += n
+        units += u
+    elapsed = sum(times)
+    peak_mem = peak_memory_gb(device)
+
+    shares = {}
+    if breakdown:
+        timers = _Timers(model, device)
+        try:
+            dt, opt, _, _, _ = one_step(warmup + steps, timers)
+        finally:
+            timers.remove()
+        shares = {k: v / dt for k, v in timers.total.items()}
+        shares["optimizer"] = opt / dt
+        shares["lm_head + loss + rest"] = max(0.0, 1.0 - sum(shares.values()))
+
+    lengths = [len(x["input_ids"]) for x in splits.train] if splits.train and "input_ids" in splits.train[0] else []
+    context = (sum(n * n for n in lengths) / max(sum(lengths), 1)) / 2 if lengths else recipe.data.max_length / 2
+    fpt = flops_per_token(model, context, head_fraction=units / max(tokens, 1) if objective.name == "sft" else 1.0)
+    dtype = "fp32" if cfg.precision == "fp32" else cfg.precision
+    peak = matmul_peak(device, dtype, threads, refresh=refresh_peak)
+    achieved = fpt * tokens / elapsed / 1e12
+    n_train, n_total = count_parameters(model)
+    return BenchResult(
+        steps=steps, s_per_step=elapsed / steps, tokens_per_s=tokens / elapsed,
+        trained_tokens_per_s=units / elapsed, peak_mem_gb=peak_mem, flops_per_token=fpt,
+        peak_tflops=peak, mfu=achieved / peak if peak else None, breakdown=shares,
+        info={"device": _machine_key(device, dtype, threads), "method": method.name, "trainable": n_train,
+              "parameters": n_total, "precision": cfg.precision, "batch_tokens": cfg.batch_tokens,
+              "grad_accum": cfg.grad_accum, "achieved_tflops": achieved, "step_s": times})
+
+
+def format_bench(r: BenchResult) -> str:
+    lines = [
+        f"device          {r.info['device']}",
+        f"method          {r.info['method']}: {r.info['trainable']:,} trainable of {r.info['parameters']:,}",
+        f"steps           {r.steps} timed × {r.info['batch_tokens']} tokens × {r.info['grad_accum']} micro-batches",
+        f"s/step          {r.s_per_step:.3f}",
+        f"tokens/s        {r.tokens_per_s:,.0f} (trained {r.trained_tokens_per_s:,.0f})",
+        f"peak memory     {r.peak_mem_gb:.2f} GB",
+        f"model FLOPs     {r.flops_per_token / 1e9:.3f} GFLOP/token → {r.info['achieved_tflops']:.3f} TFLOP/s",
+    ]
+    if r.mfu is not None:
+        lines.append(f"MFU             {100 * r.mfu:.1f}% of the measured {r.info['precision']} matmul peak "
+                     f"({r.peak_tflops:.2f} TFLOP/s)")
+    if r.breakdown:
+        lines.append("time per step   " + " · ".join(f"{k} {100 * v:.0f}%" for k, v in r.breakdown.items()))
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""`tunesmith bench`: figures from a real (tiny) training step, the FLOP count by hand, the cached peak."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model
+from tests.test_train import tiny_recipe
+from tunesmith.bench import throughput as tp
+
+
+def test_bench_reports_consistent_figures(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tp, "matmul_peak", lambda *a, **k: 1.0)  # 1 TFLOP/s: MFU = achieved TFLOP/s
+    r = tp.bench(tiny_recipe(tmp_path, tiny_model_dir, "train.batch_tokens=256"), steps=3, warmup=1)
+    assert r.steps == 3 and len(r.info["step_s"]) == 3
+    assert r.s_per_step == pytest.approx(sum(r.info["step_s"]) / 3)
+    assert 0 < r.trained_tokens_per_s < r.tokens_per_s
+    assert r.mfu == pytest.approx(r.flops_per_token * r.tokens_per_s / 1e12)
+    assert r.peak_mem_gb > 0
+    shares = r.breakdown
+    assert set(shares) == {"embedding", "attention", "mlp", "norms", "optimizer", "lm_head + loss + rest"}
+    assert all(v >= 0 for v in shares.values()) and sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    assert shares["attention"] > 0 and shares["mlp"] > 0  # forward and backward both timed
+
+
+def test_flops_per_token_by_hand(tokenizer):
+    model = make_tiny_model(tokenizer)  # hidden 64, ffn 128, 2 layers, 4 heads / 2 kv heads, tied head
+    d, f, layers, kv = 64, 128, 2, 32
+    body = layers * (d * d + 2 * d * kv + d * d + 3 * d * f)
+    head = d * len(tokenizer)
+    ctx = 10.0
+    attention = 4 * layers * d * ctx
+    model.requires_grad_(True)
+    full = tp.flops_per_token(model, ctx)
+    assert full == pytest.approx(6 * body + 3 * attention + 6 * head)
+    model.requires_grad_(False)
+    frozen = tp.flops_per_token(model, ctx, head_fraction=0.5)
+    assert frozen == pytest.approx(4 * body + 3 * attention + 0.5 * 4 * head)
+
+
+def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    first = tp.matmul_peak(torch.device("cpu"), "fp32", threads=1, size=128, seconds=0.1)
+    assert first > 0
+    cached = json.loads((tmp_path / "bench" / "matmul_peak.json").read_text())
+    assert list(cached.values()) == [first]
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-measured")))
+    assert tp.matmul_peak(torch.device("cpu"), "fp32", threads=1, size=128, seconds=0.1) == first
