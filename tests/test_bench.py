@@ -47,3 +47,36 @@ def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert list(cached.values()) == [first]
     monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-measured")))
     assert tp.matmul_peak(torch.device("cpu"), "fp32", threads=1, size=128, seconds=0.1) == first
+
+
+def test_allocator_env_preloads_jemalloc_once(tmp_path):
+    from tunesmith.train.runtime import allocator_env
+
+    lib = tmp_path / "libjemalloc.so.2"
+    assert allocator_env({}, candidates=[str(lib)]) is None  # not installed: nothing to do
+    lib.write_bytes(b"")
+    env = allocator_env({"LD_PRELOAD": "other.so"}, candidates=[str(lib)])
+    assert env["LD_PRELOAD"] == f"{lib} other.so"
+    assert allocator_env(env, candidates=[str(lib)]) is None  # already preloaded
+    assert allocator_env({"TUNESMITH_ALLOCATOR": "system"}, candidates=[str(lib)]) is None
+
+
+def test_command_line_runs_on_jemalloc_when_installed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tunesmith.train.runtime import JEMALLOC
+
+    if not any(Path(c).is_file() for c in JEMALLOC):
+        pytest.skip("jemalloc is not installed on this machine")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TUNESMITH_ALLOCATOR")}
+    env["TUNESMITH_CACHE"] = str(tmp_path)
+    run = lambda extra: subprocess.run([sys.executable, "-m", "tunesmith", "bench", "--peak"], capture_output=True,
+                                       text=True, timeout=300, env={**env, **extra})
+    on = run({})
+    assert on.returncode == 0, on.stderr
+    assert "allocator jemalloc" in on.stdout
+    off = run({"TUNESMITH_ALLOCATOR": "system"})
+    assert off.returncode == 0 and "allocator system" in off.stdout

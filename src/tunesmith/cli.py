@@ -146,7 +146,7 @@ def cmd_recipe(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, format_bench, matmul_peak
     from .recipe import RecipeError, load_recipe
-    from .train.runtime import pick_device, set_threads
+    from .train.runtime import allocator_in_use, pick_device, set_threads
 
     overrides = []
     for item in args.overrides:  # `steps=N` / `warmup=N` belong to the bench, the rest to the recipe
@@ -163,7 +163,7 @@ def cmd_bench(args) -> int:
         threads = set_threads(recipe.train.threads) if device.type == "cpu" else None
         for dtype in ("bf16", "fp32"):
             print(f"matmul peak {dtype}: {matmul_peak(device, dtype, threads, refresh=True):.3f} TFLOP/s "
-                  f"({device}, {threads or 'default'} threads; cached for MFU)")
+                  f"({device}, {threads or 'default'} threads, allocator {allocator_in_use()}; cached for MFU)")
         if not args.recipe:
             return 0
     if not args.recipe:
@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line (not a call from Python): train and measure on jemalloc if present
+        from .train.runtime import reexec_with_allocator
+
+        reexec_with_allocator(sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

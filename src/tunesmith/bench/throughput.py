@@ -185,7 +185,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     from ..objectives import PREFERENCE, build_objective
     from ..train.loop import LossModule, MicroBatches, backward_window, prepare_model
     from ..train.optim import build_optimizer
-    from ..train.runtime import peak_memory_gb, pick_device, set_threads
+    from ..train.runtime import allocator_in_use, peak_memory_gb, pick_device, set_threads
 
     cfg = recipe.train
     device = pick_device(cfg.device)
@@ -262,14 +262,14 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
         steps=steps, s_per_step=elapsed / steps, tokens_per_s=tokens / elapsed,
         trained_tokens_per_s=units / elapsed, peak_mem_gb=peak_mem, flops_per_token=fpt,
         peak_tflops=peak, mfu=achieved / peak if peak else None, breakdown=shares,
-        info={"device": _machine_key(device, dtype, threads), "method": method.name, "trainable": n_train,
+        info={"device": _machine_key(device, dtype, threads), "allocator": allocator_in_use(), "method": method.name, "trainable": n_train,
               "parameters": n_total, "precision": cfg.precision, "batch_tokens": cfg.batch_tokens,
               "grad_accum": cfg.grad_accum, "achieved_tflops": achieved, "step_s": times})
 
 
 def format_bench(r: BenchResult) -> str:
     lines = [
-        f"device          {r.info['device']}",
+        f"device          {r.info['device']} · allocator {r.info['allocator']}",
         f"method          {r.info['method']}: {r.info['trainable']:,} trainable of {r.info['parameters']:,}",
         f"steps           {r.steps} timed × {r.info['batch_tokens']} tokens × {r.info['grad_accum']} micro-batches",
         f"s/step          {r.s_per_step:.3f}",

