@@ -102,10 +102,7 @@ def run_one(label: str, args, text_file: Path) -> dict:
     wall = time.perf_counter() - t
     if result.status != "completed":
         raise SystemExit(f"{label}: training stopped at step {result.step}")
-    from tunesmith.methods import count_parameters
-    from tunesmith.train.loop import prepare_model
-
-    trainable, total = count_parameters(prepare_model(recipe)[0])
+    trainable, total = result.summary["trainable_parameters"], result.summary["parameters"]
     if (result.run_dir / "adapter").is_dir():
         model, tok = load_for_inference("smollm2-135m-instruct", adapter=str(result.run_dir / "adapter"))
     else:

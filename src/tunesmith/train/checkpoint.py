@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..export.tuned import unique_tensors
+
 PREFIX = "step-"
 
 
@@ -101,7 +103,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         if main:
             if not sharded:
-                save_file(_unique(trainable_state(model)), tmp / "trainable.safetensors")
+                save_file(unique_tensors(trainable_state(model)), tmp / "trainable.safetensors")
             torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": rngs[0], "rng_ranks": rngs}, tmp / "train_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": sharded, **info}, indent=2))
@@ -117,12 +119,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
     if d is not None:
         d.barrier()
     return final
-
-
-def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ..export.tuned import unique_tensors
-
-    return unique_tensors(tensors)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:

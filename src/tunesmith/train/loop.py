@@ -350,8 +350,9 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 window_units = sum(stream.units(first + k) for k in range(per_step))
                 mine = [stream.get(i) for i in distributed.window(first, cfg.grad_accum, d)]
                 epoch = mine[-1][1]
-                if epoch_hooked != stream.locate(first)[0]:  # a new epoch (or the first of this session)
-                    epoch_hooked = stream.locate(first)[0]
+                first_epoch = stream.locate(first)[0]
+                if epoch_hooked != first_epoch:  # a new epoch (or the first of this session)
+                    epoch_hooked = first_epoch
                     method.on_epoch(model, epoch_hooked)
                 loss, _, n_tokens, metrics = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
                                                              window_units, scale=d.world)
@@ -423,7 +424,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "session_steps": step - start_step, "wall_s": elapsed,
                "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(device),
-               "val_loss": last_val, "processes": d.world}
+               "val_loss": last_val, "processes": d.world, "trainable_parameters": n_train, "parameters": n_total}
     output = None
     if status == "completed":
         output = save_output(recipe, model, tokenizer, method, d)
