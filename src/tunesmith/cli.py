@@ -180,6 +180,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .bench.estimate import estimate, format_estimate
+    from .recipe import load_recipe
+
+    result = estimate(load_recipe(args.recipe, args.overrides), mfu=args.mfu)
+    print(format_estimate(result))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({**dataclasses.asdict(result), "peak_gb": result.peak_gb, "step_s": result.step_s}, f, indent=1)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods.catalog import format_table, method_table
     from .models.load import DEFAULT_MODEL, load_model
@@ -271,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing step")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("estimate", help="predict a recipe's peak memory and step time without loading its weights")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="recipe overrides")
+    p.add_argument("--mfu", type=float, default=0.35,
+                   help="share of the matmul peak a step reaches, for the time (tunesmith bench measures it)")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.set_defaults(fn=cmd_estimate)
 
     p = sub.add_parser("methods", help="every tuning method with its trainable parameters on a model")
     p.add_argument("model", nargs="?", default=None, help="a model (default: the embedded smollm2-135m-instruct)")

@@ -304,6 +304,12 @@ class TrainConfig:
     "Compute precision (autocast); master weights stay fp32."
     activation_checkpointing: bool = False
     "Recompute layer activations in backward to save memory."
+    checkpoint_every: int = 1
+    "With activation checkpointing: checkpoint every N-th layer (1 = all; 2 = half: less recompute, more memory)."
+    compile: bool = False
+    "Compile each decoder layer with torch.compile (regional; on a CPU it needs a C++ compiler)."
+    adamw: Literal["fused", "foreach", "loop"] = "fused"
+    "AdamW implementation: `fused` (one kernel over all tensors), `foreach` (grouped ops) or `loop`."
     seed: int = 0
     "Seed for initialisation, shuffling and dropout."
     device: str = "auto"
@@ -315,7 +321,7 @@ class TrainConfig:
     threads: int = 0
     "CPU threads (0 = number of physical cores)."
     loss_chunk: int = 1024
-    "Tokens per chunk of the lm_head + cross-entropy (the full logits are never materialised)."
+    "Tokens per chunk of the lm_head + cross-entropy, recomputed in backward (the full logits are never materialised); 0 = one piece."
     eval_every: int = 0
     "Validation loss every N steps (0 = only at the end)."
     eval_batches: int = 0
@@ -483,9 +489,11 @@ def _validate(obj, prefix: str) -> None:
     if isinstance(obj, Recipe):
         positive("nproc")
     if isinstance(obj, TrainConfig):
-        for n in ("batch_tokens", "batch_size", "grad_accum", "lr", "loss_chunk", "log_every", "keep_last", "dist_timeout"):
+        for n in ("batch_tokens", "batch_size", "grad_accum", "lr", "log_every", "keep_last", "dist_timeout",
+                  "checkpoint_every"):
             positive(n)
-        for n in ("eval_every", "save_every", "eval_batches", "threads", "warmup", "weight_decay", "max_grad_norm"):
+        for n in ("eval_every", "save_every", "eval_batches", "threads", "warmup", "weight_decay", "max_grad_norm",
+                  "loss_chunk"):
             positive(n, allow_zero=True)
         positive("steps")
         positive("epochs")

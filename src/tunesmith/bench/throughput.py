@@ -185,7 +185,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     from ..methods import count_parameters
     from ..models.load import load_tokenizer
     from ..objectives import PREFERENCE, build_objective
-    from ..train.loop import LossModule, MicroBatches, backward_window, prepare_model
+    from ..train.loop import LossModule, MicroBatches, backward_window, prepare_model, training_mode
     from ..train.optim import build_optimizer
     from ..train.runtime import allocator_in_use, peak_memory_gb, pick_device, set_threads
 
@@ -202,10 +202,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
         splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
     model, tokenizer, method = prepare_model(recipe, None, tokenizer)
     model.to(device)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    training_mode(model, cfg)
     objective = build_objective(recipe, model)
     runner = LossModule(model, objective)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

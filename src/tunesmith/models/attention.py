@@ -1,10 +1,13 @@
 """Per-sample attention for packed rows, applied to any transformers model from outside.
 
 A packed row holds many samples; a dense block-causal mask over the whole row costs O(T²) memory
-and compute and forces sdpa off its fused kernels. Instead, `packed_attention` gathers each
-sample's queries/keys/values into a (samples, heads, longest, dim) batch, runs causal sdpa on it
-(fused kernels, no mask) and scatters the outputs back: attention costs Σ over samples of L², and
-never crosses a sample boundary. The linear layers still run on the packed row with no padding.
+and compute and forces sdpa off its fused kernels. Instead, `packed_attention` gathers the
+samples' queries/keys/values into (samples, heads, longest, dim) batches, runs causal sdpa on each
+(fused kernels, no mask) and scatters the outputs back: attention never crosses a sample boundary.
+Samples are batched with others of similar length (each batch's shortest ≥ `BUCKET_RATIO` × its
+longest), so padding costs little: one batch padded to the longest sample would spend most of its
+work on padding when a 2048-token document shares a row with forty short ones. The linear layers
+still run on the packed row with no padding.
 
 It is registered with transformers' AttentionInterface under `PACKED`; transformers then builds
 no mask at all for this implementation. Without segment information (plain inference calls) it
@@ -32,40 +35,78 @@ _registered = False
 _prefix_registered = False
 
 
+BUCKET_RATIO = 0.75  # a length bucket's shortest sample is at least this share of its longest
+
+
 @dataclass
-class Segments:
-    """Where each sample of a (B, T) batch lives: `index` (n, Lmax) into the flattened B·T tokens
-    (padding slots point at the sample's first token and are never attended to by real queries,
-    being right of them under the causal rule), `valid` (n, Lmax)."""
+class Bucket:
+    """Samples of similar length: `index` (n, L) into the flattened B·T tokens (padding slots
+    point at the sample's first token and are never attended to by real queries, being right of
+    them under the causal rule), `valid` (n, L)."""
 
     index: torch.Tensor
     valid: torch.Tensor
 
 
-def segments_from_ids(segment_ids: torch.Tensor) -> Segments:
-    """(B, T) segment ids (1.. per sample, 0 = padding) -> Segments."""
+@dataclass
+class Segments:
+    """Where the samples of a (B, T) batch live, in length buckets; `scatter` (the flat position
+    of every real token, in bucket order) puts the outputs back."""
+
+    buckets: list[Bucket]
+    scatter: torch.Tensor
+
+
+def length_buckets(lengths: list[int], ratio: float = BUCKET_RATIO) -> list[list[int]]:
+    """Sample numbers grouped by length, longest first: a bucket takes samples while they are at
+    least `ratio` × its longest."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if buckets and lengths[i] >= ratio * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def segments_from_ids(segment_ids: torch.Tensor, ratio: float | None = None) -> Segments:
+    """(B, T) segment ids (1.. per sample, 0 = padding) -> Segments (ratio: `BUCKET_RATIO`; 0 = one bucket)."""
+    ratio = BUCKET_RATIO if ratio is None else ratio
     flat = segment_ids.reshape(-1)
     B, T = segment_ids.shape
-    row = torch.arange(B, device=flat.device).repeat_interleave(T)
+    dev = flat.device
+    row = torch.arange(B, device=dev).repeat_interleave(T)
     keep = flat > 0
-    pos = torch.arange(B * T, device=flat.device)[keep]
+    pos = torch.arange(B * T, device=dev)[keep]
     key = (row[keep] * (int(flat.max()) + 1) + flat[keep])  # a unique id per (row, sample)
     _, sample, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
-    n, longest = counts.numel(), int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(pos.numel(), device=flat.device) - starts[sample]
-    index = pos[starts][:, None].repeat(1, longest)  # padding slots -> the sample's first token
-    index[sample, offset] = pos
-    valid = torch.zeros(n, longest, dtype=torch.bool, device=flat.device)
-    valid[sample, offset] = True
-    return Segments(index, valid)
+    offset = torch.arange(pos.numel(), device=dev) - starts[sample]
+    lengths = counts.tolist()
+    groups = length_buckets(lengths, ratio)
+    bucket_of = torch.empty(len(lengths), dtype=torch.long)
+    slot = torch.empty(len(lengths), dtype=torch.long)
+    for b, members in enumerate(groups):
+        bucket_of[members] = b
+        slot[members] = torch.arange(len(members))
+    bucket_of, slot = bucket_of.to(dev)[sample], slot.to(dev)[sample]
+    buckets, scatter = [], []
+    for b, members in enumerate(groups):
+        mine = bucket_of == b
+        index = pos[starts[torch.tensor(members, device=dev)]][:, None].repeat(1, lengths[members[0]])
+        index[slot[mine], offset[mine]] = pos[mine]
+        valid = torch.zeros(index.shape, dtype=torch.bool, device=dev)
+        valid[slot[mine], offset[mine]] = True
+        buckets.append(Bucket(index, valid))
+        scatter.append(index[valid])
+    return Segments(buckets, torch.cat(scatter))
 
 
-def _gather(x: torch.Tensor, seg: Segments) -> torch.Tensor:
-    # (B, H, T, D) -> (n, H, Lmax, D)
+def _gather(x: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    # (B, H, T, D) -> (n, H, L, D)
     B, H, T, D = x.shape
     flat = x.transpose(1, 2).reshape(B * T, H, D)
-    return flat[seg.index].transpose(1, 2)
+    return flat[bucket.index].transpose(1, 2)
 
 
 def prefix_states(module, like: torch.Tensor):
@@ -136,23 +177,26 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                 scaling=scaling, is_causal=is_causal, **kwargs)
     B, H, T, D = query.shape
     groups = H // key.shape[1]
-    q, k, v = _gather(query, seg), _gather(key, seg), _gather(value, seg)
-    prefix = prefix_states(module, k)
-    if prefix is not None:  # every sample sees the prefix, then its own causal context
-        n = k.shape[0]
-        k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
-    if groups > 1:  # grouped-query attention: share each K/V head among its query heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    if prefix is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
-    else:  # causal aligned to the last key: query i sees the l prefix keys and context 0..i
-        mask = causal_lower_right(q.shape[2], k.shape[2])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    out = out.transpose(1, 2)  # (n, Lmax, H, D)
+    prefix = prefix_states(module, key)
+    outs = []
+    for bucket in seg.buckets:
+        q, k, v = _gather(query, bucket), _gather(key, bucket), _gather(value, bucket)
+        if prefix is not None:  # every sample sees the prefix, then its own causal context
+            n = k.shape[0]
+            k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
+        if groups > 1:  # grouped-query attention: share each K/V head among its query heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if prefix is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        else:  # causal aligned to the last key: query i sees the l prefix keys and context 0..i
+            mask = causal_lower_right(q.shape[2], k.shape[2])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        outs.append(out.transpose(1, 2)[bucket.valid])  # (real tokens, H, D)
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
     result = out.new_zeros(B * T, H, out.shape[-1])
-    result = result.index_put((seg.index[seg.valid],), out[seg.valid])
+    result = result.index_put((seg.scatter,), out)
     return result.view(B, T, H, -1), None
 
 

@@ -53,6 +53,7 @@ def token_logps(model, batch: dict, chunk: int = 1024, temperature: float = 1.0)
     targets = batch["input_ids"][:, 1:][keep]  # (N,)
     head = model.get_output_embeddings()
     parts = []
+    chunk = chunk if chunk > 0 else max(h.shape[0], 1)  # 0: one piece
     for i in range(0, h.shape[0], chunk):
         sl = slice(i, i + chunk)
         if torch.is_grad_enabled():

@@ -66,6 +66,7 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
     owner = seg[:, 1:][keep]  # the segment of each target token
     n = targets.numel()
     parts = []
+    chunk = chunk if chunk > 0 else max(n, 1)  # 0: one piece (no recompute)
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
         if torch.is_grad_enabled():

@@ -35,7 +35,8 @@ def _chunk_loss(head, h, targets, weights):
 
 
 def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024):
-    """Sum over trained positions of weight * NLL(next token). Returns (loss_sum, n_trained)."""
+    """Sum over trained positions of weight * NLL(next token). Returns (loss_sum, n_trained).
+    `chunk` <= 0: no chunks (the whole logits at once, as most trainers compute them)."""
     w = weights[:, 1:]  # weight of predicting token t+1 from position t
     keep = w > 0
     h = hidden[:, :-1][keep]  # (n, d)
@@ -43,6 +44,8 @@ def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024):
     w = w[keep].to(torch.float32)
     n = int(keep.sum())
     total = hidden.new_zeros((), dtype=torch.float32)
+    if chunk <= 0:  # one piece, kept for backward: the (n, vocab) fp32 logits are materialised
+        return total + _chunk_loss(head, h, targets, w), n
     for i in range(0, n, chunk):
         sl = slice(i, i + chunk)
         if torch.is_grad_enabled():

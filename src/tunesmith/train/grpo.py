@@ -50,7 +50,7 @@ from ..objectives.grpo import group_advantages, grpo_loss, token_logps
 from ..objectives.rewards import RewardError, build_rewards
 from . import checkpoint as ckpt
 from . import distributed
-from .loop import RunResult, TrainError, _Interrupt, evaluate_task, prepare_model, save_output, seed_everything, to_device
+from .loop import RunResult, TrainError, _Interrupt, evaluate_task, prepare_model, save_output, seed_everything, to_device, training_mode
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast, peak_memory_gb, pick_device, set_threads
@@ -183,10 +183,7 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
     model, tokenizer, method = prepare_model(recipe, model, tokenizer)
     method.on_train_start(model, total_steps)
     model.to(device)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    training_mode(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # the reference policy = the trainable weights as this stage starts (before any checkpoint is loaded)
     reference = [p.detach().clone() for p in params] if g.kl_beta > 0 else None

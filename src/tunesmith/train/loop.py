@@ -291,10 +291,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     if d.active:
         torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; data order does not
     model.to(device)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
+    training_mode(model, cfg)
     n_train, n_total = count_parameters(model)
     objective = build_objective(recipe, model)
     runner = distributed.wrap(LossModule(model, objective), d, device, decoder_layers(model))
@@ -443,6 +440,23 @@ def decoder_layers(model) -> list:
     """The transformer blocks (each becomes its own FSDP group)."""
     body = getattr(model, model.base_model_prefix)
     return list(getattr(body, "layers", []))
+
+
+def training_mode(model, cfg) -> None:
+    """Switch the model to training as the recipe asks: activation checkpointing on every
+    `checkpoint_every`-th decoder layer (1 = all; selective checkpointing trades memory for less
+    recompute), regional compilation (each decoder layer compiled; identical layers share the
+    compiled code), no KV cache."""
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(decoder_layers(model)):
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = i % max(cfg.checkpoint_every, 1) == 0
+    if cfg.compile:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
+    model.config.use_cache = False
+    model.train()
 
 
 def save_output(recipe, model, tokenizer, method, d=None) -> Path | None:

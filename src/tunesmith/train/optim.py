@@ -24,7 +24,10 @@ def build_optimizer(model, cfg, method=None) -> torch.optim.AdamW:
                     for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     device = param_groups[0]["params"][0].device
     # fused AdamW exists for CPU and CUDA in recent torch; foreach is the safe fallback.
-    kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    impl = getattr(cfg, "adamw", "fused")
+    if impl == "fused" and device.type not in ("cuda", "cpu"):
+        impl = "foreach"
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
     try:
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
     except (RuntimeError, TypeError):

@@ -1,0 +1,285 @@
+"""`tunesmith estimate RECIPE`: will it fit, how long will a step take — without loading weights.
+
+    tunesmith estimate recipes/lora-sft.yaml
+    tunesmith estimate recipes/full-sft.yaml train.batch_tokens=2048 train.activation_checkpointing=true
+
+Peak memory is the sum of parts, each counted rather than guessed:
+
+- weights, gradients and optimizer state: the recipe's model is built from its config alone with
+  one and with two decoder layers (random weights, a few MB to a few hundred), the recipe's method
+  applied exactly as `train` applies it (frozen dtype, fp32 masters of what trains). Every layer is
+  alike, so parameters(L) = parameters(1) + (L − 1)·(parameters(2) − parameters(1)): exact counts
+  by dtype, whatever the method adds (LoRA factors, DoRA magnitudes, SpIEL indices, prefixes).
+  Gradients are fp32, one per trained value; AdamW keeps two fp32 moments per trained value.
+- activations: the same two small models run the recipe's forward (its attention, autocast, loss)
+  on a synthetic micro-batch of the recipe's shape — a packed row of `batch_tokens` tokens in
+  documents of `data.max_length`, or `batch_size` padded rows of `data.max_length` — and every
+  tensor autograd saves for backward is counted once (by storage; weights excluded). The same
+  difference gives the bytes per layer. This sees what a formula misses: autocast's bf16 copies of
+  fp32 weights, attention's log-sum-exp, LoRA's inputs, checkpointing (a checkpointed layer keeps
+  its input only, `train.checkpoint_every` says which layers are; one layer at a time is recomputed
+  in backward, its full set counted once). Layers that a method leaves outside the gradient's path
+  (freeze's bottom layers) are counted as if they trained: an upper bound there.
+- the backward transient: one chunk of the lm_head + cross-entropy recomputed in backward
+  (bf16 and fp32 logits, their gradients: ~16 bytes per chunk position per vocabulary entry).
+- the runtime: what this process holds after importing torch and transformers and the tokenizer
+  (the interpreter, the libraries, their caches), measured here.
+- the allocator's slack: memory a process holds above its live tensors, because the step's
+  activations are freed and re-requested in other sizes. Measured on the embedded model (peak RSS
+  against the profiler's peak of live tensor bytes): 5–18% of the step's activations + transient,
+  growing with the row length; counted as 10% (`ALLOCATOR_SLACK`).
+
+Peak = runtime + weights + optimizer + max(activations + backward transient, gradients) + slack:
+the gradients of a full fine-tune are complete when the activations are gone.
+
+Step time = model FLOPs of a step (as `tunesmith bench` counts them) / the measured matmul peak of
+this machine for the precision (`tunesmith bench --peak`, cached), at 100% and at the given MFU.
+"""
+from __future__ import annotations
+
+import copy
+import resource
+from dataclasses import dataclass, field
+
+import torch
+
+ALLOCATOR_SLACK = 0.10  # of the step's activations + backward transient (see the module docstring)
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes
+    peak_bytes: float
+    tokens_per_step: int
+    flops_per_token: float
+    peak_tflops: float | None
+    mfu: float
+    trainable: int
+    parameters: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / 1e9
+
+    @property
+    def step_s_at_peak(self) -> float | None:
+        return self.flops_per_token * self.tokens_per_step / (self.peak_tflops * 1e12) if self.peak_tflops else None
+
+    @property
+    def step_s(self) -> float | None:
+        return self.step_s_at_peak / self.mfu if self.step_s_at_peak else None
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _synthetic_batch(recipe, vocab: int) -> dict[str, torch.Tensor]:
+    """The recipe's micro-batch shape with random tokens, every token trained (the upper bound)."""
+    data, cfg = recipe.data, recipe.train
+    g = torch.Generator().manual_seed(0)
+    if data.packing:
+        width, doc = cfg.batch_tokens, min(data.max_length, cfg.batch_tokens)
+        rows, lengths = 1, []
+        while sum(lengths) < width:
+            lengths.append(min(doc, width - sum(lengths)))
+    else:
+        rows, width, lengths = cfg.batch_size, data.max_length, [data.max_length]
+    input_ids = torch.randint(3, vocab, (rows, width), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).expand(rows, width).contiguous()
+    segment_ids = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).expand(rows, width).contiguous()
+    return {"input_ids": input_ids, "weights": torch.ones(rows, width), "position_ids": position_ids,
+            "segment_ids": segment_ids}
+
+
+def _parameter_bytes(model) -> dict[str, float]:
+    out = {"trainable": 0, "trainable_bytes": 0, "frozen_bytes": 0, "parameters": 0}
+    seen = set()
+    for p in list(model.parameters()) + list(model.buffers()):
+        key = p.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = p.untyped_storage().nbytes()
+        if isinstance(p, torch.nn.Parameter):
+            out["parameters"] += p.numel()
+        if isinstance(p, torch.nn.Parameter) and p.requires_grad:
+            out["trainable"] += p.numel()
+            out["trainable_bytes"] += nbytes
+        else:
+            out["frozen_bytes"] += nbytes
+    return out
+
+
+def _saved_bytes(runner, model, batch, precision: str) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward (weights excluded)."""
+    from ..train.runtime import autocast
+
+    weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in weights and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(torch.device("cpu"), precision):
+            loss, _ = runner(batch)
+    del loss
+    return sum(seen.values())
+
+
+def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]:
+    """Parameters by kind and saved activation bytes of the recipe's model cut to `layers` layers."""
+    from transformers import AutoModelForCausalLM
+
+    from ..bench.throughput import flops_per_token
+    from ..models.load import DTYPES
+    from ..objectives import build_objective
+    from ..train.loop import LossModule, prepare_model, training_mode
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = layers
+    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
+        cfg.layer_types = list(cfg.layer_types)[:layers]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[recipe.model.dtype], attn_implementation="sdpa")
+    model, _, method = prepare_model(recipe, model, None)
+    train_cfg = copy.copy(recipe.train)
+    train_cfg.activation_checkpointing, train_cfg.checkpoint_every, train_cfg.compile = checkpointing, 1, False
+    training_mode(model, train_cfg)
+    runner = LossModule(model, build_objective(recipe, model))
+    batch = _synthetic_batch(recipe, config.vocab_size)
+    out = _parameter_bytes(model)
+    out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)
+    tokens = int(batch["segment_ids"].gt(0).sum())
+    lengths = batch["segment_ids"][0].bincount()[1:].tolist()
+    out["context"] = sum(n * n for n in lengths) / max(sum(lengths), 1) / 2
+    out["flops_per_token"] = flops_per_token(model, out["context"])
+    out["tokens"] = tokens
+    out["method"] = method.name
+    return out
+
+
+def _meta_counts(recipe, config) -> dict | None:
+    """Exact parameter counts of the whole model, built on the meta device (no memory): methods
+    that treat layers differently (freeze's top layers, HFT's draw) are counted as they are."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models.load import DTYPES
+    from ..train.loop import prepare_model
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.model.dtype], attn_implementation="sdpa")
+            model, _, _ = prepare_model(recipe, model, None)
+    except (NotImplementedError, RuntimeError):
+        return None
+    out = {"trainable": 0, "trainable_bytes": 0, "frozen_bytes": 0, "parameters": 0}
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        if isinstance(t, torch.nn.Parameter):
+            out["parameters"] += t.numel()
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            out["trainable"] += t.numel()
+            out["trainable_bytes"] += nbytes
+        else:
+            out["frozen_bytes"] += nbytes
+    return out
+
+
+def _extrapolate(one: dict, two: dict, layers: int, key: str) -> float:
+    return one[key] + (layers - 1) * (two[key] - one[key])
+
+
+def estimate(recipe, mfu: float = 0.35) -> Estimate:
+    """Predict the recipe's peak memory and step time (see the module docstring)."""
+    from transformers import AutoConfig
+
+    from ..models.load import load_tokenizer, resolve
+    from ..objectives import PREFERENCE
+    from .throughput import matmul_peak
+    from ..train.runtime import pick_device, set_threads
+
+    if recipe.objective.name in PREFERENCE or recipe.objective.name == "grpo":
+        from ..recipe import RecipeError
+
+        raise RecipeError(f"tunesmith estimate covers the causal LM (sft) objective; "
+                                    f"`{recipe.objective.name}` is not estimated yet — measure it with tunesmith bench")
+    recipe = copy.deepcopy(recipe)
+    recipe.model.adapter = None  # the adapter's shapes are the method's: estimate from the method itself
+    config = AutoConfig.from_pretrained(str(resolve(recipe.model.name)))
+    load_tokenizer(recipe.model.name)  # part of the runtime every training process holds
+    runtime = _rss_bytes()
+    layers = config.num_hidden_layers
+    ckpt = recipe.train.activation_checkpointing
+    one, two = _probe(recipe, config, 1, False), _probe(recipe, config, 2, False)
+    counts = _meta_counts(recipe, config)
+    if counts is None:  # the method cannot be applied without data (an SVD, a draw): layers are alike
+        counts = {k: _extrapolate(one, two, layers, k) for k in ("trainable_bytes", "frozen_bytes", "trainable", "parameters")}
+    weights = counts["trainable_bytes"] + counts["frozen_bytes"]
+    trainable, parameters = int(counts["trainable"]), int(counts["parameters"])
+    gradients = 4 * trainable
+    optimizer = 2 * 4 * trainable
+    per_layer = two["saved"] - one["saved"]
+    if ckpt:  # checkpointed layers keep their inputs; the others everything; one layer is recomputed at a time
+        c1, c2 = _probe(recipe, config, 1, True), _probe(recipe, config, 2, True)
+        checkpointed = len(range(0, layers, max(recipe.train.checkpoint_every, 1)))
+        activations = (one["saved"] - per_layer) + checkpointed * (c2["saved"] - c1["saved"]) \
+            + (layers - checkpointed) * per_layer + per_layer
+    else:
+        activations = _extrapolate(one, two, layers, "saved")
+    head_tokens = min(recipe.train.loss_chunk or one["tokens"], one["tokens"])
+    transient = 16 * head_tokens * config.vocab_size
+    slack = ALLOCATOR_SLACK * (activations + transient)
+    peak = runtime + weights + optimizer + max(activations + transient, gradients) + slack
+    fpt = _extrapolate(one, two, layers, "flops_per_token")
+    device = pick_device(recipe.train.device)
+    threads = set_threads(recipe.train.threads) if device.type == "cpu" else torch.get_num_threads()
+    dtype = "fp32" if recipe.train.precision == "fp32" else recipe.train.precision
+    try:
+        peak_tflops = matmul_peak(device, dtype, threads)
+    except Exception:  # noqa: BLE001 — no peak, no time estimate; memory still stands
+        peak_tflops = None
+    tokens_per_step = one["tokens"] * recipe.train.grad_accum
+    return Estimate(
+        parts={"runtime": runtime, "weights": weights, "gradients": gradients, "optimizer": optimizer,
+               "activations": activations, "backward transient": transient, "allocator slack": slack},
+        peak_bytes=peak, tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_tflops=peak_tflops,
+        mfu=mfu, trainable=trainable, parameters=parameters,
+        info={"method": one["method"], "layers": layers, "activations_per_layer": per_layer,
+              "checkpointing": ckpt, "precision": recipe.train.precision, "tokens_per_micro_batch": one["tokens"],
+              "device": device.type, "threads": threads})
+
+
+def format_estimate(e: Estimate) -> str:
+    gb = lambda b: f"{b / 1e9:6.2f} GB"  # noqa: E731
+    lines = [f"method          {e.info['method']}: {e.trainable:,} trainable of {e.parameters:,} "
+             f"({e.info['layers']} layers, {e.info['precision']}, "
+             f"checkpointing {'on' if e.info['checkpointing'] else 'off'})",
+             f"micro-batch     {e.info['tokens_per_micro_batch']} tokens; {e.tokens_per_step} per optimizer step"]
+    for name, b in e.parts.items():
+        extra = f"  ({e.info['activations_per_layer'] / 1e6:.1f} MB per layer)" if name == "activations" else ""
+        lines.append(f"  {name:<14}{gb(b)}{extra}")
+    lines.append(f"peak memory     {e.peak_gb:.2f} GB (runtime + weights + optimizer + "
+                 "max(activations + backward transient, gradients) + allocator slack)")
+    lines.append(f"model FLOPs     {e.flops_per_token / 1e9:.3f} GFLOP/token, "
+                 f"{e.flops_per_token * e.tokens_per_step / 1e12:.2f} TFLOP per step")
+    if e.peak_tflops:
+        lines.append(f"step time       {e.step_s:.2f} s at {100 * e.mfu:.0f}% MFU "
+                     f"({e.step_s_at_peak:.2f} s at the measured {e.info['precision']} matmul peak, "
+                     f"{e.peak_tflops:.2f} TFLOP/s); {e.tokens_per_step / e.step_s:,.0f} tokens/s")
+    return "\n".join(lines)
+

@@ -1,0 +1,105 @@
+"""`tunesmith estimate`: exact parameter counts without the weights, activations that extrapolate
+exactly from one and two layers, and a peak that matches a real training process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import tiny_recipe
+from tunesmith.bench import estimate as est
+from tunesmith.recipe import RecipeError
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tokenizer, tmp_path_factory):
+    """4 layers, hidden 256: big enough that activations and the loss are a real share of a peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("wide-model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [
+    ("method.name=lora",),
+    ("method.name=full",),
+    ("method.name=lora", "model.frozen_dtype=bf16", "train.precision=bf16"),
+    ("method.name=freeze", "method.freeze.layers=1"),
+])
+def test_parameter_counts_are_exact(tmp_path, wide_model_dir, extra):
+    from tunesmith.methods import count_parameters
+    from tunesmith.train.loop import prepare_model
+
+    recipe = tiny_recipe(tmp_path, wide_model_dir, *extra)
+    e = est.estimate(recipe)
+    model, _, _ = prepare_model(recipe)
+    trainable, total = count_parameters(model)
+    assert (e.trainable, e.parameters) == (trainable, total)
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    assert e.parts["weights"] == weights
+    assert e.parts["gradients"] == 4 * trainable and e.parts["optimizer"] == 8 * trainable
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activations_extrapolate_exactly_from_one_and_two_layers(tmp_path, wide_model_dir, ckpt):
+    from transformers import AutoConfig
+
+    recipe = tiny_recipe(tmp_path, wide_model_dir, "train.batch_tokens=512", "data.max_length=200",
+                         "train.precision=bf16", "method.lora.dropout=0.1")
+    config = AutoConfig.from_pretrained(wide_model_dir)
+    one, two, four = (est._probe(recipe, config, n, ckpt) for n in (1, 2, 4))
+    assert two["saved"] > one["saved"] > 0
+    assert est._extrapolate(one, two, 4, "saved") == four["saved"]
+    assert est._extrapolate(one, two, 4, "flops_per_token") == pytest.approx(four["flops_per_token"])
+
+
+def test_checkpointing_and_smaller_rows_need_less(tmp_path, wide_model_dir):
+    base = est.estimate(tiny_recipe(tmp_path, wide_model_dir, "train.batch_tokens=1024", "data.max_length=512"))
+    ckpt = est.estimate(tiny_recipe(tmp_path, wide_model_dir, "train.batch_tokens=1024", "data.max_length=512",
+                                    "train.activation_checkpointing=true"))
+    small = est.estimate(tiny_recipe(tmp_path, wide_model_dir, "train.batch_tokens=256", "data.max_length=512"))
+    assert ckpt.parts["activations"] < base.parts["activations"]
+    assert small.parts["activations"] < base.parts["activations"] / 3
+    assert small.tokens_per_step == 256 and base.tokens_per_step == 1024
+
+
+def test_estimate_matches_a_measured_run(tmp_path, wide_model_dir):
+    """The estimate against the peak RSS of a real training process (`tunesmith bench`) on rows
+    long enough that activations and the loss are over a third of the peak."""
+    text = tmp_path / "text.jsonl"
+    words = "the of a model trains on packed rows of tokens while its loss is computed in chunks".split()
+    g = torch.Generator().manual_seed(0)
+    with open(text, "w") as f:
+        for _ in range(60):
+            n = int(torch.randint(200, 1500, (1,), generator=g))
+            f.write(json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=g))}) + "\n")
+    args = [f"model.name={wide_model_dir}", f"data.train={text}", "data.format=text", "data.val_fraction=0",
+            "data.max_length=2048", "train.batch_tokens=4096", "method.name=full", "train.precision=bf16",
+            "train.threads=2"]
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "full-sft.yaml")
+    env = {**os.environ, "TUNESMITH_ALLOCATOR": "system"}  # the same allocator wherever the test runs
+    # both as a user runs them: each in its own fresh process (the estimate counts its own runtime)
+    subprocess.run([sys.executable, "-m", "tunesmith", "estimate", recipe, *args, "--json", str(tmp_path / "e.json")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "tunesmith", "bench", recipe, *args, "steps=1", "warmup=1", "--no-breakdown",
+                    "--json", str(tmp_path / "b.json")], check=True, env=env, capture_output=True)
+    e = json.loads((tmp_path / "e.json").read_text())
+    measured = json.loads((tmp_path / "b.json").read_text())["peak_mem_gb"]
+    assert e["parts"]["activations"] + e["parts"]["backward transient"] > e["peak_bytes"] / 3
+    assert e["peak_gb"] == pytest.approx(measured, rel=0.15)
+
+
+def test_preference_objectives_are_refused_by_name(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "objective.name=dpo")
+    with pytest.raises(RecipeError, match="dpo"):
+        est.estimate(recipe)
