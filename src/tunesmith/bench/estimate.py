@@ -24,13 +24,11 @@ Peak memory is the sum of parts, each counted rather than guessed:
   (bf16 and fp32 logits, their gradients: ~16 bytes per chunk position per vocabulary entry).
 - the runtime: what this process holds after importing torch and transformers and the tokenizer
   (the interpreter, the libraries, their caches), measured here.
-- the allocator's slack: memory a process holds above its live tensors, because the step's
-  activations are freed and re-requested in other sizes. Measured on the embedded model (peak RSS
-  against the profiler's peak of live tensor bytes): 5–18% of the step's activations + transient,
-  growing with the row length; counted as 10% (`ALLOCATOR_SLACK`).
 
-Peak = runtime + weights + optimizer + max(activations + backward transient, gradients) + slack:
-the gradients of a full fine-tune are complete when the activations are gone.
+Peak = runtime + weights + optimizer + max(activations + backward transient, gradients): the
+gradients of a full fine-tune are complete when the activations are gone. The micro-batch is
+assumed full (every row `batch_tokens` long, every token trained): an upper bound for SFT data
+whose prompts do not train.
 
 Step time = model FLOPs of a step (as `tunesmith bench` counts them) / the measured matmul peak of
 this machine for the precision (`tunesmith bench --peak`, cached), at 100% and at the given MFU.
@@ -42,8 +40,6 @@ import resource
 from dataclasses import dataclass, field
 
 import torch
-
-ALLOCATOR_SLACK = 0.10  # of the step's activations + backward transient (see the module docstring)
 
 
 @dataclass
@@ -243,8 +239,7 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
         activations = _extrapolate(one, two, layers, "saved")
     head_tokens = min(recipe.train.loss_chunk or one["tokens"], one["tokens"])
     transient = 16 * head_tokens * config.vocab_size
-    slack = ALLOCATOR_SLACK * (activations + transient)
-    peak = runtime + weights + optimizer + max(activations + transient, gradients) + slack
+    peak = runtime + weights + optimizer + max(activations + transient, gradients)
     fpt = _extrapolate(one, two, layers, "flops_per_token")
     device = pick_device(recipe.train.device)
     threads = set_threads(recipe.train.threads) if device.type == "cpu" else torch.get_num_threads()
@@ -256,7 +251,7 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     tokens_per_step = one["tokens"] * recipe.train.grad_accum
     return Estimate(
         parts={"runtime": runtime, "weights": weights, "gradients": gradients, "optimizer": optimizer,
-               "activations": activations, "backward transient": transient, "allocator slack": slack},
+               "activations": activations, "backward transient": transient},
         peak_bytes=peak, tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_tflops=peak_tflops,
         mfu=mfu, trainable=trainable, parameters=parameters,
         info={"method": one["method"], "layers": layers, "activations_per_layer": per_layer,
@@ -274,7 +269,7 @@ def format_estimate(e: Estimate) -> str:
         extra = f"  ({e.info['activations_per_layer'] / 1e6:.1f} MB per layer)" if name == "activations" else ""
         lines.append(f"  {name:<14}{gb(b)}{extra}")
     lines.append(f"peak memory     {e.peak_gb:.2f} GB (runtime + weights + optimizer + "
-                 "max(activations + backward transient, gradients) + allocator slack)")
+                 "max(activations + backward transient, gradients))")
     lines.append(f"model FLOPs     {e.flops_per_token / 1e9:.3f} GFLOP/token, "
                  f"{e.flops_per_token * e.tokens_per_step / 1e12:.2f} TFLOP per step")
     if e.peak_tflops:
