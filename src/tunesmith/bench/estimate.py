@@ -96,12 +96,11 @@ def _synthetic_batch(recipe, vocab: int) -> dict[str, torch.Tensor]:
 def _parameter_bytes(model) -> dict[str, float]:
     out = {"trainable": 0, "trainable_bytes": 0, "frozen_bytes": 0, "parameters": 0}
     seen = set()
-    for p in list(model.parameters()) + list(model.buffers()):
-        key = p.untyped_storage().data_ptr()
-        if key in seen:
+    for p in list(model.parameters()) + list(model.buffers()):  # tied weights are one Parameter: once
+        if id(p) in seen:
             continue
-        seen.add(key)
-        nbytes = p.untyped_storage().nbytes()
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()  # (meta tensors have a size but no storage)
         if isinstance(p, torch.nn.Parameter):
             out["parameters"] += p.numel()
         if isinstance(p, torch.nn.Parameter) and p.requires_grad:
@@ -179,21 +178,7 @@ def _meta_counts(recipe, config) -> dict | None:
             model, _, _ = prepare_model(recipe, model, None)
     except (NotImplementedError, RuntimeError):
         return None
-    out = {"trainable": 0, "trainable_bytes": 0, "frozen_bytes": 0, "parameters": 0}
-    seen = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        nbytes = t.numel() * t.element_size()
-        if isinstance(t, torch.nn.Parameter):
-            out["parameters"] += t.numel()
-        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
-            out["trainable"] += t.numel()
-            out["trainable_bytes"] += nbytes
-        else:
-            out["frozen_bytes"] += nbytes
-    return out
+    return _parameter_bytes(model)
 
 
 def _extrapolate(one: dict, two: dict, layers: int, key: str) -> float:
