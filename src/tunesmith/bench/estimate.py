@@ -228,9 +228,8 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     fpt = _extrapolate(one, two, layers, "flops_per_token")
     device = pick_device(recipe.train.device)
     threads = set_threads(recipe.train.threads) if device.type == "cpu" else torch.get_num_threads()
-    dtype = "fp32" if recipe.train.precision == "fp32" else recipe.train.precision
     try:
-        peak_tflops = matmul_peak(device, dtype, threads)
+        peak_tflops = matmul_peak(device, recipe.train.precision, threads)
     except Exception:  # noqa: BLE001 — no peak, no time estimate; memory still stands
         peak_tflops = None
     tokens_per_step = one["tokens"] * recipe.train.grad_accum

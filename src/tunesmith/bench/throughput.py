@@ -253,7 +253,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     lengths = [len(x["input_ids"]) for x in splits.train] if splits.train and "input_ids" in splits.train[0] else []
     context = (sum(n * n for n in lengths) / max(sum(lengths), 1)) / 2 if lengths else recipe.data.max_length / 2
     fpt = flops_per_token(model, context, head_fraction=units / max(tokens, 1) if objective.name == "sft" else 1.0)
-    dtype = "fp32" if cfg.precision == "fp32" else cfg.precision
+    dtype = cfg.precision
     peak = matmul_peak(device, dtype, threads, refresh=refresh_peak)
     achieved = fpt * tokens / elapsed / 1e12
     n_train, n_total = count_parameters(model)
