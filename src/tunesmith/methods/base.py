@@ -48,8 +48,9 @@ class Method(Protocol):
     def on_train_start(self, model: nn.Module, total_steps: int) -> None:
         """Called once the run's length is known (e.g. SpIEL's regrow fraction decays over it)."""
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> None:
-        """Called before the first step of every epoch (and of a resumed run); e.g. HFT's redraw."""
+    def on_epoch(self, model: nn.Module, epoch: int, optimizer=None) -> None:
+        """Called before the first step of every epoch (and of a resumed run), with the optimizer (e.g.
+        HFT redraws its half and drops the optimizer state of parameters that left it)."""
 
     def after_step(self, model: nn.Module, step: int, optimizer) -> None:
         """Called after every optimizer step, gradients still present; e.g. SpIEL's prune/regrow."""
@@ -92,7 +93,7 @@ class MethodBase:
     def on_train_start(self, model: nn.Module, total_steps: int) -> None:
         return None
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+    def on_epoch(self, model: nn.Module, epoch: int, optimizer=None) -> None:
         return None
 
     def after_step(self, model: nn.Module, step: int, optimizer) -> None:
@@ -143,9 +144,9 @@ class Compose(MethodBase):
         for part in self.parts:
             part.on_train_start(model, total_steps)
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+    def on_epoch(self, model: nn.Module, epoch: int, optimizer=None) -> None:
         for part in self.parts:
-            part.on_epoch(model, epoch)
+            part.on_epoch(model, epoch, optimizer)
 
     def after_step(self, model: nn.Module, step: int, optimizer) -> None:
         for part in self.parts:

@@ -119,7 +119,7 @@ class HFT(MethodBase):
         # redraw=epoch: the whole pool is trainable (the optimizer holds it); on_epoch masks it
         return name in (self._pool if self.cfg.redraw == "epoch" else self._live)
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+    def on_epoch(self, model: nn.Module, epoch: int, optimizer=None) -> None:
         if self.cfg.redraw != "epoch":
             return
         _single_process()

@@ -258,7 +258,7 @@ class Sparse(MethodBase):
         for name, mod in list(sparse_modules(model).items()):
             set_module(model, name, mod.merged())
 
-    def on_epoch(self, model: nn.Module, epoch: int) -> None:
+    def on_epoch(self, model: nn.Module, epoch: int, optimizer=None) -> None:
         for mod in sparse_modules(model).values():
             if hasattr(mod.sparse_values, "full_tensor"):
                 raise MethodError("method `sparse` cannot run under train.strategy=fsdp (its indices move "

@@ -350,7 +350,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 first_epoch = stream.locate(first)[0]
                 if epoch_hooked != first_epoch:  # a new epoch (or the first of this session)
                     epoch_hooked = first_epoch
-                    method.on_epoch(model, epoch_hooked)
+                    method.on_epoch(model, epoch_hooked, optimizer)
                 loss, _, n_tokens, metrics = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
                                                              window_units, scale=d.world)
                 loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
