@@ -236,11 +236,14 @@ def test_hft_epoch_redraw(tokenizer):
     assert trainable(model) == pool == set(model._tunesmith_trained), "the optimizer must hold the whole pool"
     optimizer = build_optimizer(model, load_recipe(None, ["train.lr=1e-2", "train.weight_decay=0.1"]).train, method)
     model.train()
+    params = dict(model.named_parameters())
     drawn = {}
     for epoch in (0, 1):
-        method.on_epoch(model, epoch)
+        method.on_epoch(model, epoch, optimizer)
         drawn[epoch] = trainable(model)
         assert len(drawn[epoch]) < len(pool) and drawn[epoch] <= pool
+        held = {n for n, p in params.items() if p in optimizer.state}
+        assert held <= drawn[epoch], f"epoch {epoch}: optimizer state kept for {sorted(held - drawn[epoch])[:3]}"
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for _ in range(3):
             model(IDS, labels=IDS).loss.backward()
@@ -248,14 +251,62 @@ def test_hft_epoch_redraw(tokenizer):
             optimizer.zero_grad(set_to_none=True)
         after = dict(model.named_parameters())
         frozen = [n for n in before if n not in drawn[epoch]]
-        # in epoch 1 part of the frozen half has AdamW moments and decay from epoch 0: still untouched
         assert all(torch.equal(before[n], after[n]) for n in frozen), f"epoch {epoch}: a frozen parameter moved"
         assert all(not torch.equal(before[n], after[n]) for n in drawn[epoch]), f"epoch {epoch}: a drawn one did not"
+        # the optimizer holds moments for exactly the drawn half: the memory HFT promises
+        assert {n for n, p in params.items() if p in optimizer.state} == drawn[epoch]
     assert drawn[0] != drawn[1]
     assert drawn[1] - drawn[0] and drawn[0] - drawn[1], "a redraw frees some frozen weights and freezes some trained"
+    back = sorted(drawn[1] - drawn[0])[0]  # trained in epoch 1, not in epoch 0: fresh moments (step 3, not 6)
+    assert int(optimizer.state[params[back]]["step"]) == 3
     method.on_epoch(model, 0)
-    assert trainable(model) == drawn[0], "the draw depends only on (seed, epoch)"
+    assert trainable(model) == drawn[0], "the draw depends only on (seed, stage, epoch)"
     assert "epoch 0's draw, redrawn every epoch" in method.describe(model)
+
+
+def stage_two(tokenizer, stage_one, seed, **opts):
+    """A second stage: a fresh model loaded with the weights `stage_one` ended with, HFT applied again."""
+    model = make_tiny_model(tokenizer, layers=4)
+    model.load_state_dict(stage_one.state_dict())
+    return hft(tokenizer, model=model, seed=seed, **opts)
+
+
+@pytest.mark.parametrize("redraw", ["stage", "epoch"])
+def test_hft_each_stage_draws_its_own_half(tokenizer, redraw):
+    """SFT then DPO from the SFT model: the second stage starts from other weights, so it draws
+    another half with the same seed; starting the same stage again draws the same half."""
+    first, m1 = hft(tokenizer, seed=11, redraw=redraw)
+    drawn1 = m1.drawn()
+    with torch.no_grad():  # stage one trains its half
+        for n, p in first.named_parameters():
+            if n in drawn1:
+                p.add_(torch.randn_like(p) * 1e-3)
+    second, m2 = stage_two(tokenizer, first, seed=11, redraw=redraw)
+    assert m2.stage != m1.stage
+    assert m2.drawn() != drawn1, "stage two froze the same half as stage one"
+    again, m3 = stage_two(tokenizer, first, seed=11, redraw=redraw)
+    assert m3.stage == m2.stage and m3.drawn() == m2.drawn() and trainable(again) == trainable(second)
+    assert f"stage {m2.stage}" in m2.describe(second)
+    # over many stages the draws spread: a projection trains in some stages and not in others
+    stages = [stage_two(tokenizer, first, seed=s)[1].drawn() for s in range(6)]
+    assert len({frozenset(d) for d in stages}) == 6
+
+
+def test_hft_stage_identity_reads_the_pool_only(tokenizer):
+    from tunesmith.methods.hft import stage_identity
+
+    model = make_tiny_model(tokenizer)
+    pool = {n for n, _ in model.named_parameters() if projection(n)}
+    ident = stage_identity(model, pool)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # not in the pool
+    assert stage_identity(model, pool) == ident
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.001)
+    assert stage_identity(model, pool) != ident
+    with torch.device("meta"):
+        meta = make_tiny_model(tokenizer)
+    assert len(stage_identity(meta, pool)) == 16  # no weights: by shape only, no error
 
 
 def test_hft_epoch_redraw_refuses_several_processes(tokenizer, monkeypatch):

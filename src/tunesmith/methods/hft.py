@@ -15,13 +15,19 @@ base model knew than full fine-tuning, at about half the optimizer memory and wi
 (`output = "model"`, merge is a no-op). Pick it over full fine-tuning when the base model's
 knowledge must survive an SFT/DPO stage or a sequence of tasks.
 
-`redraw="stage"` draws once, from the seed alone (the same on every process). `redraw="epoch"`
-draws afresh every epoch from (seed, epoch): the whole pool is trainable at attach time, so the
-optimizer holds it, and `on_epoch` switches off the half not drawn; AdamW skips parameters without
-a gradient, so that half stays bit-identical for the epoch.
+Every training stage draws its own half (the paper: "in each stage"): the draw mixes the seed with
+the stage's identity, a fingerprint of the pool's starting weights taken when the method is applied.
+SFT then DPO from the SFT model therefore freezes another half, while the same stage started again
+(a resumed run rebuilds the model from the same starting weights) draws the same half, on every
+process. `redraw="stage"` draws once per stage. `redraw="epoch"` draws afresh every epoch from
+(seed, stage, epoch): the whole pool is trainable at attach time, so the optimizer holds it, and
+`on_epoch` switches off the half not drawn and drops that half's optimizer state (AdamW skips
+parameters without a gradient, so the frozen half stays bit-identical for the epoch, and a matrix
+that returns in a later epoch starts with fresh moments, as in a new stage).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
 import torch
@@ -56,6 +62,23 @@ def layer_projections(model: nn.Module) -> list[dict[str, list[str]]]:
     return layers
 
 
+def stage_identity(model: nn.Module, names: set[str], sample: int = 4096) -> str:
+    """A fingerprint of the pool's current weights (16 hex digits): name, shape and an evenly strided
+    sample of at most `sample` values of each tensor, as fp32 bytes. Cheap on any model size, the same
+    on every device and process; meta tensors (a model without weights) count by shape only."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name not in names:
+            continue
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        if p.is_meta:
+            continue
+        flat = p.detach().reshape(-1)
+        values = flat[::max(1, flat.numel() // sample)][:sample]
+        h.update(values.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _single_process() -> None:
     import torch.distributed as dist
 
@@ -75,6 +98,7 @@ class HFT(MethodBase):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.seed: int | None = None
+        self.stage: str | None = None  # the fingerprint of the pool's starting weights
         self.epoch: int | None = None  # the epoch of the current draw (redraw=epoch)
         self.plan: list[tuple[str, ...]] = []  # per layer: the projections that train
         self._layers: list[dict[str, list[str]]] = []
@@ -89,14 +113,16 @@ class HFT(MethodBase):
         self._pool = {n for layer in self._layers for names in layer.values() for n in names}
         self._switches = set(switch_parameters(model, self.cfg, "hft"))
         self.seed = self.cfg.seed if self.cfg.seed is not None else torch.initial_seed()
+        self.stage = stage_identity(model, self._pool)
         self.epoch = 0 if self.cfg.redraw == "epoch" else None
         self.plan = self.draw(self.epoch)
         self._live = self.drawn()
 
     def draw(self, epoch: int | None = None) -> list[tuple[str, ...]]:
-        """The trained projections of every layer, from (seed) or (seed, epoch) only: a private
-        generator, so the draw neither reads nor moves torch's global RNG."""
-        rng = random.Random(f"hft:{self.seed}" if epoch is None else f"hft:{self.seed}:epoch:{epoch}")
+        """The trained projections of every layer, from (seed, stage) or (seed, stage, epoch) only: a
+        private generator, so the draw neither reads nor moves torch's global RNG."""
+        key = f"hft:{self.seed}:stage:{self.stage}"
+        rng = random.Random(key if epoch is None else f"{key}:epoch:{epoch}")
         n = len(self._layers)
         order = list(range(n))
         rng.shuffle(order)
@@ -129,7 +155,9 @@ class HFT(MethodBase):
             if name in self._pool:
                 p.requires_grad_(name in self._live)
                 if name not in self._live:
-                    p.grad = None  # no gradient: AdamW leaves it (and its moments) untouched
+                    p.grad = None  # no gradient: AdamW leaves it untouched
+                    if optimizer is not None:
+                        optimizer.state.pop(p, None)  # and it holds no moments for it
 
     def merge(self, model: nn.Module) -> None:
         return None
@@ -160,4 +188,4 @@ class HFT(MethodBase):
         return (f"trains {pct('attention+ffn')} of attention+FFN weights (q,k,v,o: 2 of 4 per layer, "
                 f"{pct('attention')}; gate/up/down: 1 of 3 in layers {','.join(one) or 'none'}, 2 of 3 in the "
                 f"others, {pct('ffn')}) · {pct('all')} of all parameters"
-                f"{' with ' + ' + '.join(extras) if extras else ''} · seed {self.seed}, {draw}")
+                f"{' with ' + ' + '.join(extras) if extras else ''} · seed {self.seed}, stage {self.stage}, {draw}")
