@@ -167,8 +167,13 @@ def test_locations(tmp_path):
     assert [r.where for r in read_records(tmp_path / "d.jsonl")][-1] == f"{tmp_path / 'd.jsonl'}:3"
     # The second record's input spans two lines, so the third record starts on line 5.
     assert [r.where for r in read_records(tmp_path / "d.csv")] == [f"{tmp_path / 'd.csv'}:{n}" for n in (2, 3, 5)]
-    assert [r.where for r in read_records(tmp_path / "saved")][-1] == f"{tmp_path / 'saved'}[2]"
-    assert [r.where for r in read_records(tmp_path / "d.parquet")][1] == f"{tmp_path / 'd.parquet'}[1]"
+    # Rows of parquet files and save_to_disk folders count from 1, across the folder's shards.
+    assert [r.where for r in read_records(tmp_path / "saved")] == [f"{tmp_path / 'saved'} row {n}" for n in (1, 2, 3)]
+    assert [r.where for r in read_records(tmp_path / "d.parquet")][1] == f"{tmp_path / 'd.parquet'} row 2"
+    # A minified .json holds every record on line 1: the column tells them apart.
+    text = (tmp_path / "d.json").read_text()
+    columns = [i + 1 for i in range(len(text)) if text.startswith('{"instruction"', i)]
+    assert [r.where for r in read_records(tmp_path / "d.json")] == [f"{tmp_path / 'd.json'}:1:{c}" for c in columns]
 
 
 def test_column_mapping(tokenizer, tmp_path):
@@ -220,7 +225,9 @@ def test_empty_after_filtering(tokenizer, tmp_path):
     long_chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 50}]
     no_answer = CHAT[:2]
     path = write_jsonl(tmp_path / "e.jsonl", [{"messages": m} for m in [long_chat] * 3 + [no_answer] * 2])
-    with pytest.raises(DataError, match=rf"no usable samples in {re.escape(str(path))} after filtering \(3 dropped as too long.*2 with no trained token"):
+    with pytest.raises(DataError, match=rf"no usable samples in {re.escape(str(path))} after filtering: 3 records are "
+                                        rf"longer than data.max_length=40 tokens .*first at {re.escape(str(path))}:1; "
+                                        rf"2 records have no assistant turn .*first at {re.escape(str(path))}:4$"):
         load(tokenizer, path, max_length=40, overflow="drop")
 
 

@@ -55,12 +55,21 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from .data import format_inspection, load_data
     from .models.load import load_tokenizer
+    from .objectives import PREFERENCE
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer = load_tokenizer(recipe.model.name)
-    splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed)
-    print(format_inspection(splits.train, tokenizer, splits.stats, n=args.n))
+    max_length = recipe.data.max_length
+    if recipe.objective.name in PREFERENCE:  # the data the objective trains on: chosen/rejected pairs
+        from .data.preference import load_pairs
+        from .data.report import format_pair_inspection
+
+        pairs = load_pairs(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
+        print(format_pair_inspection(pairs.train, tokenizer, pairs.stats, n=args.n, max_length=max_length))
+        return 0
+    splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
+    print(format_inspection(splits.train, tokenizer, splits.stats, n=args.n, max_length=max_length))
     return 0
 
 

@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 from ..recipe import DataConfig
 from .errors import DataError
-from .formats import detect_format, to_example
+from .formats import Example, detect_format, to_example
 from .render import Renderer, Sample, fit_length
+from .skipped import NOTHING_TO_TRAIN, Skipped, announce, skip_lines
 from .sources import Record, read_records
 
 PROGRESS_MIN_RECORDS = 2000  # below this a progress bar is just noise
@@ -25,7 +26,7 @@ class DataSplits:
     format: str  # the format used (what `auto` resolved to)
 
 
-def load_data(cfg: DataConfig, tokenizer, seed: int = 0) -> DataSplits:
+def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) -> DataSplits:
     """Read, split and tokenize the training (and validation) data described by `cfg`.
 
     Validation comes from `cfg.validation`, else a `cfg.val_fraction` of the training records chosen
@@ -45,6 +46,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0) -> DataSplits:
     val = None
     if val_records is not None:
         val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name)
+    if report:
+        announce(stats, cfg.max_length)
     return DataSplits(train=train, val=val, stats=stats, format=fmt)
 
 
@@ -80,31 +83,54 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 
 def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer, name: str):
-    """Render records into samples, applying max_length/overflow and dropping untrainable ones."""
+    """Render records into samples, applying max_length/overflow; records with nothing to train are
+    skipped, counted by reason with the first one's location (see `skipped.py`)."""
     samples: list[Sample] = []
-    dropped_too_long = truncated = no_trained_token = 0
+    skipped, truncated = Skipped(), 0
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
     for record in bar:
         example = to_example(record, fmt, cfg)
+        reason = untrainable(example, cfg)
+        if reason:
+            skipped.add(reason, record.where)
+            continue
         try:
             sample = renderer(example)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
         sample, was_truncated = fit_length(sample, cfg.max_length, cfg.overflow)
         if sample is None:
-            dropped_too_long += 1
+            skipped.add("too_long", record.where)
         elif not any(sample["weights"]):
-            no_trained_token += 1  # e.g. a chat with no assistant turn, or an answer cut off by truncation
+            skipped.add("cut_off" if was_truncated else "no_trained", record.where)
         else:
             truncated += was_truncated
             samples.append(sample)
     if not samples:
-        raise DataError(
-            f"no usable samples in {name} after filtering ({dropped_too_long} dropped as too long "
-            f"(max_length={cfg.max_length}), {no_trained_token} with no trained token)"
-        )
-    return samples, split_stats(samples, records=len(records), dropped_too_long=dropped_too_long,
-                                truncated=truncated, no_trained_token=no_trained_token)
+        raise DataError(no_usable(name, skipped, cfg, "samples"))
+    return samples, split_stats(samples, records=len(records), dropped_too_long=skipped.count("too_long"),
+                                truncated=truncated, no_trained_token=skipped.count(*NOTHING_TO_TRAIN),
+                                skipped=skipped.as_stats())
+
+
+def untrainable(example: Example, cfg: DataConfig) -> str | None:
+    """Why an example has nothing to train before it is rendered (a reason of `skipped.REASONS`), or None."""
+    if isinstance(example, str):
+        return "empty" if not example.strip() else None
+    if cfg.train_on_prompt:
+        return None  # every token after the first trains
+    answers = [m["content"] for m in example if m["role"] == "assistant"]
+    if not answers:
+        return "no_assistant"
+    if cfg.assistant_turns == "last":
+        answers = answers[-1:]
+    return "empty_answer" if not any(a.strip() for a in answers) else None
+
+
+def no_usable(name: str, skipped: Skipped, cfg: DataConfig, what: str) -> str:
+    """The error for a split that kept nothing: every reason, with its first record."""
+    reasons = "; ".join(skip_lines(skipped.as_stats(), cfg.max_length)) or "no records"
+    return f"no usable {what} in {name} after filtering: {reasons}"
 
 
 def split_stats(samples: list[Sample], **counts: int) -> dict:

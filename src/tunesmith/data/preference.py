@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from ..recipe import DataConfig
 from .errors import DataError
 from .formats import Message, check_message, column
-from .load import PROGRESS_MIN_RECORDS, read_splits, split_stats
+from .load import PROGRESS_MIN_RECORDS, no_usable, read_splits, split_stats
 from .render import Renderer, Sample, fit_length
+from .skipped import NOTHING_TO_TRAIN, Skipped, announce
 
 
 class PairSample(TypedDict):
@@ -45,12 +46,13 @@ class PairSplits:
     format: str = "preference"
 
 
-def load_pairs(cfg: DataConfig, tokenizer, seed: int = 0) -> PairSplits:
+def load_pairs(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) -> PairSplits:
     """Read, split and tokenize preference pairs; the same split rules as `load_data`.
 
     `max_length`/`overflow` apply to each side; a pair is dropped when either side is dropped or
-    keeps no trained token. `train_on_prompt` and `assistant_turns` do not apply: only the final
-    answers train.
+    keeps no trained token; skipped pairs are counted in `stats[split]["skipped"]` and, with `report`,
+    printed (one line per reason, with the first such record). `train_on_prompt` and
+    `assistant_turns` do not apply: only the final answers train.
 
     Raises:
         DataError: a missing file, a bad record (the message names it and the field), or a split left
@@ -67,6 +69,8 @@ def load_pairs(cfg: DataConfig, tokenizer, seed: int = 0) -> PairSplits:
     val = None
     if val_records is not None:
         val, stats["val"] = _build(val_records, cfg, renderer, val_name)
+    if report:
+        announce(stats, cfg.max_length)
     return PairSplits(train=train, val=val, stats=stats)
 
 
@@ -188,25 +192,37 @@ def _messages(value: Any, where: str, name: str, single: bool = False) -> list[M
 
 
 def _build(records, cfg: DataConfig, renderer: Renderer, name: str):
-    """Render records into pairs, applying max_length/overflow to each side."""
+    """Render records into pairs, applying max_length/overflow to each side; a pair that cannot train
+    is skipped, counted with its first location (see `skipped.py`)."""
     pairs: list[PairSample] = []
-    dropped_too_long = truncated = no_trained_token = 0
+    skipped, truncated = Skipped(), 0
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
     for record in bar:
         pair = render_pair(renderer, record.fields, record.where, cfg)
         fitted = {side: fit_length(pair[side], cfg.max_length, cfg.overflow) for side in ("chosen", "rejected")}
         if any(s is None for s, _ in fitted.values()):
-            dropped_too_long += 1
+            skipped.add("too_long", record.where)
         elif not all(any(s["weights"]) for s, _ in fitted.values()):
-            no_trained_token += 1  # truncation cut an answer off entirely
+            # truncation cut an answer off entirely (an answer always has trained tokens before that)
+            cut = any(t for _, t in fitted.values())
+            skipped.add("cut_off" if cut else "no_trained", record.where)
         else:
             truncated += any(t for _, t in fitted.values())
             pairs.append({"chosen": fitted["chosen"][0], "rejected": fitted["rejected"][0]})
     if not pairs:
-        raise DataError(
-            f"no usable pairs in {name} after filtering ({dropped_too_long} dropped as too long "
-            f"(max_length={cfg.max_length}), {no_trained_token} with an answer cut off entirely)"
-        )
+        raise DataError(no_usable(name, skipped, cfg, "pairs"))
     return pairs, split_stats(flatten_pairs(pairs), records=len(records), pairs=len(pairs),
-                              dropped_too_long=dropped_too_long, truncated=truncated,
-                              no_trained_token=no_trained_token)
+                              dropped_too_long=skipped.count("too_long"), truncated=truncated,
+                              no_trained_token=skipped.count(*NOTHING_TO_TRAIN), skipped=skipped.as_stats(),
+                              **side_stats(pairs))
+
+
+def side_stats(pairs: list[PairSample]) -> dict:
+    """Median and largest length of each side, and the tokens each side trains."""
+    out = {}
+    for side in ("chosen", "rejected"):
+        lengths = sorted(len(p[side]["input_ids"]) for p in pairs)
+        out[f"{side}_p50"] = lengths[(len(lengths) - 1) // 2]
+        out[f"{side}_max"] = lengths[-1]
+        out[f"{side}_trained"] = int(sum(sum(1 for w in p[side]["weights"] if w) for p in pairs))
+    return out

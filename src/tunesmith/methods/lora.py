@@ -142,9 +142,14 @@ class LoRA(MethodBase):
 
     def apply(self, model: nn.Module) -> None:
         c = self.cfg
-        for name, mod in select_modules(model, c.targets):
-            if isinstance(mod, LoRALinear):
-                continue
+        chosen = [(name, mod) for name, mod in select_modules(model, c.targets) if not isinstance(mod, LoRALinear)]
+        for name, mod in chosen:  # checked before any module changes
+            if c.rank > min(mod.in_features, mod.out_features):  # B·A could not reach that rank
+                raise MethodError(f"lora.rank={c.rank} is too large for {name} (a Linear of {mod.in_features} "
+                                  f"in, {mod.out_features} out): the rank can be at most "
+                                  f"{min(mod.in_features, mod.out_features)} = min(in, out); lower lora.rank "
+                                  "or leave that module out of lora.targets")
+        for name, mod in chosen:
             set_module(model, name, LoRALinear(mod, c.rank, c.alpha, c.dropout, c.rslora, dora=c.dora, init=c.init))
             self.targets.append(name)
 

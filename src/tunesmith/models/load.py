@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -51,13 +52,39 @@ def _offline_env():
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a whole GGUF before transformers reads it: raises ModelError naming the
+    file for a wrong magic number (a renamed text file), an unreadable header, or tensor data that
+    runs past the end of the file (a truncated download or copy)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (bad magic {magic!r}; a GGUF file starts with b'GGUF')")
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # another transformers layout: the load itself reports what it finds
+        return
+    try:
+        header = GgufHeader.from_file(str(path))
+    except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: truncated or corrupt GGUF file: its header cannot be read ({e})") from None
+    end = max((header.data_start + t.offset + t.nbytes for t in header.tensors), default=header.data_start)
+    if end > size:
+        raise ModelError(f"{path}: truncated GGUF file: its tensors need {end:,} bytes, the file has {size:,}")
+
+
 def _save_dequantised(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF once and save it as a plain transformers folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     print(f"[tunesmith] dequantising {gguf.name} once into {dest} (about 15 s) ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, struct.error) as e:  # what transformers' GGUF reader raises
+        raise ModelError(f"{gguf}: cannot load this GGUF file ({e})") from None
     # A GGUF-loaded model refuses save_pretrained although its weights are plain fp32 by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -70,6 +97,11 @@ def _save_dequantised(gguf: Path, dest: Path) -> None:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").is_file():
+            raise
+        # another process dequantised the same file first: its folder is as good as ours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
