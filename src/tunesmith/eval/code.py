@@ -3,9 +3,8 @@ sandbox, and estimate pass@k."""
 from __future__ import annotations
 
 import re
-import secrets
 
-from tunesmith.eval.sandbox import run_python
+from tunesmith.eval.sandbox import run_tests
 from tunesmith.eval.task import Verdict
 
 # An opening fence, its language tag, and the block up to the closing fence. A missing closing
@@ -41,32 +40,20 @@ def score_python(
 ) -> Verdict:
     """Run the code extracted from `prediction` against `tests` in the sandbox.
 
-    The program is prompt_prefix + code + tests; when the tests define `check` (HumanEval style)
-    and an entry point is given, `check(entry_point)` is called. Correct iff the program exits 0
-    *and* reaches its end: a solution that calls `os._exit(0)` or `sys.exit(0)` before the tests
-    run does not pass. On failure, `error` is the sandbox reason plus the last line of stderr.
+    The program is prompt_prefix + code; the tests run in a separate trusted process that calls
+    the program's functions over a pipe (see tunesmith.eval.sandbox), so nothing the program does
+    (exit early, print, patch builtins or `check`, forge `__eq__`) can make it pass. When the
+    tests define `check` (HumanEval style) and an entry point is given, `check(entry_point)` is
+    called after them. On failure, `error` is the reason plus one line saying why.
 
     With a prompt_prefix the code keeps its first line's indentation, since it may continue a
     function body the prefix opened.
     """
     code = extract_code(prediction, keep_indent=bool(prompt_prefix))
-    done = f"tunesmith-tests-finished-{secrets.token_hex(8)}"
-    program = f"{prompt_prefix}{code}\n\n{tests}\n"
-    if entry_point and re.search(r"^def check\s*\(", tests, re.MULTILINE):
-        program += f"\ncheck({entry_point})\n"
-    # Printed last, from a name the program cannot guess, to prove the tests ran to the end.
-    program += f"\nprint({done!r}, flush=True)\n"
-    result = run_python(program, timeout_s=timeout_s)
-    finished = result.ok and done in result.stdout
-    error = None if finished else _error_line(result.reason or "error", result.stderr, result.ok)
-    return Verdict(correct=finished, score=float(finished), error=error, extracted=prompt_prefix + code)
-
-
-def _error_line(reason: str, stderr: str, exited_ok: bool) -> str:
-    if exited_ok:  # exit 0 without our end marker
-        return "error: the program exited before its tests finished"
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else "(no error output)"
-    return f"{reason}: {last}"[:ERROR_CHARS]
+    program = f"{prompt_prefix}{code}\n"
+    check = entry_point if entry_point and re.search(r"^def check\s*\(", tests, re.MULTILINE) else None
+    run = run_tests(program, tests, check=check, timeout_s=timeout_s)
+    error = None if run.passed else f"{run.reason or 'error'}: {run.error}"[:ERROR_CHARS]
+    return Verdict(correct=run.passed, score=float(run.passed), error=error, extracted=prompt_prefix + code)
 
 
