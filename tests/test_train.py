@@ -185,11 +185,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monk
 
     monkeypatch.setattr(loop, "causal_lm_loss", poisoned)
     recipe = tiny_recipe(tmp_path, tiny_model_dir, "data.val_fraction=0")
-    with pytest.raises(TrainError, match="loss is nan at step 5.*step-4"):
+    with pytest.raises(TrainError, match="step 5: loss is nan.*last healthy checkpoint: .*step-2"):
         train(recipe)
+    # step 4's weights gave the NaN loss: that checkpoint is set aside, not resumed from, not deleted
     last = ckpt.latest_checkpoint(recipe.run_dir)
-    assert last.name == "step-4"
-    # the checkpoint is intact and the run resumes from it
+    assert last.name == "step-2"
+    assert (recipe.run_dir / "checkpoints" / "diverged-step-4" / "trainable.safetensors").is_file()
+    # the healthy checkpoint is intact and the run resumes from it
     monkeypatch.setattr(loop, "causal_lm_loss", real)
     result = train(tiny_recipe(tmp_path, tiny_model_dir, "data.val_fraction=0", "resume=true"))
     assert result.status == "completed" and result.step == 6

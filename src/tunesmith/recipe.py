@@ -331,7 +331,9 @@ class TrainConfig:
     save_every: int = 0
     "Checkpoint every N steps (0 = only at the end)."
     keep_last: int = 2
-    "Checkpoints to keep."
+    "Checkpoints to keep (besides the newest healthy one and the best by validation loss, always kept)."
+    divergence_patience: int = 3
+    "Steps a collapse (gradient norm 0, loss at ln(vocab)) or an unrecovered loss spike may last before the run stops (0 = never stop for those; NaN/Inf always stop)."
 
 
 @dataclass(kw_only=True)
@@ -493,7 +495,7 @@ def _validate(obj, prefix: str) -> None:
                   "checkpoint_every"):
             positive(n)
         for n in ("eval_every", "save_every", "eval_batches", "threads", "warmup", "weight_decay", "max_grad_norm",
-                  "loss_chunk"):
+                  "loss_chunk", "divergence_patience"):
             positive(n, allow_zero=True)
         positive("steps")
         positive("epochs")

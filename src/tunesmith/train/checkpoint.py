@@ -3,11 +3,24 @@
 A checkpoint holds the trainable parameters (safetensors: for LoRA only its delta), the optimizer
 and scheduler state, the RNG states and the step. Optimizer/RNG state is saved with torch.save
 and read back with `weights_only=True`, which refuses anything but tensors and plain containers.
+
+Trust:
+- a checkpoint is written only from finite weights;
+- `manifest.json` (every file's size and SHA-256) is written last: a checkpoint without it, or whose
+  files no longer match it (truncated, edited, half-copied), is incomplete. Resume verifies the
+  newest checkpoint and falls back, with a one-line note, to the previous complete one;
+- `state.json` records whether the run was healthy when it was written (no divergence warning in
+  progress) and its validation loss; pruning to `keep_last` never deletes the newest healthy
+  checkpoint, nor the best one by validation loss;
+- a full disk ends in one line that names the intact previous checkpoint, with no temporary folder left.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -19,23 +32,121 @@ from safetensors.torch import load_file, save_file
 from ..export.tuned import unique_tensors
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+DIVERGED = "diverged-"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed as asked; the message says how to resume it."""
+    """A checkpoint that cannot be written or resumed as asked; the message says how to go on."""
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Every `step-N` folder that has been written (complete or not), oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=_step_of)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of `folder` (sizes and hashes); written last, it marks the folder complete."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None when `folder` is a complete checkpoint, else why not (one short phrase)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "incomplete (no manifest: it was never finished)"
+    except (ValueError, KeyError, TypeError):
+        return "incomplete (its manifest is unreadable)"
+    for name, want in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"incomplete ({name} is missing)"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"corrupt ({name} has {size:,} of {want['bytes']:,} bytes)"
+        if _sha256(path) != want["sha256"]:
+            return f"corrupt ({name} does not match its manifest hash)"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, *, verified: bool = False, note=print) -> Path | None:
+    """The newest checkpoint; with `verified`, the newest complete one — each newer one that fails
+    verification is named in one line through `note` and skipped."""
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    if not verified:
+        return found[-1] if found else None
+    for path in reversed(found):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if note is not None:
+            note(f"[tunesmith] checkpoint {path} is {problem}: falling back to the previous one")
+    if found:
+        raise CheckpointError(f"no complete checkpoint in {Path(run_dir) / 'checkpoints'} (newest: {found[-1].name}, "
+                              f"{verify(found[-1])}): start a new run with name=<new name>")
+    return None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def set_aside_from(run_dir: Path, step: int) -> list[Path]:
+    """Move the checkpoints of step >= `step` to `checkpoints/diverged-step-N` (kept for a look,
+    invisible to resume); returns their new paths."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if _step_of(path) >= step:
+            dest = path.with_name(DIVERGED + path.name)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints and also
+    - the newest healthy one, and the newest *confirmed* healthy one (the next checkpoint was healthy
+      too: a checkpoint's own loss is only seen at the step after it, so the newest healthy one may
+      already hold the update that started a divergence);
+    - the best one by validation loss."""
+    found = list_checkpoints(run_dir)
+    states = {p: read_state(p) for p in found}
+    healthy = [p for p in found if states[p].get("healthy", True)]
+    keep = set(found[-max(keep_last, 1):]) | set(healthy[-1:])
+    confirmed = [p for p, nxt in zip(found, found[1:]) if p in healthy and nxt in healthy]
+    keep |= set(confirmed[-1:])
+    scored = [(states[p]["val_loss"], _step_of(p), p) for p in found if states[p].get("val_loss") is not None]
+    if scored:
+        keep.add(min(scored)[2])
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -81,20 +192,25 @@ def _all_rng(d) -> list[dict]:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info: dict, keep_last: int,
                     d=None) -> Path:
-    """Write `checkpoints/step-N/` atomically. Replicated runs (one process, DDP) save the trainable
-    tensors once, as safetensors; FSDP saves its shards with torch.distributed.checkpoint."""
+    """Write `checkpoints/step-N/` atomically, manifest last. Replicated runs (one process, DDP) save
+    the trainable tensors once, as safetensors; FSDP saves its shards with torch.distributed.checkpoint.
+    `info` goes to state.json (with `healthy` and `val_loss` when the loop knows them)."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"{PREFIX}{step}"
     tmp = folder / f".tmp-{PREFIX}{step}"  # the same path on every rank
     main = d is None or d.main
     sharded = d is not None and d.active and d.strategy == "fsdp"
     rngs = _all_rng(d)
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if d is not None:
-        d.barrier()
+    tensors = None if sharded else unique_tensors(trainable_state(model))
+    if tensors is not None and not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
+        raise CheckpointError(f"refusing to write checkpoint {final}: its weights are not finite; "
+                              f"last checkpoint: {latest_checkpoint(run_dir) or 'none'}")
     try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if d is not None:
+            d.barrier()
         if sharded:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -102,35 +218,49 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
         if main:
-            if not sharded:
-                save_file(unique_tensors(trainable_state(model)), tmp / "trainable.safetensors")
+            if tensors is not None:
+                save_file(tensors, tmp / "trainable.safetensors")
             torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "rng": rngs[0], "rng_ranks": rngs}, tmp / "train_state.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": sharded, **info}, indent=2))
+            write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+            prune(run_dir, keep_last)
+    except BaseException as e:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise CheckpointError(f"no space left on the device while writing checkpoint {final}; nothing of it "
+                                  f"was kept and the previous checkpoint ({latest_checkpoint(run_dir) or 'none'}) "
+                                  "is intact: free some space, then continue with resume=true") from None
         raise
     if d is not None:
         d.barrier()
     return final
 
 
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left" in str(e).lower() or "disk quota" in str(e).lower()
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
     """Restore parameters, optimizer, scheduler and RNG from `path`; return its state.json."""
     path = Path(path)
-    info = json.loads((path / "state.json").read_text())
+    try:
+        info = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'state.json'} cannot be read ({type(e).__name__}); "
+                              "the checkpoint is damaged: remove it to resume from the previous one") from None
     sharded_now = d is not None and d.active and d.strategy == "fsdp"
     if info.get("sharded") != sharded_now:
         raise CheckpointError(f"checkpoint {path} was written {'sharded (fsdp)' if info.get('sharded') else 'unsharded'};"
                          + (" resume it with train.strategy=fsdp and nproc >= 2 (the process count may change)"
                             if info.get("sharded") else " resume it without fsdp (one process or ddp)"))
-    state = torch.load(path / "train_state.pt", weights_only=True)
+    state = read_train_state(path / "train_state.pt")
     if sharded_now:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -140,7 +270,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
         _load_trainable(path, model)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path / 'train_state.pt'}: its optimizer state does not fit this run "
+                                  f"({str(e).splitlines()[0][:120]}); resume with the recipe that wrote it") from None
     scheduler.load_state_dict(state["scheduler"])
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     ranks = state.get("rng_ranks") or [state["rng"]]
@@ -150,6 +284,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
         print(f"[tunesmith] note: {path} was written by {len(ranks)} processes, resuming with {world}: "
               "data order and weights carry over, dropout streams start afresh", flush=True)
     return info
+
+
+def read_train_state(path: Path) -> dict:
+    """The optimizer/scheduler/RNG state, loaded with weights_only=True (tensors and plain containers
+    only); anything else — a pickle that would run code, a truncated or foreign file — is one line."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+        kind = "holds objects other than tensors (refused: loading it could run code)" \
+            if isinstance(e, pickle.UnpicklingError) else "is damaged or not a tunesmith train state"
+        raise CheckpointError(f"{path} {kind}; remove that checkpoint folder to resume from the previous one") from None
+    if not isinstance(state, dict) or not {"scheduler", "rng"} <= set(state):
+        raise CheckpointError(f"{path} is not a tunesmith train state (no scheduler/rng entries)")
+    return state
 
 
 def _load_trainable(path: Path, model) -> None:

@@ -33,10 +33,7 @@ from . import distributed
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast, peak_memory_gb, set_threads
-
-
-class TrainError(RuntimeError):
-    """The run cannot go on (NaN loss, a run folder that would be overwritten, ...)."""
+from .safety import Diverged, DivergenceGuard, TrainError, run_folder, stopped
 
 
 @dataclass
@@ -257,16 +254,17 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | 
         return train_grpo(recipe, model=model, tokenizer=tokenizer, _stop_after=_stop_after)
     d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
-        return _train(recipe, d, device, model, tokenizer, _stop_after)
+        with run_folder(recipe.run_dir, d.main) as started:
+            return _train(recipe, d, device, model, tokenizer, _stop_after, started)
     finally:
         distributed.teardown(d)
 
 
-def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
+def _train(recipe, d, device, model, tokenizer, _stop_after, started) -> RunResult:
     cfg = recipe.train
     run_dir = recipe.run_dir
     say = print if d.main else (lambda *a, **k: None)
-    resume_from = ckpt.latest_checkpoint(run_dir) if recipe.resume else None
+    resume_from = ckpt.latest_checkpoint(run_dir, verified=True, note=say) if recipe.resume else None
     if not recipe.resume and ckpt.list_checkpoints(run_dir):
         raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
                          "or start a new run with name=<new name>")
@@ -275,7 +273,6 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
 
     resolved = rcp.to_yaml(recipe)
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(resolved)
     say(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
 
@@ -335,6 +332,8 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
     log = MetricsLog(run_dir, resume_step=start_step if resume_from else None) if d.main else None
 
     params = [p for p in model.parameters() if p.requires_grad]
+    guard = DivergenceGuard(vocab_size=model.config.vocab_size, token_loss=objective.name == "sft",
+                            patience=cfg.divergence_patience)
     status, step, last_val, epoch_hooked = "completed", start_step, None, None
     tokens_seen, t_start = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step",
@@ -355,20 +354,18 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                                                              window_units, scale=d.world)
                 loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
                 metrics = {k: d.sum(v) / max(window_units, 1) for k, v in sorted(metrics.items())}
-                if not math.isfinite(loss):
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are "
-                                     f"updated; last good checkpoint: {last or 'none'} (lower train.lr, check the data)")
+                guard.check_loss(loss, step + 1)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if not math.isfinite(norm):
-                    raise TrainError(f"gradient norm is {norm} at step {step + 1}: stopping before the "
-                                     f"weights are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
+                guard.check_grad(norm, step + 1)
                 optimizer.step()
                 method.after_step(model, step + 1, optimizer)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                guard.check_weights(params, step, reduce=d.sum)
+                guard.observe(loss, norm, step)
+                started()
 
                 dt = time.perf_counter() - t0
                 tokens_seen += n_tokens
@@ -384,10 +381,11 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}", **shown)
                 bar.update(1)
 
+                val_now = None
                 if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                     total, count = mean_loss(runner, val_batches, device, cfg.precision, limit=cfg.eval_batches,
                                              reduce=False)
-                    last_val = d.sum(total) / max(d.sum(count), 1)
+                    last_val = val_now = d.sum(total) / max(d.sum(count), 1)
                     if log:
                         log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
                     if d.main:
@@ -406,13 +404,16 @@ def _train(recipe, d, device, model, tokenizer, _stop_after) -> RunResult:
                 if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
                     ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                          {"epoch": epoch, "total_steps": total_steps, "world": d.world,
-                                          "micro_batches": start_micro + (step - start_step) * per_step},
+                                          "micro_batches": start_micro + (step - start_step) * per_step,
+                                          "healthy": guard.healthy, "val_loss": val_now},
                                          cfg.keep_last, d)
                 if stop:
                     status = "interrupted"
                     if d.main:
                         tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
                     break
+    except Diverged as e:
+        raise stopped(run_dir, e, note=say, main=d.main) from None
     finally:
         bar.close()
         if log:
