@@ -169,7 +169,10 @@ def _judge(runner: Sandbox, child: Sandbox, verdict_fd: int, deadline: float, ti
         return TestRun(False, "error", GONE, result)
     if verdict is not None:
         return TestRun(False, verdict.get("reason") or "error", verdict.get("error") or "the tests failed", result)
-    return TestRun(False, tests.reason or "error", f"the test runner failed: {_last_line(tests.stderr)}", result)
+    # No verdict: the tests ran out of time, or the runner died (the program, as the same user
+    # under the fallback, may kill it; that is a failure, and not the runner's memory).
+    reason = "timeout" if tests.reason == "timeout" else "error"
+    return TestRun(False, reason, f"the test runner failed: {_last_line(tests.stderr)}", result)
 
 
 def _read_some(fd: int, size: int, deadline: float) -> bytes:

@@ -103,7 +103,7 @@ class Sandbox:
             if exited_at is None and self.exited():
                 exited_at = now
                 self.kill_all()  # leftover processes may hold the pipes open forever
-            if exited_at is None and stop is not None and stop.is_set():
+            if exited_at is None and stop is not None and stop.is_set() and now < deadline:
                 self.stopped, exited_at = True, now  # its partner is done: a short grace, then the end
             stop_at = deadline if exited_at is None else min(deadline, exited_at + EXIT_GRACE_S)
             if now >= stop_at:

@@ -18,6 +18,8 @@ CHILD_FILES = ("launcher.py", "harness.py", "runner.py", "wire.py")
 "The child programs, copied into every box: they run with the standard library only."
 FILE_SIZE_MB = 64
 "Largest file the program may write (RLIMIT_FSIZE)."
+OPEN_FILES = 1024
+"Most file descriptors a sandboxed process may hold (RLIMIT_NOFILE)."
 TMPFS_MB = 64
 "Size of the private /tmp and of the private /dev/shm each sandbox gets."
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -89,7 +91,8 @@ def world_readable(path: str) -> bool:
 
 def limits(timeout_s: float, cpu_s: float | None, memory_mb: int, max_procs: int) -> dict:
     cpu = math.ceil(cpu_s if cpu_s is not None else timeout_s + 1)
-    return {"cpu": max(cpu, 1), "memory": memory_mb << 20, "procs": max_procs, "fsize": FILE_SIZE_MB << 20}
+    return {"cpu": max(cpu, 1), "memory": memory_mb << 20, "procs": max_procs, "fsize": FILE_SIZE_MB << 20,
+            "files": OPEN_FILES}
 
 
 def environment(work: str) -> dict[str, str]:

@@ -166,7 +166,8 @@ def set_limits(dropped):
         procs += own_tasks()  # we share the count with everything else the user runs
     wanted = [("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", limits["cpu"], limits["cpu"] + 1),
               ("RLIMIT_FSIZE", limits["fsize"], limits["fsize"]), ("RLIMIT_NPROC", procs, procs),
-              ("RLIMIT_AS", limits["memory"], limits["memory"])]
+              ("RLIMIT_AS", limits["memory"], limits["memory"]),
+              ("RLIMIT_NOFILE", limits["files"], limits["files"])]
     missing = []
     for name, soft, hard in wanted:
         try:

@@ -164,9 +164,14 @@ def not_dumpable():
 
 
 def program_names():
-    message = wire.receive(REPLY_FD)
+    try:
+        message = wire.receive(REPLY_FD)
+    except (OSError, EOFError, ValueError, wire.ProtocolError) as exc:
+        channel.broken = GONE if isinstance(exc, EOFError) else "protocol error: %s" % exc
+        raise ProgramGone(channel.broken) from None
     if type(message) is not dict or type(message.get("ready")) is not dict:
-        raise ProgramGone(GONE if message is None else "protocol error: no list of names")
+        channel.broken = GONE if message is None else "protocol error: no list of names"
+        raise ProgramGone(channel.broken)
     names = {}
     for name, value in message["ready"].items():
         if type(value) is dict and set(value) == {"m"} and type(value["m"]) is str:
