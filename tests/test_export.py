@@ -3,6 +3,7 @@ and a merged export equals base + adapter in plain transformers. Every adapter h
 and every test also checks the adapter changes the logits, so none can pass on a no-op."""
 import json
 
+import peft  # a test dependency (the `test` extra): parity must fail, not skip, without it
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,6 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_peft_loads_our_adapter_with_same_logits(tokenizer, tmp_path, case):
-    peft = pytest.importorskip("peft")
     cfg = CASES[case]
     ours = lora_model(tokenizer, cfg)
     path = save_adapter(ours, cfg, "tiny", tmp_path / "adapter")
@@ -93,7 +93,6 @@ PEFT_CASES = {
 
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_peft_saved_adapter_loads_with_same_logits(tokenizer, tmp_path, case):
-    peft = pytest.importorskip("peft")
     theirs = peft.get_peft_model(make_tiny_model(tokenizer), peft.LoraConfig(task_type="CAUSAL_LM", **PEFT_CASES[case]))
     randomise(theirs, "lora_", seed=3)
     theirs.eval()

@@ -6,6 +6,7 @@ comparison uses non-zero deltas and checks they change the logits, so none passe
 import json
 import math
 
+import peft  # a test dependency (the `test` extra): parity must fail, not skip, without it
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,6 @@ def test_dora_disabled_is_exactly_the_base_model(tokenizer):
 def test_dora_forward_and_backward_match_peft_with_dropout(tokenizer, tmp_path):
     """Same logits and the same gradients as PEFT in training mode with dropout (same seeds, same
     masks): the norm is a constant in backward and dropout reaches both DoRA terms, as in PEFT."""
-    peft = pytest.importorskip("peft")
     ours, method, _ = tuned(tokenizer, dora=True, dropout=0.2)
     perturb(ours)
     save_tuned(ours, method, "tiny", tmp_path / "a")
@@ -169,7 +169,6 @@ def test_dora_forward_and_backward_match_peft_with_dropout(tokenizer, tmp_path):
 
 
 def test_peft_loads_our_dora_adapter_with_same_logits(tokenizer, tmp_path):
-    peft = pytest.importorskip("peft")
     ours, method, _ = tuned(tokenizer, dora=True, targets=["q_proj", "down_proj"])
     perturb(ours)
     ours.eval()
@@ -182,7 +181,6 @@ def test_peft_loads_our_dora_adapter_with_same_logits(tokenizer, tmp_path):
 
 
 def test_peft_saved_dora_adapter_loads_with_same_logits(tokenizer, tmp_path):
-    peft = pytest.importorskip("peft")
     theirs = peft.get_peft_model(make_tiny_model(tokenizer), peft.LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], use_dora=True))
     perturb(theirs)
@@ -251,7 +249,6 @@ def test_pissa_init_is_the_principal_part_and_starts_at_the_base(tokenizer, rslo
 
 
 def test_pissa_init_matches_peft(tokenizer):
-    peft = pytest.importorskip("peft")
     ours, _, _ = tuned(tokenizer, init="pissa", targets=["q_proj", "gate_proj"])
     theirs = peft.get_peft_model(make_tiny_model(tokenizer), peft.LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], init_lora_weights="pissa"))
@@ -300,7 +297,6 @@ def test_pissa_saves_as_rank_2r_lora_on_the_original_base(tokenizer, tmp_path, o
 
 @pytest.mark.parametrize("opts", [{}, {"dora": True}], ids=["pissa", "pissa+dora"])
 def test_peft_loads_our_pissa_adapter_with_same_logits(tokenizer, tmp_path, opts):
-    peft = pytest.importorskip("peft")
     ours, method, _ = tuned(tokenizer, init="pissa", rslora=True, targets=["k_proj", "o_proj", "up_proj"], **opts)
     perturb(ours)
     ours.eval()
