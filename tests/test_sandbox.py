@@ -353,3 +353,54 @@ def test_pass_at_k_matches_closed_form():
                 closed = 1 - math.comb(n - c, k) / math.comb(n, k)
                 assert pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12), (n, c, k)
     assert pass_at_k(200, 50, 100) == pytest.approx(1 - math.comb(150, 100) / math.comb(200, 100))
+
+
+# ----------------------------------------------------------------------------- the channel
+
+
+def test_wire_round_trips_plain_data_and_nothing_else():
+    from tunesmith.eval.sandbox import wire
+
+    value = [None, True, 3, -0.5, float("inf"), "s", b"\x00b", 1 + 2j, (1, [2]), {"k": {3}}, frozenset({4}), {(1, 2): None}]
+    refs = []
+    back = wire.decode(wire.encode(value, refs.append), lambda ref, label: ("ref", ref))
+    assert back == value and refs == []
+    assert [type(v) for v in back] == [type(v) for v in value]
+
+    class Str(str):
+        def __eq__(self, other):
+            return True
+
+    made = []
+    encoded = wire.encode([Str("x"), 1], lambda obj: made.append(obj) or {"r": 7, "n": "Str"})
+    assert made[0] == "x" and encoded == [{"r": 7, "n": "Str"}, 1]  # the subclass stays behind
+    with pytest.raises(wire.ProtocolError):
+        wire.decode({"x": []}, lambda ref, label: None)
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(json_nested(wire.MAX_DEPTH + 5), lambda ref, label: None)
+
+
+def json_nested(depth: int):
+    value = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_missing_bubblewrap_falls_back_with_a_warning(monkeypatch):
+    import tunesmith.eval.sandbox as sandbox
+    from tunesmith.eval.sandbox import _setup
+
+    monkeypatch.setattr(_setup, "find_bwrap", lambda: None)
+    monkeypatch.setattr(_setup, "_warned", set())
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bubblewrap is Linux only")
+    with pytest.warns(RuntimeWarning, match="bubblewrap not found"):
+        plan = sandbox._plan.__wrapped__()
+    assert plan.bwrap is None
+
+
+def test_a_program_whose_top_level_fails_reports_its_exception():
+    verdict = score_python("import nonexistent_module\ndef add(a, b):\n    return a + b", ADD_TESTS, entry_point="add")
+    assert not verdict.correct
+    assert verdict.error == "error: ModuleNotFoundError: No module named 'nonexistent_module'"

@@ -81,7 +81,8 @@ def leftover_processes(token: str) -> list[int]:
         try:
             if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                found.append(int(entry.name)) if state != "Z" else None
+                if state != "Z":  # a killed zombie waiting for its reaper does not count
+                    found.append(int(entry.name))
         except OSError:
             pass
     return found
