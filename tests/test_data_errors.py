@@ -127,6 +127,16 @@ def test_empty_text_and_too_long_are_reported(tokenizer, tmp_path, capsys):
     assert "longer than data.max_length=32 tokens (data.overflow=drop)" in err
 
 
+def test_truncated_records_are_reported_once(tokenizer, tmp_path, capsys):
+    path = jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": "word " * 100}, {"text": "word " * 50}])
+    splits = load_data(DataConfig(train=str(path), max_length=32), tokenizer)
+    assert len(splits.train) == 3 and splits.stats["train"]["truncated"] == 2
+    err = capsys.readouterr().err
+    assert err.count("[tunesmith]") == 1
+    assert (f"truncated in train: 2 records were cut to data.max_length=32 tokens (data.overflow=truncate), "
+            f"first at {path}:2") in err
+
+
 def test_skips_are_quiet_off_the_main_process(tokenizer, tmp_path, capsys, monkeypatch):
     path = jsonl(tmp_path / "d.jsonl", [{"messages": ANSWERED}, {"messages": UNANSWERED}])
     monkeypatch.setenv("RANK", "1")

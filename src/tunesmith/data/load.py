@@ -86,7 +86,7 @@ def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer,
     """Render records into samples, applying max_length/overflow; records with nothing to train are
     skipped, counted by reason with the first one's location (see `skipped.py`)."""
     samples: list[Sample] = []
-    skipped, truncated = Skipped(), 0
+    skipped = Skipped()
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
     for record in bar:
         example = to_example(record, fmt, cfg)
@@ -104,13 +104,14 @@ def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer,
         elif not any(sample["weights"]):
             skipped.add("cut_off" if was_truncated else "no_trained", record.where)
         else:
-            truncated += was_truncated
+            if was_truncated:
+                skipped.add_truncated(record.where)
             samples.append(sample)
     if not samples:
         raise DataError(no_usable(name, skipped, cfg, "samples"))
     return samples, split_stats(samples, records=len(records), dropped_too_long=skipped.count("too_long"),
-                                truncated=truncated, no_trained_token=skipped.count(*NOTHING_TO_TRAIN),
-                                skipped=skipped.as_stats())
+                                truncated=skipped.truncated, truncated_first=skipped.first_truncated,
+                                no_trained_token=skipped.count(*NOTHING_TO_TRAIN), skipped=skipped.as_stats())
 
 
 def untrainable(example: Example, cfg: DataConfig) -> str | None:
@@ -133,8 +134,9 @@ def no_usable(name: str, skipped: Skipped, cfg: DataConfig, what: str) -> str:
     return f"no usable {what} in {name} after filtering: {reasons}"
 
 
-def split_stats(samples: list[Sample], **counts: int) -> dict:
-    """Counts and token statistics of one split (lengths in tokens, percentiles by nearest rank)."""
+def split_stats(samples: list[Sample], **counts) -> dict:
+    """Counts (and any other facts given, e.g. where skipped records are) plus the token statistics
+    of one split (lengths in tokens, percentiles by nearest rank)."""
     lengths = sorted(len(s["input_ids"]) for s in samples)
 
     def pct(q: float) -> int:

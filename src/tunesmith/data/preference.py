@@ -195,7 +195,7 @@ def _build(records, cfg: DataConfig, renderer: Renderer, name: str):
     """Render records into pairs, applying max_length/overflow to each side; a pair that cannot train
     is skipped, counted with its first location (see `skipped.py`)."""
     pairs: list[PairSample] = []
-    skipped, truncated = Skipped(), 0
+    skipped = Skipped()
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
     for record in bar:
         pair = render_pair(renderer, record.fields, record.where, cfg)
@@ -207,12 +207,14 @@ def _build(records, cfg: DataConfig, renderer: Renderer, name: str):
             cut = any(t for _, t in fitted.values())
             skipped.add("cut_off" if cut else "no_trained", record.where)
         else:
-            truncated += any(t for _, t in fitted.values())
+            if any(t for _, t in fitted.values()):
+                skipped.add_truncated(record.where)
             pairs.append({"chosen": fitted["chosen"][0], "rejected": fitted["rejected"][0]})
     if not pairs:
         raise DataError(no_usable(name, skipped, cfg, "pairs"))
     return pairs, split_stats(flatten_pairs(pairs), records=len(records), pairs=len(pairs),
-                              dropped_too_long=skipped.count("too_long"), truncated=truncated,
+                              dropped_too_long=skipped.count("too_long"), truncated=skipped.truncated,
+                              truncated_first=skipped.first_truncated,
                               no_trained_token=skipped.count(*NOTHING_TO_TRAIN), skipped=skipped.as_stats(),
                               **side_stats(pairs))
 

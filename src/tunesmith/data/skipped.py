@@ -4,6 +4,8 @@ Nothing is dropped silently: `load_data`/`load_pairs` print one line per reason 
 `tunesmith data inspect` shows the same lines under its table, e.g.
 
     skipped in train: 3 records have no assistant turn (nothing to train), first at data.jsonl:7
+
+Records cut to `data.max_length` (kept, but losing their end) get a line of their own too.
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ class Skipped:
     def __init__(self):
         self.counts: dict[str, int] = {}
         self.first: dict[str, str] = {}
+        self.truncated, self.first_truncated = 0, None
+
+    def add_truncated(self, where: str) -> None:
+        """A record kept, but cut to max_length."""
+        self.truncated += 1
+        self.first_truncated = self.first_truncated or where
 
     def add(self, reason: str, where: str) -> None:
         if reason not in REASONS:
@@ -58,13 +66,18 @@ def skip_lines(skipped: dict, max_length: int) -> list[str]:
 
 
 def split_skip_lines(stats: dict, max_length: int) -> list[str]:
-    """`skipped in SPLIT: ...` lines for every split of `DataSplits.stats` (or `skipped: ...` for one
-    split's stats)."""
+    """`skipped in SPLIT: ...` lines (and `truncated in SPLIT: ...`) for every split of
+    `DataSplits.stats`, or `skipped: ...` for one split's stats."""
     splits = {"": stats} if "samples" in stats else stats
     out = []
     for name, s in splits.items():
-        prefix = f"skipped in {name}: " if name else "skipped: "
-        out += [prefix + line for line in skip_lines(s.get("skipped", {}), max_length)]
+        where = f" in {name}" if name else ""
+        out += [f"skipped{where}: {line}" for line in skip_lines(s.get("skipped", {}), max_length)]
+        n = s.get("truncated", 0)
+        if n and s.get("truncated_first"):
+            noun = "record was" if n == 1 else "records were"
+            out.append(f"truncated{where}: {n} {noun} cut to data.max_length={max_length} tokens "
+                       f"(data.overflow=truncate), first at {s['truncated_first']}")
     return out
 
 
