@@ -295,9 +295,10 @@ def read_train_state(path: Path) -> dict:
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError,
             IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
-        kind = "holds objects other than tensors (refused: loading it could run code)" \
-            if isinstance(e, pickle.UnpicklingError) else "is damaged or not a tunesmith train state"
-        raise CheckpointError(f"{path} {kind}; remove that checkpoint folder to resume from the previous one") from None
+        why = "it holds more than tensors and plain values, which could run code" \
+            if isinstance(e, pickle.UnpicklingError) else "damaged"
+        raise CheckpointError(f"{path} is not a readable tunesmith train state (refused: {why}); remove that "
+                              "checkpoint folder to resume from the previous one") from None
     if not isinstance(state, dict) or not {"scheduler", "rng"} <= set(state):
         raise CheckpointError(f"{path} is not a tunesmith train state (no scheduler/rng entries)")
     return state

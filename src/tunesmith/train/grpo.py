@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import random
 import time
 from pathlib import Path
@@ -50,10 +49,11 @@ from ..objectives.grpo import group_advantages, grpo_loss, token_logps
 from ..objectives.rewards import RewardError, build_rewards
 from . import checkpoint as ckpt
 from . import distributed
-from .loop import RunResult, TrainError, _Interrupt, evaluate_task, prepare_model, save_output, seed_everything, to_device, training_mode
+from .loop import RunResult, _Interrupt, evaluate_task, prepare_model, save_output, seed_everything, to_device, training_mode
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .runtime import autocast, peak_memory_gb, pick_device, set_threads
+from .safety import Diverged, DivergenceGuard, TrainError, run_folder, stopped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,8 +150,14 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
     if g.epsilon <= 0 or g.kl_beta < 0:
         raise TrainError(f"objective.grpo: epsilon must be > 0 and kl_beta >= 0 (got {g.epsilon}, {g.kl_beta})")
 
+    with run_folder(recipe.run_dir) as started:
+        return _train_grpo(recipe, task, model, tokenizer, _stop_after, started)
+
+
+def _train_grpo(recipe, task, model, tokenizer, _stop_after, started) -> RunResult:
+    g, cfg = recipe.objective.grpo, recipe.train
     run_dir, total_steps = recipe.run_dir, cfg.steps
-    resume_from = ckpt.latest_checkpoint(run_dir) if recipe.resume else None
+    resume_from = ckpt.latest_checkpoint(run_dir, verified=True) if recipe.resume else None
     if not recipe.resume and ckpt.list_checkpoints(run_dir):
         raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
                          "or start a new run with name=<new name>")
@@ -159,7 +165,6 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
     seed_everything(cfg.seed)
     resolved = rcp.to_yaml(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(resolved)
     print(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
 
@@ -204,6 +209,9 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
     elif recipe.resume:
         print(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
     log = MetricsLog(run_dir, resume_step=start_step if resume_from else None)
+    guard = DivergenceGuard(vocab_size=model.config.vocab_size, token_loss=False, spikes=False,
+                            patience=cfg.divergence_patience)
+    epoch_hooked = None
 
     status, step, t_start, tokens_seen = "completed", start_step, time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=start_step, desc=f"grpo {recipe.name}", unit="step", dynamic_ncols=True)
@@ -211,6 +219,10 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
         with _Interrupt() as interrupt:
             while step < total_steps:
                 t0 = time.perf_counter()
+                epoch = step * g.prompts_per_step // len(examples)  # passes over the prompts
+                if epoch != epoch_hooked:  # a new pass (or the first of this session)
+                    epoch_hooked = epoch
+                    method.on_epoch(model, epoch, optimizer)
                 # ---- 1. prompts of this step, each repeated `samples` times (a group)
                 picked = prompt_indices(len(examples), g.prompts_per_step, cfg.seed, step)
                 for i in picked:
@@ -269,25 +281,24 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
                             stats[k] += m.get(k, 0.0) * n
                         counted += n
                     loss = loss_total / max(total_tokens, 1)
-                    if not math.isfinite(loss):
-                        raise TrainError(f"loss is {loss} at step {step + 1}: stopping before the weights are updated; "
-                                         f"last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'} (lower train.lr)")
+                    guard.check_loss(loss, step + 1)
                     for p in params:  # no trainable completion this step: a zero gradient, still one step
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                     norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-                    if not math.isfinite(norm):
-                        raise TrainError(f"gradient norm is {norm} at step {step + 1}: stopping before the weights "
-                                         f"are updated; last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
+                    guard.check_grad(norm, step + 1)
                     optimizer.step()
                     method.after_step(model, step + 1, optimizer)
                     optimizer.zero_grad(set_to_none=True)
+                    guard.check_weights(params, step + 1)
                     losses.append(loss)
                     norms.append(norm)
                 stats = {k: v / max(counted, 1) for k, v in stats.items()}
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
+                guard.observe(losses[-1], norms[-1], step, expect_grad=bool(keep))
+                started()
 
                 # ---- log
                 dt = time.perf_counter() - t0
@@ -322,11 +333,14 @@ def train_grpo(recipe: rcp.Recipe, *, task=None, model=None, tokenizer=None, _st
                 stop = (_stop_after is not None and step >= _stop_after) or bool(interrupt.requested)
                 if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
                     ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                         {"total_steps": total_steps, "objective": "grpo"}, cfg.keep_last)
+                                         {"total_steps": total_steps, "objective": "grpo", "healthy": guard.healthy},
+                                         cfg.keep_last)
                 if stop and step < total_steps:
                     status = "interrupted"
                     tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
                     break
+    except Diverged as e:
+        raise stopped(run_dir, e) from None
     finally:
         bar.close()
         log.close()

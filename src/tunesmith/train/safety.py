@@ -119,8 +119,9 @@ def stopped(run_dir: Path, error: Diverged, note=print, main: bool = True) -> Tr
         note(f"[tunesmith] set aside {len(moved)} checkpoint(s) written as the run diverged: "
              f"{', '.join(p.name for p in moved)}")
     last = ckpt.latest_checkpoint(run_dir)
-    return TrainError(f"{error}; last healthy checkpoint: {last or 'none (start again)'} "
-                      f"(resume=true continues from it; {error.hint})")
+    if last is None:
+        return TrainError(f"{error}; no healthy checkpoint was written: start again ({error.hint})")
+    return TrainError(f"{error}; last healthy checkpoint: {last} (resume=true continues from it; {error.hint})")
 
 
 @contextlib.contextmanager
