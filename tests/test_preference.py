@@ -320,6 +320,29 @@ def test_orpo_loss():
     assert torch.isfinite(orpo_loss(t([-1e-9]), t([-0.5]), t([0.0]), lam)).all()
 
 
+@pytest.mark.parametrize("name,beta", [("dpo", 0.1), ("ipo", 0.1), ("hinge", 0.1), ("simpo", 2.0), ("orpo", 0.1)])
+def test_unset_beta_is_the_loss_paper_default(monkeypatch, name, beta):
+    """β left unset is each loss's own default (SimPO: 2.0, Meng et al., 2024), resolved when the recipe
+    loads (the printed recipe shows it) and by the objective itself; a β that is set is kept."""
+    from pathlib import Path
+
+    from tunesmith.recipe import RecipeError, load_recipe
+
+    assert load_recipe(None, [f"objective.name={name}"]).objective.preference.beta == beta
+    shipped = Path(__file__).parent.parent / "recipes" / "dpo.yaml"
+    assert load_recipe(shipped, [f"objective.name={name}"]).objective.preference.beta == beta
+    assert load_recipe(None, [f"objective.name={name}", "objective.preference.beta=0.7"]).objective.preference.beta == 0.7
+    assert load_recipe(None).objective.preference.beta is None  # sft: no preference loss, nothing to resolve
+    with pytest.raises(RecipeError, match=r"objective.preference.beta: must be > 0"):
+        load_recipe(None, [f"objective.name={name}", "objective.preference.beta=0"])
+    fake = FakeLogps(interleave(PC, PR), interleave(LC, LR))
+    monkeypatch.setattr(pref, "sequence_logps", fake)
+    batch = {"ref_logps": t(interleave(RC, RR)).float()}
+    unset = preference_objective(None, batch, name, PreferenceConfig())
+    explicit = preference_objective(None, batch, name, PreferenceConfig(beta=beta))
+    assert unset[0].item() == explicit[0].item() and unset[2] == explicit[2]
+
+
 class FakeLogps:
     """Stands in for `sequence_logps`: fixed sums and lengths for segments c1, r1, c2, r2, ..."""
 

@@ -234,42 +234,124 @@ def test_sm3_accumulators_hand_case():
     assert row.tolist() == [4.5, 0.0, 9.5] and col.tolist() == [2.0, 9.5]
 
 
+def sparse_optimizer(model, method, lr=0.1, betas=(0.9, 0.999), weight_decay=None):
+    from tunesmith.recipe import load_recipe
+
+    over = [f"train.lr={lr}", f"train.betas=[{betas[0]},{betas[1]}]"]
+    if weight_decay is not None:
+        method.cfg.weight_decay = weight_decay
+    return build_optimizer(model, load_recipe(None, over).train, method)
+
+
 def test_ma_grows_the_largest_row_times_column_score():
-    layer = SparseLinear(nn.Linear(3, 3, bias=False), 3, "ma")
+    torch.manual_seed(0)
+    model = Toy(3, 3, bias=False)
+    method = sparse_method(density=1 / 3, criterion="ma")
+    attach(model, method)
+    layer = model.proj
+    opt = sparse_optimizer(model, method)
     with torch.no_grad():
         layer.sparse_indices.copy_(torch.tensor([0, 4, 8]))  # the diagonal
         layer.sparse_values.copy_(torch.tensor([1.0, 0.01, 2.0]))
-        layer.sparse_row.copy_(torch.tensor([1.0, 2.0, 10.0]))
-        layer.sparse_col.copy_(torch.tensor([3.0, 1.0, 5.0]))
+    opt.state[layer.sparse_values] = {"row": torch.tensor([1.0, 2.0, 10.0]), "col": torch.tensor([3.0, 1.0, 5.0])}
     # scores R[i]·C[j]: (2,2) = 50 is active; best inactive: (2,0) = 30, then (1,2) = 10
-    assert layer.reselect(1 / 3) == 1
+    assert layer.reselect(1 / 3, opt) == 1
     assert layer.sparse_indices.tolist() == [0, 6, 8] and layer.sparse_values.tolist() == [1.0, 0.0, 2.0]
     # every entry active (density 1): nothing to grow, so nothing is dropped (no duplicate indices)
     slots, incoming, _ = plan_swap(torch.arange(9), torch.randn(9), 9, 3, torch.rand(9))
     assert slots.numel() == incoming.numel() == 0
+    with pytest.raises(MethodError, match="sparse.criterion=ma grows by SM3"):
+        layer.reselect(1 / 3, torch.optim.AdamW([layer.sparse_values]))  # no SM3 accumulators to grow by
 
 
-def test_ma_step_updates_accumulators_and_zeroes_new_state():
+def test_ma_values_are_updated_by_sm3_with_rows_plus_columns_of_state():
+    """SpIEL's `ma` is SM3: one accumulator per row and per column of each matrix, no per-value
+    moments; the step is lr·g/√(min(R[i], C[j]) + g² + ε); growth reads the same accumulators."""
     torch.manual_seed(0)
-    model = Toy(4, 4)
-    method = sparse_method(density=0.25, reselect_every=3, accumulate_steps=1, criterion="ma")
+    model = Toy(4, 6)
+    method = sparse_method(density=0.25, reselect_every=3, accumulate_steps=2, criterion="ma")
     attach(model, method)
     layer = model.proj
-    opt = torch.optim.AdamW([layer.sparse_values], lr=0.1)
-    g = torch.randn(4, 4)
-    idx0 = layer.sparse_indices.clone()
-    drive(model, method, opt, [g])
-    assert layer.sparse_row.abs().sum() > 0 and layer.sparse_col.abs().sum() > 0
-    rows, cols = idx0 // 4, idx0 % 4
-    u = g.flatten()[idx0] ** 2  # R, C start at zero: u = g²
-    assert torch.allclose(layer.sparse_row, torch.zeros(4).scatter_reduce(0, rows, u, "amax"))
-    assert torch.allclose(layer.sparse_col, torch.zeros(4).scatter_reduce(0, cols, u, "amax"))
+    opt = sparse_optimizer(model, method, lr=0.1, weight_decay=0.0)
+    rows, cols = layer.sparse_indices // 6, layer.sparse_indices % 6
+    g1, g2 = torch.randn(4, 6), torch.randn(4, 6)
+    v0 = layer.sparse_values.detach().clone()
+    drive(model, method, opt, [g1])
     state = opt.state[layer.sparse_values]
-    new = [s for s, i in enumerate(layer.sparse_indices.tolist()) if i not in idx0.tolist()]
-    assert new, "p = 1 at the first reselection moves entries"
-    for s in new:
-        assert float(layer.sparse_values.detach()[s]) == 0.0
-        assert float(state["exp_avg"][s]) == 0.0 and float(state["exp_avg_sq"][s]) == 0.0
+    assert set(state) == {"row", "col"} and state["row"].shape == (4,) and state["col"].shape == (6,)
+    u1 = g1.flatten()[layer.sparse_indices] ** 2  # R, C start at zero: u = g²
+    assert torch.allclose(state["row"], torch.zeros(4).scatter_reduce(0, rows, u1, "amax"))
+    assert torch.allclose(state["col"], torch.zeros(6).scatter_reduce(0, cols, u1, "amax"))
+    step1 = v0 - 0.1 * g1.flatten()[layer.sparse_indices] / (u1 + 1e-8).sqrt()
+    torch.testing.assert_close(layer.sparse_values.detach(), step1)  # the first step: -lr·sign(g)
+    row, col = state["row"].clone(), state["col"].clone()
+    drive(model, method, opt, [g2], start=2)  # step 2 = A: the first reselection (p = 1) after the update
+    g = g2.flatten()[rows * 6 + cols]
+    u2 = torch.minimum(row[rows], col[cols]) + g ** 2
+    expected = torch.maximum(row, torch.zeros(4).scatter_reduce(0, rows, u2, "amax"))
+    torch.testing.assert_close(state["row"], expected)
+    scores = torch.outer(state["row"], state["col"]).flatten()
+    start = set((rows * 6 + cols).tolist())
+    grown = [i for i in layer.sparse_indices.tolist() if i not in start]
+    assert grown, "p = 1 at the first reselection moves entries"
+    outside = scores.clone()
+    outside[list(start)] = float("-inf")
+    assert set(grown) <= set(outside.topk(len(start)).indices.tolist())
+    assert all(float(layer.sparse_values.detach()[layer.sparse_indices.tolist().index(i)]) == 0.0 for i in grown)
+
+
+def test_ag_grown_entries_get_their_own_age():
+    """SpIEL's AdamW counts steps per entry: an entry grown after a phase of a steps is seeded with
+    m = mean(g)·(1−β1^a), v = mean(g²)·(1−β2^a), age a; kept entries keep theirs; the next step's
+    bias correction uses each entry's own age (the reference's age-aware moments)."""
+    layer_model = Toy(4, 4)
+    method = sparse_method(density=0.25)
+    attach(layer_model, method)
+    layer = layer_model.proj
+    opt = sparse_optimizer(layer_model, method, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    layer.sparse_values.grad = torch.ones(4)
+    for _ in range(7):
+        opt.step()
+    state = opt.state[layer.sparse_values]
+    assert state["age"].tolist() == [7.0] * 4
+    with torch.no_grad():
+        layer.sparse_indices.copy_(torch.tensor([0, 5, 10, 15]))
+        layer.sparse_values.copy_(torch.tensor([0.5, -0.01, 0.3, 0.02]))
+        layer.sparse_candidates.copy_(torch.tensor([5, 1, 2, 3]))
+        layer.sparse_grad_sum.copy_(torch.tensor([9.0, 4.0, -7.0, 0.5]))
+        layer.sparse_grad_sq.copy_(torch.tensor([50.0, 10.0, 30.0, 1.0]))
+        layer.sparse_seen.fill_(2)
+    m_before, v_before = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    assert layer.reselect(0.5, opt) == 1 and layer.sparse_indices.tolist() == [0, 5, 10, 2]
+    assert state["age"].tolist() == [7.0, 7.0, 7.0, 2.0]
+    assert float(state["exp_avg"][3]) == pytest.approx(-7.0 / 2 * (1 - 0.9 ** 2))
+    assert float(state["exp_avg_sq"][3]) == pytest.approx(30.0 / 2 * (1 - 0.99 ** 2))
+    assert torch.equal(state["exp_avg"][:3], m_before[:3]) and torch.equal(state["exp_avg_sq"][:3], v_before[:3])
+    # one more step with gradient g: each entry is bias-corrected by its own age (8 and 3)
+    g = torch.tensor([1.0, 1.0, 1.0, 2.0])
+    m = 0.9 * state["exp_avg"].clone() + 0.1 * g
+    v = 0.99 * state["exp_avg_sq"].clone() + 0.01 * g * g
+    age = torch.tensor([8.0, 8.0, 8.0, 3.0])
+    expected = layer.sparse_values.detach() - 0.1 * (m / (1 - 0.9 ** age)) / ((v / (1 - 0.99 ** age)).sqrt() + 1e-8)
+    layer.sparse_values.grad = g
+    opt.step()
+    torch.testing.assert_close(layer.sparse_values.detach(), expected)
+
+
+def test_values_are_pulled_toward_the_base_by_default():
+    assert SparseConfig().weight_decay > 0, "SpIEL decays the values toward the pretrained weights"
+    for criterion in ("ag", "ma"):
+        model = Toy(4, 4)
+        method = sparse_method(density=0.5, criterion=criterion)
+        attach(model, method)
+        opt = sparse_optimizer(model, method, lr=0.01)
+        values = model.proj.sparse_values
+        assert all(g["weight_decay"] == SparseConfig().weight_decay for g in opt.param_groups)
+        with torch.no_grad():
+            values.fill_(0.5)
+        values.grad = torch.zeros_like(values)  # no gradient signal: only the pull acts
+        opt.step()
+        torch.testing.assert_close(values.detach(), torch.full_like(values, 0.5 * (1 - 0.01 * SparseConfig().weight_decay)))
 
 
 @pytest.mark.parametrize("criterion", ["ag", "ma"])
@@ -282,9 +364,10 @@ def test_indices_distinct_in_range_and_state_is_o_of_k(tokenizer, criterion):
     mods = sparse_modules(model)
     start = {n: m.sparse_indices.clone() for n, m in mods.items()}
     opt = build_optimizer(model, load_recipe(None, ["train.lr=1e-2", "train.weight_decay=0.1"]).train, method)
-    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups), "weight decay acts on the values"
+    wd = method.cfg.weight_decay
+    assert all(g["weight_decay"] == wd > 0 for g in opt.param_groups), "the values decay toward the base"
     model.train()
-    method.on_epoch(model, 0)
+    method.on_epoch(model, 0, opt)
     g = torch.Generator().manual_seed(0)
     for step in range(1, 8):  # reselections at steps 1, 4 and 7
         ids = torch.randint(5, 1000, (2, 12), generator=g)
@@ -299,11 +382,11 @@ def test_indices_distinct_in_range_and_state_is_o_of_k(tokenizer, criterion):
         assert not torch.equal(idx.sort().values, start[n].sort().values), f"{n}: no reselection happened"
     k = sum(m.k for m in mods.values())
     assert set(map(id, opt.state)) == {id(m.sparse_values) for m in mods.values()}
-    for p, state in opt.state.items():
-        assert all(t.numel() <= p.numel() for t in state.values() if torch.is_tensor(t))
+    for m in mods.values():  # ag: age, m, v per value; ma (SM3): one number per row and per column
+        held = sum(t.numel() for t in opt.state[m.sparse_values].values())
+        assert held == (3 * m.k if criterion == "ag" else m.out_features + m.in_features)
     saved = sum(t.numel() for t in delta_state(model).values())
-    extra = sum(m.weight.shape[0] + m.weight.shape[1] + 1 for m in mods.values())
-    assert saved <= 5 * k + extra, "everything saved is O(k) (plus ma's row/column accumulators)"
+    assert saved <= 5 * k + len(mods), "everything saved is O(k)"
     assert saved < sum(m.weight.numel() for m in mods.values()) / 2
 
 

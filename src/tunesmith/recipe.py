@@ -135,7 +135,9 @@ class SparseConfig:
     regrow: float = 0.2
     "Fraction of active entries swapped at a reselection, decaying linearly to 0 over the run."
     criterion: Literal["ag", "ma"] = "ag"
-    "Growth criterion: `ag` accumulated gradients of the candidates; `ma` SM3-style row×column momentum."
+    "`ag`: AdamW, grow by accumulated gradients; `ma`: SM3 (O(d_in+d_out) state per matrix; paper lr 4e-4 to 2e-3), grow by its row×column statistic."
+    weight_decay: float = 1.0
+    "Pull toward the pretrained weights: values decay by lr·wd each step (SpIEL: wd 1-30 at lr 1e-5)."
 
 
 @dataclass(kw_only=True)
@@ -222,12 +224,19 @@ class MethodConfig:
     "Options of `longlora`'s trainable set: LoRA on attention + embeddings and norms (Chen et al., 2024)."
 
 
+# β of each preference loss when `objective.preference.beta` is null, from its paper: DPO 0.1
+# (Rafailov et al., 2023); SimPO 2.0 (Meng et al., 2024, "2.0 or 2.5"; at 0.1 its length-normalised
+# reward barely moves); IPO and hinge 0.1 (TRL's default: neither paper fixes one value on this
+# scale); ORPO's loss has no β (its λ is `orpo_lambda`), 0.1 scales only its logged rewards.
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
 @dataclass(kw_only=True)
 class PreferenceConfig:
-    beta: float = 0.1
-    "Strength of the implicit KL to the reference (DPO, IPO, hinge) or reward scale (SimPO)."
+    beta: float | None = None
+    "β: KL strength (dpo, ipo, hinge) or reward scale (simpo); null = the loss's paper default (simpo 2.0, others 0.1), resolved in the printed recipe."
     gamma: float = 0.5
-    "SimPO's target reward margin divided by beta (Meng et al., 2024: gamma/beta ≈ 0.5)."
+    "SimPO's target reward margin as a fraction of β (γ = gamma·β; the paper's 0.5: γ = 1.0 at β = 2.0)."
     orpo_lambda: float = 0.1
     "ORPO's weight of the odds-ratio term next to the SFT loss on the chosen answer."
     label_smoothing: float = 0.0
@@ -522,6 +531,10 @@ def _validate(obj, prefix: str) -> None:
             raise RecipeError(f"{prefix}dropout: must be in [0, 1), got {obj.dropout}")
     if isinstance(obj, FreezeConfig):
         positive("layers", allow_zero=True)
+    if isinstance(obj, PreferenceConfig):
+        positive("beta")
+    if isinstance(obj, ObjectiveConfig) and obj.preference.beta is None and obj.name in PREFERENCE_BETA:
+        obj.preference.beta = PREFERENCE_BETA[obj.name]  # the loss's own default, shown in the resolved recipe
     if isinstance(obj, SparseConfig):
         if not 0.0 < obj.density <= 1.0:
             raise RecipeError(f"{prefix}density: must be in (0, 1], got {obj.density}")
@@ -529,6 +542,7 @@ def _validate(obj, prefix: str) -> None:
             raise RecipeError(f"{prefix}regrow: must be in [0, 1], got {obj.regrow}")
         positive("reselect_every")
         positive("accumulate_steps")
+        positive("weight_decay", allow_zero=True)
         if obj.accumulate_steps >= obj.reselect_every:
             raise RecipeError(f"{prefix}accumulate_steps: must be < reselect_every ({obj.reselect_every}), "
                               f"got {obj.accumulate_steps}")

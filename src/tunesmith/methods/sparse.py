@@ -3,18 +3,25 @@
 Each target Linear trains k = round(density · numel) entries of its weight: `sparse_indices` (flat
 positions) and `sparse_values` φ, so W' = W + scatter(φ at indices) and y = x W'ᵀ + b. φ starts at 0
 (training starts at the base model) at k random positions. The gradient of φ is the dense weight
-gradient gathered at the indices; optimizer state stays O(k). Weight decay acts on φ, pulling the
-weights back toward the pretrained ones.
+gradient gathered at the indices. Decoupled weight decay acts on φ (φ −= lr·wd·φ, `sparse.weight_decay`,
+on by default), pulling the weights back toward the pretrained ones.
+
+The method brings its own optimizer (`make_optimizer`, `SparseOptimizer`), as the reference does:
+- `ag`: AdamW whose bias correction counts per entry (an `age` per value), so an entry grown mid-run
+  gets Adam's first-step behaviour instead of the whole matrix's step count; O(k) state.
+- `ma`: SM3 (Anil et al., 2019): per matrix a row accumulator R[d_out] and a column one C[d_in];
+  u = min(R[i], C[j]) + g², R and C take the max of u per row/column, φ −= lr·g/√(u + ε). Its
+  state is O(d_in + d_out) per matrix, no per-value moments.
 
 The active set moves during training (update → prune → regrow, after the optimizer step): a
 selection phase opens at steps t with (t+1) mod S = 0 (and at the start), and at t mod S = A the
 n = ⌊p·k⌋ active entries with the smallest |φ| are dropped and n new ones grown, with value 0:
 - `ag`: the candidates are the top-k |∇W| at the phase's first gradient; their gradients are summed
   over the phase (a hook on the dense weight, only while a phase is open) and the largest |Σg| grow.
-  An index both dropped and grown stays, value and all. Grown entries' Adam moments are seeded from
-  the phase's gradient mean and mean square.
-- `ma`: SM3-style row/column accumulators R[out], C[in] fed by φ's gradients every step
-  (u = min(R[i], C[j]) + g², scatter-max); inactive (i, j) grow by R[i]·C[j]. No dense gradient ever.
+  An index both dropped and grown stays, value and all. A grown entry's moments are seeded from the
+  phase's a steps, m = mean(g)·(1−β1^a), v = mean(g²)·(1−β2^a), and its age set to a, so that after
+  bias correction they read as the phase's mean and mean square.
+- `ma`: inactive (i, j) grow by SM3's R[i]·C[j]. No dense gradient ever.
 p = 1 at the first reselection (it replaces the random start), then regrow · (1 − t/T).
 
 Pick it over LoRA when the update should be a few exact weights rather than a low-rank product: the
@@ -73,32 +80,94 @@ def plan_swap(indices: torch.Tensor, values: torch.Tensor, numel: int, n: int, s
 
 
 def sm3_update(row: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               grad: torch.Tensor) -> None:
-    """SM3's cover update, in place: u = min(R[i], C[j]) + g², then R, C take the max of u per row/column."""
+               grad: torch.Tensor) -> torch.Tensor:
+    """SM3's cover update, in place: u = min(R[i], C[j]) + g², then R, C take the max of u per
+    row/column; returns u (the entries' second-moment estimates)."""
     u = torch.minimum(row[rows], col[cols]) + grad.float() ** 2
     row.scatter_reduce_(0, rows, u, "amax")
     col.scatter_reduce_(0, cols, u, "amax")
+    return u
 
 
-def reset_optimizer_state(optimizer, param: nn.Parameter, slots: torch.Tensor,
-                          mean: torch.Tensor | None = None, mean_sq: torch.Tensor | None = None) -> None:
-    """Fresh Adam state at `slots` of `param`: zero, or seeded so that after Adam's bias correction
-    (its step count is per parameter, not per entry) the moments read as the given mean and mean square."""
+def reset_optimizer_state(optimizer, param: nn.Parameter, slots: torch.Tensor, mean: torch.Tensor | None = None,
+                          mean_sq: torch.Tensor | None = None, age: float = 0.0) -> None:
+    """Fresh Adam state at `slots` of `param`: zero, or seeded with `age` steps' gradient mean and mean
+    square, m = mean·(1−β1^age), v = mean_sq·(1−β2^age), so bias correction reads them back. With a
+    per-entry age (SparseOptimizer) those slots get that age; a plain AdamW's step count is per
+    parameter, so the seeds are scaled by its count instead."""
     state = optimizer.state.get(param) if optimizer is not None else None
-    if not state:
+    if not state or "exp_avg" not in state:
         return
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
     beta1, beta2 = group.get("betas", (0.9, 0.999))
-    t = float(state["step"]) if "step" in state else 0.0
+    per_entry = "age" in state and state["age"].shape == param.shape
+    if per_entry:
+        state["age"][slots] = float(age) if mean is not None else 0.0
+    t = float(age) if per_entry else float(state.get("step", 0.0))
     seeds = (("exp_avg", mean, beta1), ("exp_avg_sq", mean_sq, beta2), ("max_exp_avg_sq", mean_sq, beta2))
     for key, init, beta in seeds:
         if key in state:
             state[key][slots] = 0.0 if init is None else (init * (1.0 - beta ** t)).to(state[key].dtype)
 
 
+class SparseOptimizer(torch.optim.Optimizer):
+    """The optimizer of SpIEL's values (any other trainable parameter gets plain AdamW):
+    `ag` values: AdamW with a per-entry age for bias correction; `ma` values: SM3 (module docstring).
+    Decoupled weight decay (a group's `weight_decay`) is applied first: p ← p·(1 − lr·wd)."""
+
+    def __init__(self, params, layers: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0.0})
+        self.layers = layers  # id(values parameter) -> its SparseLinear
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                layer = self.layers.get(id(p))
+                if layer is not None and layer.criterion == "ma":
+                    self._sm3(p, layer, group)
+                else:
+                    self._adam(p, group, per_entry=layer is not None)
+        return loss
+
+    def _adam(self, p, group, per_entry: bool) -> None:
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        if not state:
+            state["age"] = torch.zeros_like(p, dtype=torch.float32) if per_entry else torch.zeros((), device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        g, age, m, v = p.grad.float(), state["age"], state["exp_avg"], state["exp_avg_sq"]
+        age.add_(1.0)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias1 = 1.0 - torch.pow(beta1, age)
+        bias2 = 1.0 - torch.pow(beta2, age)
+        update = (m / bias1) / ((v / bias2).sqrt_().add_(group["eps"]))
+        p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _sm3(self, p, layer, group) -> None:
+        state = self.state[p]
+        if not state:
+            state["row"] = torch.zeros(layer.out_features, device=p.device, dtype=torch.float32)
+            state["col"] = torch.zeros(layer.in_features, device=p.device, dtype=torch.float32)
+        idx = layer.sparse_indices
+        g = p.grad.float()
+        u = sm3_update(state["row"], state["col"], idx // layer.in_features, idx % layer.in_features, g)
+        p.add_((g / (u + group["eps"]).sqrt()).to(p.dtype), alpha=-group["lr"])
+
+
 class SparseLinear(nn.Linear):
     """An nn.Linear that keeps its own `weight`/`bias` keys and adds `sparse_indices`, `sparse_values`
-    and the state of its growth criterion (all persistent, so checkpoints resume mid-phase)."""
+    and, for `ag`, the state of its growth criterion (all persistent, so checkpoints resume mid-phase;
+    `ma`'s criterion is SM3's accumulators, which the optimizer state carries)."""
 
     def __init__(self, base: nn.Linear, k: int, criterion: str):
         nn.Module.__init__(self)
@@ -115,9 +184,6 @@ class SparseLinear(nn.Linear):
             self.register_buffer("sparse_grad_sq", torch.zeros(k, device=dev, dtype=torch.float32))
             # steps accumulated in the open selection phase; -1: no phase open. The first one opens now.
             self.register_buffer("sparse_seen", torch.tensor(0, device=dev))
-        else:
-            self.register_buffer("sparse_row", torch.zeros(self.out_features, device=dev, dtype=torch.float32))
-            self.register_buffer("sparse_col", torch.zeros(self.in_features, device=dev, dtype=torch.float32))
         self.collecting = criterion == "ag"  # mirrors sparse_seen >= 0 without a device sync per forward
         self._step_grad = None  # this rank's gradient at the candidates during the current step
 
@@ -153,18 +219,14 @@ class SparseLinear(nn.Linear):
 
     @torch.no_grad()
     def end_step(self) -> None:
-        """After an optimizer step: add the step's (all-rank) gradient statistics to the criterion."""
-        if self.criterion == "ag":
-            if self._step_grad is not None:
-                g = _all_reduce(self._step_grad)
-                self._step_grad = None
-                self.sparse_grad_sum += g
-                self.sparse_grad_sq += g * g
-                self.sparse_seen += 1
-        elif self.sparse_values.grad is not None:  # already reduced across ranks (DDP)
-            idx = self.sparse_indices
-            sm3_update(self.sparse_row, self.sparse_col, idx // self.in_features, idx % self.in_features,
-                       self.sparse_values.grad)
+        """After an optimizer step: add the step's (all-rank) gradient statistics to `ag`'s criterion
+        (`ma`'s accumulators are updated by the SM3 step itself)."""
+        if self.criterion == "ag" and self._step_grad is not None:
+            g = _all_reduce(self._step_grad)
+            self._step_grad = None
+            self.sparse_grad_sum += g
+            self.sparse_grad_sq += g * g
+            self.sparse_seen += 1
 
     @torch.no_grad()
     def open_phase(self) -> None:
@@ -180,6 +242,7 @@ class SparseLinear(nn.Linear):
         n = math.floor(p * self.k)
         idx, values, numel = self.sparse_indices, self.sparse_values, self.weight.numel()
         mean = mean_sq = None
+        seen = 0
         if self.criterion == "ag":
             seen = int(self.sparse_seen)
             self.sparse_seen.fill_(-1)
@@ -192,11 +255,15 @@ class SparseLinear(nn.Linear):
         else:
             if n == 0:
                 return 0
-            scores = torch.outer(self.sparse_row, self.sparse_col).flatten()
+            state = optimizer.state.get(values) if optimizer is not None else None
+            if not state or "row" not in state:
+                raise MethodError("sparse.criterion=ma grows by SM3's row/column accumulators: train with the "
+                                  "method's optimizer (build_optimizer(model, train_cfg, method)), after a step")
+            scores = torch.outer(state["row"], state["col"]).flatten()
             slots, incoming, _ = plan_swap(idx, values, numel, n, scores)
         idx[slots] = incoming
         values[slots] = 0.0
-        reset_optimizer_state(optimizer, values, slots, mean, mean_sq)
+        reset_optimizer_state(optimizer, values, slots, mean, mean_sq, seen)
         return int(slots.numel())
 
     def merged(self) -> nn.Linear:
@@ -254,6 +321,15 @@ class Sparse(MethodBase):
     def optimizer_options(self, name: str, param) -> dict:
         return {"decay": True} if self.is_trainable(name, param) else {}
 
+    def make_optimizer(self, model: nn.Module, param_groups: list[dict], train_cfg) -> SparseOptimizer:
+        """The values' optimizer (`build_optimizer` calls this): `ag` AdamW with per-entry ages, `ma`
+        SM3; every group of values decays toward the base with `sparse.weight_decay`."""
+        layers = {id(m.sparse_values): m for m in sparse_modules(model).values()}
+        for group in param_groups:
+            if all(id(p) in layers for p in group["params"]):
+                group["weight_decay"] = self.cfg.weight_decay
+        return SparseOptimizer(param_groups, layers, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
+
     def merge(self, model: nn.Module) -> None:
         for name, mod in list(sparse_modules(model).items()):
             set_module(model, name, mod.merged())
@@ -294,5 +370,7 @@ class Sparse(MethodBase):
             return ""
         k = sum(m.k for m in mods)
         numel = sum(m.weight.numel() for m in mods)
+        update = "SM3" if self.cfg.criterion == "ma" else "AdamW with per-entry ages"
         return (f"{k:,} trained weights in {len(mods)} matrices ({100 * k / numel:.2f}% of their weights), "
-                f"reselected every {self.cfg.reselect_every} steps by `{self.cfg.criterion}`")
+                f"reselected every {self.cfg.reselect_every} steps by `{self.cfg.criterion}`, updated by {update}, "
+                f"pulled toward the base with weight decay {self.cfg.weight_decay:g}")

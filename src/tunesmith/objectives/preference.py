@@ -14,6 +14,9 @@ Losses, per pair, with h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) �
 - orpo  (Hong et al., 2024, reference-free): NLL(y_c) − λ log σ(log odds(ā_c) − log odds(ā_r)),
         odds(ā) = p / (1 − p) with p = exp(ā); NLL(y_c) = −ā_c, the chosen answer's per-token NLL.
 
+β left unset (None) is the loss's own paper default (`recipe.PREFERENCE_BETA`): SimPO's reward is a
+per-token average, about 1/length of DPO's sequence sum, so it needs β ≈ 2 where DPO takes 0.1.
+
 `preference_objective` returns the *sum* of per-pair losses and the number of pairs: the loop
 divides by the pairs of the whole accumulation window, as it divides SFT losses by tokens.
 """
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..methods.lora import adapters_disabled, lora_modules
+from ..recipe import PREFERENCE_BETA
 from .sft import forward_hidden
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -142,12 +146,17 @@ def orpo_loss(pc_mean, pr_mean, nll_chosen, lam: float) -> torch.Tensor:
 # the objective
 
 
+def resolve_beta(name: str, beta: float | None) -> float:
+    """β as set, or the loss's paper default when unset."""
+    return PREFERENCE_BETA[name] if beta is None else float(beta)
+
+
 def preference_objective(model, batch: dict, name: str, cfg, reference=None, chunk: int = 1024):
     """(loss_sum, n_pairs, metrics) for a batch of pairs from `collate(flatten_pairs(pairs), ...)`.
 
     Args:
         name: dpo, ipo, hinge, simpo or orpo.
-        cfg: a PreferenceConfig (beta, gamma, orpo_lambda, label_smoothing).
+        cfg: a PreferenceConfig (beta, gamma, orpo_lambda, label_smoothing); beta None = the loss's default.
         reference: for dpo/ipo/hinge, where the reference log-probs come from, first match wins:
             `batch["ref_logps"]` ([S] per-segment sums, precomputed); a frozen nn.Module (used as is,
             its own adapters on); None = the policy with its LoRA adapters off (an error without LoRA).
@@ -169,7 +178,7 @@ def preference_objective(model, batch: dict, name: str, cfg, reference=None, chu
     pc, pr = logps[0::2], logps[1::2]
     n = counts.to(torch.float32).clamp(min=1)
     nc, nr = n[0::2], n[1::2]
-    beta = cfg.beta
+    beta = resolve_beta(name, cfg.beta)
     if name in REFERENCE_FREE:
         mc, mr = pc / nc, pr / nr
         if name == "simpo":

@@ -22,6 +22,8 @@ def build_optimizer(model, cfg, method=None) -> torch.optim.AdamW:
             groups.setdefault((decay, float(options.get("lr_scale", 1.0))), []).append(p)
     param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
                     for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    if hasattr(method, "make_optimizer"):  # a method with its own update rule (SpIEL: per-entry Adam, SM3)
+        return method.make_optimizer(model, param_groups, cfg)
     device = param_groups[0]["params"][0].device
     # fused AdamW exists for CPU and CUDA in recent torch; foreach is the safe fallback.
     impl = getattr(cfg, "adamw", "fused")
