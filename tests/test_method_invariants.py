@@ -14,6 +14,7 @@ from tunesmith.methods import attach, build_method
 from tunesmith.recipe import MethodConfig, method_from_dict
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import train
+from tunesmith.train.metrics import read_metrics
 from tunesmith.train.optim import build_optimizer
 
 # (case id, method name, options) — small sizes for the tiny model (hidden 64, 2 layers)
@@ -42,16 +43,20 @@ CASES = [
 ]
 
 
-def _available(name, opts):
+def _traits(name, opts):
+    """(mergeable, output) of a case's method; None when it cannot be built, so the case stays in
+    every list below and its tests fail with the real error (a missing method module is a failure)."""
     try:
-        build_method(method_from_dict(name, opts))
-        return True
-    except ModuleNotFoundError:
-        return False
+        method = build_method(method_from_dict(name, opts))
+    except Exception:  # noqa: BLE001 — reported by the tests themselves
+        return None
+    return method.mergeable, method.output
 
 
-PARAMS = [pytest.param(name, opts, id=cid, marks=pytest.mark.skipif(not _available(name, opts), reason=f"{name} not built"))
-          for cid, name, opts in CASES]
+TRAITS = {cid: _traits(name, opts) for cid, name, opts in CASES}
+PARAMS = [pytest.param(name, opts, id=cid) for cid, name, opts in CASES]
+MERGEABLE = [p for p in PARAMS if TRAITS[p.id] is None or TRAITS[p.id][0]]
+ADAPTERS = [p for p in PARAMS if TRAITS[p.id] is None or TRAITS[p.id][1] == "adapter"]
 
 
 def make(tokenizer, name, opts, seed=0):
@@ -122,11 +127,10 @@ def tiny_recipe_cfg():
     return load_recipe(None, ["train.lr=1e-2", "train.weight_decay=0.1"])
 
 
-@pytest.mark.parametrize("name,opts", PARAMS)
+@pytest.mark.parametrize("name,opts", MERGEABLE)
 def test_merged_equals_unmerged_and_differs_from_base(tokenizer, name, opts):
     model, method, _, base_keys = make(tokenizer, name, opts)
-    if not method.mergeable:
-        pytest.skip(f"{name} does not merge")
+    assert method.mergeable
     base = logits(make_tiny_model(tokenizer), IDS)
     perturb(model)
     model.eval()
@@ -138,13 +142,12 @@ def test_merged_equals_unmerged_and_differs_from_base(tokenizer, name, opts):
     assert (merged - base).abs().max() > 1e-3, "merged must differ from the base model"
 
 
-@pytest.mark.parametrize("name,opts", PARAMS)
+@pytest.mark.parametrize("name,opts", ADAPTERS)
 def test_adapter_save_load_round_trip(tokenizer, name, opts, tmp_path):
     from tunesmith.export.tuned import load_tuned, save_tuned
 
     model, method, _, _ = make(tokenizer, name, opts)
-    if method.output != "adapter":
-        pytest.skip(f"{name} saves the whole model")
+    assert method.output == "adapter"
     perturb(model)
     model.eval()
     expected = logits(model, IDS)
@@ -159,9 +162,22 @@ def test_adapter_save_load_round_trip(tokenizer, name, opts, tmp_path):
     assert (got - base).abs().max() > 1e-3
 
 
+def epoch_losses(run_dir):
+    """Per epoch, the loss over every trained token of that epoch (each step's mean loss weighted by
+    its trained tokens), with the token count: epochs cover the same samples, so they compare."""
+    sums: dict[int, list[float]] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if "loss" in r:
+            acc = sums.setdefault(r["epoch"], [0.0, 0])
+            acc[0] += r["loss"] * r["trained_tokens"]
+            acc[1] += r["trained_tokens"]
+    return [(total / n, n) for _, (total, n) in sorted(sums.items())]
+
+
 @pytest.mark.parametrize("name,opts", PARAMS)
 def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
-    """Through the real loop: 6 steps straight vs 3 + resume 3; output saved; loss goes down."""
+    """Through the real loop: 6 steps straight vs 3 + resume 3; output saved; loss goes down (the
+    last epoch's loss over the training set is below the first epoch's, on the same samples)."""
     extra = [f"method.name={name}"] + [f"method.{name}.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}"
                                        for k, v in opts.items()]
     extra += ["train.batch_tokens=512"]  # 2 micro-batches an epoch: 3 epochs in 6 steps, so per-epoch hooks run
@@ -173,6 +189,15 @@ def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
     assert len(a) == len(b) == 6
     assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
     assert full.output is not None and full.output.is_dir()
+    epochs = epoch_losses(full.run_dir)
+    assert len(epochs) == 3 and epochs[0][1] == epochs[-1][1], epochs  # the same trained tokens each epoch
+    assert epochs[-1][0] < epochs[0][0], f"loss did not go down over 3 epochs: {epochs}"
+
+
+def test_every_method_has_a_case():
+    from tunesmith.methods import REGISTRY
+
+    assert {name for _, name, _ in CASES} == set(REGISTRY)
 
 
 def test_methods_command_lists_every_method_with_its_size(tiny_model_dir, capsys):
@@ -199,10 +224,27 @@ def test_frozen_bf16_with_fp32_compute_is_refused_when_base_weights_train(tmp_pa
         train(tiny_recipe(tmp_path, tiny_model_dir, "method.name=freeze", "model.frozen_dtype=bf16"))
 
 
+def greedy_cached(model, ids, n):
+    """n new tokens by greedy decoding through `generate` (KV cache on)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    return out[:, ids.shape[1]:]
+
+
+def greedy_uncached(model, ids, n):
+    """n new tokens by greedy decoding the slow way: a full forward per token, no cache."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, -n:]
+
+
 @pytest.mark.parametrize("name,opts", [p for p in PARAMS if p.id in ("sparse-ag", "ia3", "prefix", "mam")])
 def test_trained_adapter_serves_and_exports(tmp_path, tiny_model_dir, name, opts):
-    """After training: inference loads the run's adapter (merged when the method merges, with the
-    same logits as the trained model) and `export` writes a plain model or refuses by name."""
+    """After training: inference loads the run's adapter (merged when the method merges) with the
+    same logits and, under greedy decoding, the same continuation token for token as the unmerged
+    model decoded without a cache; `export` writes a plain model or refuses by name."""
     from transformers import AutoModelForCausalLM
 
     from tunesmith.export import ExportError, export_merged
@@ -214,7 +256,11 @@ def test_trained_adapter_serves_and_exports(tmp_path, tiny_model_dir, name, opts
     served, _ = load_for_inference(str(tiny_model_dir), adapter=str(result.run_dir))
     expected = logits(unmerged, IDS)
     torch.testing.assert_close(logits(served, IDS), expected, atol=1e-5, rtol=1e-4)
-    assert generate(served, tok, ["What is 2 plus 3?"], max_new_tokens=4)[0] is not None
+    want = greedy_uncached(unmerged, IDS, 6)
+    assert torch.equal(greedy_cached(served, IDS, 6), want)
+    assert torch.equal(greedy_cached(unmerged, IDS, 6), want)
+    texts = generate(served, tok, ["What is 2 plus 3?", "Name a colour."], max_new_tokens=6)
+    assert all(texts) and texts == generate(unmerged, tok, ["What is 2 plus 3?", "Name a colour."], max_new_tokens=6)
     if not build_method(method_from_dict(name, opts)).mergeable:
         with pytest.raises(ExportError, match=f"a `{name}` adapter cannot be merged"):
             export_merged(str(tiny_model_dir), result.run_dir, tmp_path / "merged")
@@ -223,3 +269,4 @@ def test_trained_adapter_serves_and_exports(tmp_path, tiny_model_dir, name, opts
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(plain, IDS), expected, atol=1e-5, rtol=1e-4)
     assert (logits(plain, IDS) - logits(make_tiny_model(tokenizer=tok), IDS)).abs().max() > 1e-3
+    assert torch.equal(greedy_cached(plain, IDS, 6), want)
