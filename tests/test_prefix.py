@@ -255,6 +255,9 @@ def test_peft_loads_our_adapter_with_the_same_logits(tokenizer, tmp_path):
         torch.testing.assert_close(peft_model(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos - L)
                                    .logits, ours, atol=1e-5, rtol=1e-4)
     assert (theirs - ours).abs().max() > 1e-4  # the position convention is a real difference
+    with torch.no_grad():
+        base = make_tiny_model(tokenizer)(x).logits
+    assert (ours - base).abs().max() > 1e-3  # the prefix is live: the parity is not between two no-ops
 
 
 def test_clear_errors(tokenizer):
