@@ -333,3 +333,16 @@ def test_train_runs_grpo_on_the_sql_task(tmp_path, tiny_model_dir):
     assert all("reward_task" in r and "reward_format" in r and r["completion_len"] <= 4 for r in rows)
     assert "eval_accuracy" in result.summary and (result.run_dir / "eval-test.json").is_file()
     assert "Evaluation: sql (test split, 2 examples)" in (result.run_dir / "report.md").read_text()
+
+
+def test_grpo_calls_the_epoch_hook_once_per_pass_over_the_prompts(tmp_path, tokenizer, yes_no_model, monkeypatch):
+    from tunesmith.methods.base import MethodBase
+
+    seen = []
+    monkeypatch.setattr(MethodBase, "on_epoch", lambda self, model, epoch, optimizer=None: seen.append(
+        (epoch, optimizer is not None)))
+    n = len(YesTask().examples("train"))
+    steps = 2 * n // 4 + 1  # 4 prompts a step: a little over two passes
+    train_grpo(grpo_recipe(tmp_path, f"train.steps={steps}"), task=YesTask(), model=copy.deepcopy(yes_no_model),
+               tokenizer=tokenizer)
+    assert seen == [(0, True), (1, True), (2, True)]

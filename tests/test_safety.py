@@ -238,3 +238,15 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, tiny_
     with pytest.raises(Exception):
         train(tiny_recipe(tmp_path, tiny_model_dir, "model.name=/nonexistent/model", "resume=true"))
     assert (recipe.run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_resume_follows_a_changed_learning_rate(tmp_path, tiny_model_dir):
+    from tunesmith.train.metrics import read_metrics
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "train.save_every=2", "data.val_fraction=0",
+                         "train.schedule=constant", "train.warmup=0")
+    train(recipe, _stop_after=2)
+    train(tiny_recipe(tmp_path, tiny_model_dir, "train.save_every=2", "data.val_fraction=0",
+                      "train.schedule=constant", "train.warmup=0", "train.lr=1e-4", "resume=true"))
+    lrs = [r["lr"] for r in read_metrics(recipe.run_dir / "metrics.jsonl") if "lr" in r]
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-4, 1e-4, 1e-4, 1e-4])

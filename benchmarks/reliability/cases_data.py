@@ -7,43 +7,15 @@ location (else the case flags a silent drop).
 """
 from __future__ import annotations
 
-import atexit
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from common import ROOT, Case, Outcome, cli, expect_error, has_traceback, last_line
+from common import ROOT, Case, Outcome, cli, expect_error, has_traceback, last_line, tiny_model
 
 SFT = str(ROOT / "recipes" / "lora-sft.yaml")
 DPO = str(ROOT / "recipes" / "dpo.yaml")
 ANSWERED = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
 UNANSWERED = [{"role": "user", "content": "Hello?"}]
-_TINY: list[Path] = []
-
-
-def tiny_model() -> Path:
-    """A tiny random Llama with the embedded model's tokenizer, saved once per run of the cases."""
-    if not _TINY:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from tunesmith.models.load import load_tokenizer
-
-        tok = load_tokenizer("smollm2-135m-instruct")
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        folder = Path(tempfile.mkdtemp(prefix="tunesmith-rel-tiny-"))
-        atexit.register(shutil.rmtree, folder, True)
-        LlamaForCausalLM(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
-        _TINY.append(folder)
-    return _TINY[0]
-
-
 def jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

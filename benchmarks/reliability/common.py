@@ -7,9 +7,12 @@ A case's `run(tmp)` gets a fresh temporary folder and returns an Outcome; an exc
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -66,3 +69,28 @@ def expect_error(proc: subprocess.CompletedProcess, *needles: str) -> Outcome:
     line = last_line(proc.stderr) or last_line(proc.stdout)
     ok = proc.returncode != 0 and not has_traceback(out) and all(n.lower() in line.lower() for n in needles)
     return Outcome(got=f"rc={proc.returncode}: {line}"[:160], ok=ok, traceback=has_traceback(out))
+
+
+_TINY: list[Path] = []
+
+
+def tiny_model() -> Path:
+    """A tiny random Llama with the embedded model's tokenizer, saved once per run of the cases."""
+    if not _TINY:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from tunesmith.models.load import load_tokenizer
+
+        tok = load_tokenizer("smollm2-135m-instruct")
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        folder = Path(tempfile.mkdtemp(prefix="tunesmith-rel-tiny-"))
+        atexit.register(shutil.rmtree, folder, True)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        _TINY.append(folder)
+    return _TINY[0]

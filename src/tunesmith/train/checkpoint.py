@@ -229,9 +229,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
             os.replace(tmp, final)
             prune(run_dir, keep_last)
     except BaseException as e:
+        full = _disk_full(e, folder)  # before the partial files are removed
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e):
+        if full:
             raise CheckpointError(f"no space left on the device while writing checkpoint {final}; nothing of it "
                                   f"was kept and the previous checkpoint ({latest_checkpoint(run_dir) or 'none'}) "
                                   "is intact: free some space, then continue with resume=true") from None
@@ -241,10 +242,19 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
     return final
 
 
-def _disk_full(e: BaseException) -> bool:
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space (torch.save reports it as a RuntimeError of its zip
+    writer, so the free space itself is asked as well)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "no space left" in str(e).lower() or "disk quota" in str(e).lower()
+    if "no space left" in str(e).lower() or "disk quota" in str(e).lower():
+        return True
+    if not isinstance(e, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
@@ -275,7 +285,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'train_state.pt'}: its optimizer state does not fit this run "
                                   f"({str(e).splitlines()[0][:120]}); resume with the recipe that wrote it") from None
+    wanted = list(scheduler.base_lrs)  # this recipe's learning rates, before the checkpoint's replace them
     scheduler.load_state_dict(state["scheduler"])
+    _keep_new_lr(optimizer, scheduler, wanted, path)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     ranks = state.get("rng_ranks") or [state["rng"]]
     if len(ranks) == world:
@@ -284,6 +296,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
         print(f"[tunesmith] note: {path} was written by {len(ranks)} processes, resuming with {world}: "
               "data order and weights carry over, dropout streams start afresh", flush=True)
     return info
+
+
+def _keep_new_lr(optimizer, scheduler, wanted: list[float], path: Path) -> None:
+    """A resumed run follows its recipe's train.lr (lowering it is how a diverged run is resumed),
+    at the schedule position it reached: the checkpoint only decides where in the schedule it is."""
+    saved = list(scheduler.base_lrs)
+    if saved == wanted:
+        return
+    scheduler.base_lrs = wanted
+    for group, base, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    print(f"[tunesmith] learning rate changed since {path.name}: {saved[0]:.3g} → {wanted[0]:.3g} "
+          "(the schedule continues from where it was)", flush=True)
 
 
 def read_train_state(path: Path) -> dict:
