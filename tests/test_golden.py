@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import make_tiny_model
 from tunesmith.recipe import load_recipe
@@ -38,6 +39,14 @@ COMMON = ["train.device=cpu", "train.precision=fp32", "train.seed=0", f"train.st
           "train.schedule=constant", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
           "model.frozen_dtype=same", "method.name=lora", "method.lora.rank=4", "method.lora.alpha=8",
           "method.lora.dropout=0"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The runs set torch's thread count (train.threads); later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def recipe_for(kind, tmp_path, model_dir, threads):
