@@ -11,36 +11,16 @@ import torch
 from tests.conftest import make_tiny_model
 from tests.test_train import tiny_recipe, train_losses
 from tunesmith.methods import attach, build_method
+from tunesmith.methods.catalog import catalog
 from tunesmith.recipe import MethodConfig, method_from_dict
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import train
 from tunesmith.train.metrics import read_metrics
 from tunesmith.train.optim import build_optimizer
 
-# (case id, method name, options) — small sizes for the tiny model (hidden 64, 2 layers)
-CASES = [
-    ("full", "full", {}),
-    ("freeze-top1", "freeze", {"layers": 1}),
-    ("freeze-modules", "freeze", {"modules": ["mlp"], "norms": True}),
-    ("hft", "hft", {}),
-    ("hft-epoch", "hft", {"redraw": "epoch"}),
-    ("lora", "lora", {"rank": 4, "alpha": 8}),
-    ("rslora", "lora", {"rank": 4, "alpha": 8, "rslora": True}),
-    ("dora", "lora", {"rank": 4, "alpha": 8, "dora": True}),
-    ("lora-plus", "lora", {"rank": 4, "alpha": 8, "plus_ratio": 16}),
-    ("pissa", "lora", {"rank": 4, "alpha": 4, "init": "pissa"}),
-    ("sparse-ag", "sparse", {"density": 0.05, "reselect_every": 3, "accumulate_steps": 1}),
-    ("sparse-ma", "sparse", {"density": 0.05, "reselect_every": 3, "accumulate_steps": 1, "criterion": "ma"}),
-    ("adapter-houlsby", "adapter", {"form": "sequential", "sublayers": ["attn", "ffn"], "bottleneck": 8, "scale": 1}),
-    ("adapter-pfeiffer", "adapter", {"form": "sequential", "sublayers": ["ffn"], "bottleneck": 8, "scale": 1}),
-    ("adapter-parallel", "adapter", {"form": "parallel", "sublayers": ["ffn"], "bottleneck": 8, "scale": 1}),
-    ("adapter-scaled", "adapter", {"form": "parallel", "sublayers": ["attn", "ffn"], "bottleneck": 8, "scale": 4}),
-    ("prefix", "prefix", {"length": 4, "hidden": 16}),
-    ("prefix-plain", "prefix", {"length": 4, "reparam": False}),
-    ("ia3", "ia3", {}),
-    ("mam", "mam", {"prefix_length": 4, "prefix_hidden": 16, "bottleneck": 8}),
-    ("longlora", "longlora", {"rank": 4}),
-]
+# (case id, method name, options): every registered method and each of its named variants, sized by
+# the method's `tiny` options for the tiny model (hidden 64, 2 layers) — derived from the registry
+CASES = [(e.label, e.method, e.options) for e in catalog(tiny=True)]
 
 
 def _traits(name, opts):
@@ -194,20 +174,34 @@ def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
     assert epochs[-1][0] < epochs[0][0], f"loss did not go down over 3 epochs: {epochs}"
 
 
-def test_every_method_has_a_case():
-    from tunesmith.methods import REGISTRY
+def test_every_registered_method_has_a_catalog_entry_and_a_case():
+    """The registry is the source of truth: each method class declares its options, paper, what to
+    pick it for and valid variants, so the catalog and the cases above cover it without a hand-kept list."""
+    from tunesmith.config import Config
+    from tunesmith.methods import REGISTRY, method_class
 
+    entries = catalog()
+    assert [e.label for e in entries if e.label in REGISTRY] == list(REGISTRY), "a registered method has no entry"
+    assert len({e.label for e in entries}) == len(entries), "catalog labels must be unique"
+    for name in REGISTRY:
+        cls = method_class(name)
+        assert isinstance(cls.Options, type) and issubclass(cls.Options, Config), f"{name}: no Options class"
+        assert cls.paper and cls.when, f"{name}: the catalog needs its paper and what to pick it for"
+        assert cls(cls.Options()).name == name, f"REGISTRY says {name}, the class says otherwise"
+    for e in entries:
+        assert e.paper and e.when, f"{e.label}: no paper or when-to-pick"
+        method_from_dict(e.method, e.options)  # every variant is a valid options block
     assert {name for _, name, _ in CASES} == set(REGISTRY)
+    assert [cid for cid, _, _ in CASES] == [e.label for e in entries], "every catalog entry is an invariant case"
 
 
 def test_methods_command_lists_every_method_with_its_size(tiny_model_dir, capsys):
     from tunesmith.cli import main
-    from tunesmith.methods.catalog import CATALOG
 
     assert main(["methods", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
-    assert set(rows) == {label for label, *_ in CATALOG}
+    assert set(rows) == {e.label for e in catalog()}
     sizes = {k: int(v[1].replace(",", "")) for k, v in rows.items()}
     total = int(out.split("(")[1].split()[0].replace(",", ""))
     assert sizes["full"] == total  # every parameter trains
@@ -240,7 +234,7 @@ def greedy_uncached(model, ids, n):
     return ids[:, -n:]
 
 
-@pytest.mark.parametrize("name,opts", [p for p in PARAMS if p.id in ("sparse-ag", "ia3", "prefix", "mam")])
+@pytest.mark.parametrize("name,opts", [p for p in PARAMS if p.id in ("sparse", "ia3", "prefix", "mam")])
 def test_trained_adapter_serves_and_exports(tmp_path, tiny_model_dir, name, opts):
     """After training: inference loads the run's adapter (merged when the method merges) with the
     same logits and, under greedy decoding, the same continuation token for token as the unmerged

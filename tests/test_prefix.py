@@ -2,7 +2,6 @@
 uses (packed, padded sdpa/eager, KV-cached generation), the MLP fold, what trains, and parity with
 PEFT's PREFIX_TUNING loaded from our saved adapter."""
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -163,7 +162,7 @@ def test_reparam_fold_gives_identical_logits(tokenizer):
     assert options.reparam is False and options.length == L
     assert not any("prefix_encoder" in n for n in tensors), "a saved adapter holds no MLP"
     fresh = make_tiny_model(tokenizer)
-    plain = build_method(method_from_dict("prefix", dataclasses.asdict(options)))
+    plain = build_method(method_from_dict("prefix", options.model_dump()))
     attach(fresh, plain)
     assert set(delta_state(fresh)) == set(tensors)
     before = fresh(x).logits.detach()

@@ -9,7 +9,7 @@ from torch import nn
 from tests.conftest import make_tiny_model
 from tunesmith.methods import MethodError, attach, build_method, delta_state
 from tunesmith.methods.sparse import SparseLinear, plan_swap, sm3_update, sparse_modules
-from tunesmith.recipe import MethodConfig, SparseConfig
+from tunesmith.recipe import MethodConfig, RecipeError, SparseConfig
 from tunesmith.train.optim import build_optimizer
 
 
@@ -412,10 +412,11 @@ def test_describe_and_errors(tokenizer):
     k = sum(m.k for m in sparse_modules(model).values())
     assert k == 2 * round(0.01 * 64 * 64)
     assert method.describe(model).startswith(f"{k:,} trained weights in 2 matrices (1.00% of their weights)")
-    with pytest.raises(MethodError, match="criterion"):
-        build_method(MethodConfig(name="sparse", sparse=SparseConfig(criterion="rigl")))
-    with pytest.raises(MethodError, match="accumulate_steps"):
-        build_method(MethodConfig(name="sparse", sparse=SparseConfig(reselect_every=5, accumulate_steps=5)))
+    # the options refuse these as soon as they are built, naming the field and what is allowed
+    with pytest.raises(RecipeError, match="criterion: 'rigl' is not allowed; choose one of ag, ma"):
+        SparseConfig(criterion="rigl")
+    with pytest.raises(RecipeError, match=r"accumulate_steps: must be < reselect_every \(5\), got 5"):
+        SparseConfig(reselect_every=5, accumulate_steps=5)
     with pytest.raises(MethodError, match="target `nope`"):
         attach(make_tiny_model(tokenizer), sparse_method(targets=["nope"]))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..recipe import DataConfig
+from ..config import DataConfig
 from .errors import DataError
 from .sources import Record
 

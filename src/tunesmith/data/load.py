@@ -8,7 +8,7 @@ from itertools import islice
 
 from tqdm.auto import tqdm
 
-from ..recipe import DataConfig
+from ..config import DataConfig
 from .errors import DataError
 from .formats import Example, detect_format, to_example
 from .render import Renderer, Sample, fit_length

@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 
 from tqdm.auto import tqdm
 
-from ..recipe import DataConfig
+from ..config import DataConfig
 from .errors import DataError
 from .formats import Message, check_message, column
 from .load import PROGRESS_MIN_RECORDS, no_usable, read_splits, split_stats

@@ -12,7 +12,6 @@ files (an adapter trained elsewhere) loads through the PEFT reader (LoRA family)
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def save_tuned(model: nn.Module, method, base_model: str, out_dir) -> Path:
     if not tensors:
         raise ExportError(f"method `{method.name}` has no delta to save")
     meta = {"format": 1, "method": method.name, "base_model_name_or_path": str(base_model),
-            "options": dataclasses.asdict(options) if dataclasses.is_dataclass(options) else options}
+            "options": options.model_dump() if hasattr(options, "model_dump") else options}
     peft = method.peft_export(model, base_model)
     with atomic_folder(out_dir, marker=METHOD_FILE if not (Path(out_dir) / ADAPTER_CONFIG).is_file() else ADAPTER_CONFIG) as tmp:
         (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,8 +1,11 @@
 """Tuning methods. Each is a transform (`apply`) plus a parameter filter (`is_trainable`), with
 optional hooks (optimizer options, per-epoch and per-step callbacks, PEFT export); see `base.py`.
 
-A new method is one module here with its class, one line in REGISTRY, and its options block in
-`recipe.py`. Compositions (`mam`, `longlora`) are built from other methods, not copied.
+A new method is one module here and one line in REGISTRY. The module holds the method's class and
+its options (a `config.Config` subclass, the class's `Options`); the class also declares `paper`,
+`when` (what to pick it for), `tiny` (options small enough for a tiny test model) and named
+`variants`. The recipe's `method` section, `tunesmith methods` and the invariant tests are all
+derived from REGISTRY. Compositions (`mam`, `longlora`) are built from other methods, not copied.
 """
 from __future__ import annotations
 

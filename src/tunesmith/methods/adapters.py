@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase, MethodError, delta_state
+from .catalog import Variant
 
 # child names of a decoder block that hold its attention and its feed-forward sublayer
 SUBLAYER_NAMES = {
@@ -100,11 +104,34 @@ def hidden_size(model: nn.Module) -> int:
     return int(size) if size else model.get_input_embeddings().embedding_dim
 
 
+class AdapterConfig(Config):
+    form: Literal["sequential", "parallel"] = "parallel"
+    "`sequential` takes the sublayer's output (Houlsby, Pfeiffer); `parallel` its input (He et al., 2022)."
+    sublayers: list[Literal["attn", "ffn"]] = Field(default_factory=lambda: ["ffn"], min_length=1)
+    "Where: after/beside attention, the FFN, or both (Houlsby = sequential at both, Pfeiffer = sequential at ffn)."
+    bottleneck: int = Field(64, gt=0)
+    "Bottleneck width of the down/up projection."
+    scale: float = Field(4.0, gt=0)
+    "s in h + s·f(x W_down) W_up; 1 = plain add, 4 = He et al.'s scaled parallel adapter."
+
+
 class Adapters(MethodBase):
     """The `adapter` method: a BottleneckAdapter on each chosen sublayer; only adapters train."""
 
     name = "adapter"
     mergeable = False
+    Options = AdapterConfig
+    paper = "He et al., 2022 (scaled parallel adapter)"
+    when = "an FFN-side adapter: strong at larger budgets; does not merge"
+    tiny = {"bottleneck": 8}
+    variants = {
+        "houlsby": Variant({"form": "sequential", "sublayers": ["attn", "ffn"], "scale": 1.0}, "Houlsby et al., 2019",
+                           "the classic sequential adapter after attention and FFN"),
+        "pfeiffer": Variant({"form": "sequential", "sublayers": ["ffn"], "scale": 1.0}, "Pfeiffer et al., 2021",
+                            "a sequential adapter after the FFN only"),
+        "adapter-both": Variant({"sublayers": ["attn", "ffn"]}, "He et al., 2022 (scaled parallel adapter)",
+                                "scaled parallel adapters beside attention and the FFN: more capacity, twice the size"),
+    }
 
     def __init__(self, cfg):
         super().__init__(cfg)

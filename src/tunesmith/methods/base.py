@@ -7,8 +7,8 @@ place, and `is_trainable(name, param)`, a filter naming the parameters the optim
 There is no model subclass per method, and base checkpoint keys never change: a wrapped
 `q_proj` still holds `q_proj.weight`, its new tensors sit beside it (`q_proj.lora_a`, ...).
 
-A new method is one file in this folder plus one line in `methods/__init__.py` (and its options
-block in `recipe.py`); the loop, checkpoints and export do not change.
+A new method is one file in this folder (the class and its options) plus one line in
+`methods/__init__.py`; the recipe, the catalog, the loop, checkpoints and export do not change.
 """
 from __future__ import annotations
 

@@ -2,24 +2,53 @@
 combination is a composition, not a copy)."""
 from __future__ import annotations
 
-import dataclasses
-
+from pydantic import Field
 from torch import nn
 
-from tunesmith.recipe import AdapterConfig, FreezeConfig, LoraConfig, PrefixConfig
-
+from ..config import Config
+from .adapters import AdapterConfig, Adapters
 from .base import Compose
+from .freeze import Freeze, FreezeConfig
+from .lora import LoRA, LoraConfig
+from .prefix import Prefix, PrefixConfig
+
+
+class MamConfig(Config):
+    prefix_length: int = Field(30, gt=0)
+    "Prefix vectors on attention (He et al., 2022: 30)."
+    prefix_hidden: int = Field(512, gt=0)
+    "Hidden width of the prefix reparameterisation MLP."
+    prefix_reparam: bool = True
+    "Train the prefixes through the MLP (folded into plain prefixes at save)."
+    bottleneck: int = Field(512, gt=0)
+    "Bottleneck of the scaled parallel adapter on the FFN (He et al., 2022: 512)."
+    scale: float = Field(4.0, gt=0)
+    "Scale s of the parallel adapter."
+
+
+class LongLoraConfig(Config):
+    rank: int = Field(8, gt=0)
+    "LoRA rank on attention."
+    alpha: float = Field(16.0, gt=0)
+    "LoRA alpha."
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    "Attention projections that get LoRA."
+    embeddings: bool = True
+    "Train the token embeddings (LongLoRA: yes)."
+    norms: bool = True
+    "Train every norm layer (LongLoRA: yes)."
 
 
 class MAM(Compose):
     """MAM adapter: prefix tuning on attention + a scaled parallel adapter on the FFN."""
 
     mergeable = False
+    Options = MamConfig
+    paper = "He et al., 2022 (MAM adapter)"
+    when = "prefix on attention + scaled parallel adapter on the FFN"
+    tiny = {"prefix_length": 4, "prefix_hidden": 16, "bottleneck": 8}
 
     def __init__(self, cfg):
-        from .adapters import Adapters
-        from .prefix import Prefix
-
         self.prefix = Prefix(PrefixConfig(length=cfg.prefix_length, hidden=cfg.prefix_hidden, reparam=cfg.prefix_reparam))
         self.adapter = Adapters(AdapterConfig(form="parallel", sublayers=["ffn"], bottleneck=cfg.bottleneck, scale=cfg.scale))
         super().__init__("mam", [self.prefix, self.adapter], cfg)
@@ -28,7 +57,8 @@ class MAM(Compose):
         """The prefix part saves folded (no MLP); the options record that."""
         prefix_tensors, prefix_options = self.prefix.export_delta(model)
         adapter_tensors, _ = self.adapter.export_delta(model)
-        return {**prefix_tensors, **adapter_tensors}, dataclasses.replace(self.cfg, prefix_reparam=prefix_options.reparam)
+        options = self.cfg.model_copy(update={"prefix_reparam": prefix_options.reparam})
+        return {**prefix_tensors, **adapter_tensors}, options
 
 
 class LongLoRA(Compose):
@@ -36,11 +66,12 @@ class LongLoRA(Compose):
 
     mergeable = True
     output = "adapter"
+    Options = LongLoraConfig
+    paper = "Chen et al., 2024 (LongLoRA)"
+    when = "longer context: LoRA on attention with trainable embeddings and norms"
+    tiny = {"rank": 4}
 
     def __init__(self, cfg):
-        from .freeze import Freeze
-        from .lora import LoRA
-
         parts = [LoRA(LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=list(cfg.targets)))]
         if cfg.embeddings or cfg.norms:
             parts.append(Freeze(FreezeConfig(layers=0, embeddings=cfg.embeddings, norms=cfg.norms)))

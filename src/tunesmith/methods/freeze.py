@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import re
 
+from pydantic import Field
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase, MethodError
+from .catalog import Variant
 
 _LAYER_LISTS = ("layers", "h", "blocks")
 
@@ -115,12 +118,31 @@ def fraction_line(model: nn.Module, names: set[str]) -> str:
     return f"{trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f}%)"
 
 
+class FreezeConfig(Config):
+    modules: list[str] = Field(default_factory=list)
+    "Parameter names or regexes that train (e.g. `mlp`, `layers\\.1\\.self_attn`); empty = use `layers`."
+    layers: int = Field(2, ge=0)
+    "Train the top-k decoder layers whole (used when `modules` is empty)."
+    embeddings: bool = False
+    "Also train the token embeddings (and a tied lm_head)."
+    norms: bool = False
+    "Also train every norm layer."
+    lm_head: bool = False
+    "Also train the output head (an untied lm_head; a tied one trains with `embeddings`)."
+
+
 class Freeze(MethodBase):
     """The `freeze` method: the chosen base parameters train, the rest are frozen."""
 
     name = "freeze"
     output = "model"
     mergeable = True  # nothing to fold: the weights are the model
+    Options = FreezeConfig
+    paper = "—"
+    when = "train the top layers (or chosen modules) only: cheap, no adapter to ship"
+    tiny = {"layers": 1}
+    variants = {"freeze-modules": Variant({"modules": ["mlp"], "norms": True}, "—",
+                                          "train modules chosen by name (here every FFN) and the norms")}
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -3,13 +3,24 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase
 
 
+class FullConfig(Config):
+    train_embeddings: bool = True
+    "Train the token embeddings (and a tied lm_head)."
+
+
 class Full(MethodBase):
+    """The `full` method: every weight trains."""
+
     name = "full"
     output = "model"
     mergeable = True  # nothing to fold: the weights are the model
+    Options = FullConfig
+    paper = "—"
+    when = "the most capacity; needs memory for weights, gradients and optimizer state of everything"
 
     def __init__(self, cfg):
         super().__init__(cfg)

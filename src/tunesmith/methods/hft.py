@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Literal
 
 import torch
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase, MethodError
+from .catalog import Variant
 from .freeze import decoder_blocks, switch_parameters, switch_words
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -88,12 +91,30 @@ def _single_process() -> None:
                           "epochs; use hft.redraw=stage")
 
 
+class HftConfig(Config):
+    redraw: Literal["stage", "epoch"] = "stage"
+    "Draw the trained half once per training stage (the paper), or afresh every epoch."
+    seed: int | None = None
+    "Seed of the draw; None uses train.seed."
+    embeddings: bool = False
+    "Also train the token embeddings (HFT leaves this open; frozen by default)."
+    norms: bool = False
+    "Also train every norm layer."
+    lm_head: bool = False
+    "Also train an untied output head."
+
+
 class HFT(MethodBase):
     """The `hft` method: a seeded half of the attention and FFN projections trains."""
 
     name = "hft"
     output = "model"
     mergeable = True  # nothing to fold: the weights are the model
+    Options = HftConfig
+    paper = "Hui et al., 2024 (Half Fine-Tuning)"
+    when = "full-tuning quality with less forgetting: a seeded half of each layer's matrices trains"
+    variants = {"hft-epoch": Variant({"redraw": "epoch"}, "Hui et al., 2024 (Half Fine-Tuning)",
+                                     "HFT with a fresh half every epoch instead of one per training stage")}
 
     def __init__(self, cfg):
         super().__init__(cfg)

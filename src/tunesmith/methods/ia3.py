@@ -18,8 +18,10 @@ import re
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase, MethodError, select_modules, set_module
 
 
@@ -58,11 +60,21 @@ class IA3Linear(nn.Linear):
         return f"{super().extra_repr()}, feedforward={self.feedforward}"
 
 
+class Ia3Config(Config):
+    targets: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    "Linear layers whose activations get a learned scale (IA3: keys, values and the FFN)."
+    feedforward: list[str] = Field(default_factory=lambda: ["down_proj"])
+    "Of those, the ones scaled on their input (the FFN's inner activation) rather than their output."
+
+
 class IA3(MethodBase):
     """The `ia3` method: wrap the targets in IA3Linear; only the `ia3_l` vectors train."""
 
     name = "ia3"
     mergeable = True
+    Options = Ia3Config
+    paper = "Liu et al., 2022 (IA3)"
+    when = "the fewest parameters: learned scales of keys, values and FFN"
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -20,14 +20,36 @@ update's magnitude stable as r grows. Options of the same method:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import Config
 from .base import MethodBase, MethodError, select_modules, set_module
+from .catalog import Variant
+
+
+class LoraConfig(Config):
+    rank: int = Field(16, gt=0)
+    "LoRA rank r."
+    alpha: float = Field(32.0, gt=0)
+    "LoRA alpha; the update is scaled by alpha/r (or alpha/sqrt(r) with rslora)."
+    dropout: float = Field(0.0, ge=0, lt=1)
+    "Dropout on the LoRA input."
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"])
+    "Module names or regexes to adapt; `all-linear` = every Linear in the decoder layers (not lm_head)."
+    rslora: bool = False
+    "Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski, 2023)."
+    dora: bool = False
+    "DoRA (Liu et al., 2024): train a per-output magnitude and the LoRA direction of W + s·BA separately."
+    plus_ratio: float = Field(1.0, gt=0)
+    "LoRA+ (Hayou et al., 2024): B learns this many times faster than A (the paper suggests 16); 1 = plain LoRA."
+    init: Literal["default", "pissa"] = "default"
+    "`default`: A Kaiming, B zero. `pissa` (Meng et al., 2024): A, B from the top-r singular vectors of W, which keeps the residual."
 
 
 class LoRALinear(nn.Linear):
@@ -135,6 +157,18 @@ class LoRA(MethodBase):
 
     name = "lora"
     mergeable = True
+    Options = LoraConfig
+    paper = "Hu et al., 2021"
+    when = "the default: small adapter, merges into the weights"
+    tiny = {"rank": 4, "alpha": 8}
+    variants = {
+        "rslora": Variant({"rslora": True}, "Kalajdzievski, 2023", "LoRA at large ranks (scale alpha/sqrt(r))"),
+        "dora": Variant({"dora": True}, "Liu et al., 2024 (DoRA)",
+                        "closer to full tuning than LoRA at the same rank; magnitude and direction train apart"),
+        "lora+": Variant({"plus_ratio": 16.0}, "Hayou et al., 2024 (LoRA+)", "faster LoRA convergence: B learns 16× faster"),
+        "pissa": Variant({"init": "pissa"}, "Meng et al., 2024 (PiSSA)",
+                         "LoRA that starts on the principal singular directions: converges faster"),
+    }
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -198,7 +232,8 @@ def saved_config(cfg):
     if cfg.init != "pissa":
         return cfg
     alpha = cfg.alpha * (math.sqrt(2) if cfg.rslora else 2)
-    return dataclasses.replace(cfg, init="default", rank=2 * cfg.rank, alpha=alpha, targets=list(cfg.targets))
+    return cfg.model_copy(update={"init": "default", "rank": 2 * cfg.rank, "alpha": alpha,
+                                  "targets": list(cfg.targets)})
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -24,15 +24,17 @@ PEFT has it (PREFIX_TUNING); the adapter is also written in PEFT's layout.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from ..config import Config
 from ..models.attention import PACKED, PREFIX, register_prefix
 from .base import MethodBase, MethodError
+from .catalog import Variant
 
 ENCODER = "prefix_encoder"  # the reparameterisation MLP, on the top-level model
 LAYER = "tunesmith_prefix_layer"  # an attention module's layer index into the MLP's output
@@ -117,11 +119,26 @@ def real_token_states(model: nn.Module, length: int) -> list[tuple[torch.Tensor,
     return [(layer.keys[0].float(), layer.values[0].float()) for layer in cache.layers]
 
 
+class PrefixConfig(Config):
+    length: int = Field(30, gt=0)
+    "Number of prefix key/value vectors per layer."
+    reparam: bool = True
+    "Train through an MLP reparameterisation (Li & Liang, 2021), folded into plain prefixes at save."
+    hidden: int = Field(512, gt=0)
+    "Hidden width of the reparameterisation MLP."
+
+
 class Prefix(MethodBase):
     """The `prefix` method: prefix keys/values on every attention layer; only they (or the MLP) train."""
 
     name = "prefix"
     mergeable = False
+    Options = PrefixConfig
+    paper = "Li & Liang, 2021"
+    when = "the smallest budgets: trained keys/values every layer attends to"
+    tiny = {"length": 4, "hidden": 16}
+    variants = {"prefix-plain": Variant({"reparam": False}, "Li & Liang, 2021",
+                                        "prefix vectors trained directly, without the MLP: less memory while training")}
 
     def apply(self, model: nn.Module) -> None:
         attns = attention_modules(model)
@@ -174,7 +191,7 @@ class Prefix(MethodBase):
     def export_delta(self, model: nn.Module):
         """The folded prefixes and the options that rebuild them (reparam off): no MLP is saved."""
         with torch.no_grad():
-            return self.prefixes(model), dataclasses.replace(self.cfg, reparam=False)
+            return self.prefixes(model), self.cfg.model_copy(update={"reparam": False})
 
     def peft_export(self, model: nn.Module, base_model: str):
         """PEFT PREFIX_TUNING: `prompt_embeddings` (l, L·2·kv_dim), row j = per layer [key; value] of prefix j."""

@@ -30,15 +30,17 @@ paper reports it often beats LoRA at a similar run time, and the result merges i
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..config import Config, invalid
 from .base import MethodBase, MethodError, select_modules, set_module
-
-CRITERIA = ("ag", "ma")
+from .catalog import Variant
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -284,6 +286,30 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+class SparseConfig(Config):
+    density: float = Field(0.01, gt=0, le=1)
+    "Fraction of each target matrix's entries that train (SpIEL's default 1%)."
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"])
+    "Linear layers that get sparse deltas, as for LoRA."
+    reselect_every: int = Field(20, gt=0)
+    "S: every S optimizer steps, prune and regrow the active entries."
+    accumulate_steps: int = Field(5, gt=0)
+    "A: steps over which the growth criterion is accumulated before the swap."
+    regrow: float = Field(0.2, ge=0, le=1)
+    "Fraction of active entries swapped at a reselection, decaying linearly to 0 over the run."
+    criterion: Literal["ag", "ma"] = "ag"
+    "`ag`: AdamW, grow by accumulated gradients; `ma`: SM3 (O(d_in+d_out) state per matrix; paper lr 4e-4 to 2e-3), grow by its row×column statistic."
+    weight_decay: float = Field(1.0, ge=0)
+    "Pull toward the pretrained weights: values decay by lr·wd each step (SpIEL: wd 1-30 at lr 1e-5)."
+
+    @model_validator(mode="after")
+    def _accumulate_within_period(self):
+        if self.accumulate_steps >= self.reselect_every:
+            raise invalid(f"must be < reselect_every ({self.reselect_every}), got {self.accumulate_steps}",
+                          "accumulate_steps")
+        return self
+
+
 class Sparse(MethodBase):
     """The `sparse` method: wrap target Linears in SparseLinear; only their values train.
 
@@ -293,14 +319,15 @@ class Sparse(MethodBase):
 
     name = "sparse"
     mergeable = True
+    Options = SparseConfig
+    paper = "Ansell et al., 2024 (SpIEL)"
+    when = "1% of each matrix trains, chosen and re-chosen during training; merges exactly"
+    tiny = {"density": 0.05, "reselect_every": 3, "accumulate_steps": 1}
+    variants = {"sparse-ma": Variant({"criterion": "ma"}, "Ansell et al., 2024 (SpIEL-MA)",
+                                     "the least optimizer memory: SM3 state, O(d_in + d_out) per matrix")}
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.criterion not in CRITERIA:
-            raise MethodError(f"method.sparse.criterion: `{cfg.criterion}` is not one of {', '.join(CRITERIA)}")
-        if not 0 < cfg.accumulate_steps < cfg.reselect_every:
-            raise MethodError(f"method.sparse.accumulate_steps must be in [1, reselect_every - 1] "
-                              f"(reselect_every = {cfg.reselect_every}), got {cfg.accumulate_steps}")
+        super().__init__(cfg)  # SparseConfig has checked criterion and accumulate_steps < reselect_every
         self.total_steps: int | None = None
         self.targets: list[str] = []
 
