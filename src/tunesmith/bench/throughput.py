@@ -19,7 +19,6 @@ activation-checkpointed step recomputes the forward: that is work done, but not 
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -179,27 +178,65 @@ class _Timers:
             h.remove()
 
 
+def _timed_steps(one_step, warmup: int, steps: int, device: torch.device) -> tuple[list[float], int, int]:
+    """`warmup` untimed steps, then `steps` timed ones (CUDA's peak memory counted from the first of
+    them): each step's seconds, and all and trained tokens summed over them."""
+    for i in range(warmup):
+        one_step(i)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, tokens, units = [], 0, 0
+    for i in range(warmup, warmup + steps):
+        dt, _, n, u, _ = one_step(i)
+        times.append(dt)
+        tokens += n
+        units += u
+    return times, tokens, units
+
+
+def _step_shares(one_step, index: int, model: nn.Module, device: torch.device) -> dict[str, float]:
+    """One more step with timing hooks on the model's parts: each part's share of its wall time,
+    the optimizer's, and what is left (lm_head + loss + the rest)."""
+    timers = _Timers(model, device)
+    try:
+        dt, opt, _, _, _ = one_step(index, timers)
+    finally:
+        timers.remove()
+    shares = {k: v / dt for k, v in timers.total.items()}
+    shares["optimizer"] = opt / dt
+    shares["lm_head + loss + rest"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+def _attention_context(rows: list, max_length: int) -> float:
+    """The mean number of positions a token attends to: half the token-weighted mean row
+    length, or half of `max_length` when the rows are not tokenized."""
+    lengths = [len(x["input_ids"]) for x in rows] if rows and "input_ids" in rows[0] else []
+    return (sum(n * n for n in lengths) / max(sum(lengths), 1)) / 2 if lengths else max_length / 2
+
+
 def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refresh_peak: bool = False) -> BenchResult:
     """Time `steps` training steps of `recipe` after `warmup` untimed ones."""
-    from ..data import load_data
     from ..methods import count_parameters
     from ..models.load import load_tokenizer
-    from ..objectives import PREFERENCE, build_objective
-    from ..train.loop import LossModule, MicroBatches, backward_window, prepare_model, training_mode
+    from ..objectives import build_objective, objective_class
+    from ..recipe import RecipeError
+    from ..train.batches import MicroBatches
+    from ..train.prepare import prepare_model, training_mode
+    from ..train.step import LossModule, backward_window
     from ..train.optim import build_optimizer
-    from ..train.runtime import allocator_in_use, peak_memory_gb, pick_device, set_threads
+    from ..runtime import allocator_in_use, peak_memory_gb, pick_device, set_threads
 
     cfg = recipe.train
+    kind = objective_class(recipe.objective.name)
+    if not kind.fixed_data:
+        raise RecipeError(f"tunesmith bench times objectives that train on fixed data; `{kind.name}` makes its own "
+                          "batches (its metrics.jsonl holds per-step times and tokens/s)")
     device = pick_device(cfg.device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.name)
-    if recipe.objective.name in PREFERENCE:
-        from ..data.preference import load_pairs
-
-        splits = load_pairs(recipe.data, tokenizer, seed=cfg.seed)
-    else:
-        splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
+    splits = kind.load(recipe, tokenizer)
     model, tokenizer, method = prepare_model(recipe, None, tokenizer)
     model.to(device)
     training_mode(model, cfg)
@@ -212,9 +249,11 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     params = [p for p in model.parameters() if p.requires_grad]
 
     def one_step(index: int, timers: _Timers | None = None):
-        batches = [stream.get(index * cfg.grad_accum + k)[0] for k in range(cfg.grad_accum)]
+        first = index * cfg.grad_accum
+        batches = [stream.get(first + k)[0] for k in range(cfg.grad_accum)]
         t0 = time.perf_counter()
-        _, units, tokens, _ = backward_window(runner, batches, device, cfg.precision)
+        window_units = sum(stream.units(first + k) for k in range(cfg.grad_accum))
+        _, units, tokens, _ = backward_window(runner, batches, device, cfg.precision, window_units)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         t_opt = time.perf_counter()
         optimizer.step()
@@ -226,33 +265,13 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
         contexts = [int(b["segment_ids"].gt(0).sum()) for b in batches]
         return t1 - t0, t1 - t_opt, tokens, units, sum(contexts)
 
-    for i in range(warmup):
-        one_step(i)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, tokens, units = [], 0, 0
-    for i in range(warmup, warmup + steps):
-        dt, _, n, u, _ = one_step(i)
-        times.append(dt)
-        tokens += n
-        units += u
+    times, tokens, units = _timed_steps(one_step, warmup, steps, device)
     elapsed = sum(times)
     peak_mem = peak_memory_gb(device)
+    shares = _step_shares(one_step, warmup + steps, model, device) if breakdown else {}
 
-    shares = {}
-    if breakdown:
-        timers = _Timers(model, device)
-        try:
-            dt, opt, _, _, _ = one_step(warmup + steps, timers)
-        finally:
-            timers.remove()
-        shares = {k: v / dt for k, v in timers.total.items()}
-        shares["optimizer"] = opt / dt
-        shares["lm_head + loss + rest"] = max(0.0, 1.0 - sum(shares.values()))
-
-    lengths = [len(x["input_ids"]) for x in splits.train] if splits.train and "input_ids" in splits.train[0] else []
-    context = (sum(n * n for n in lengths) / max(sum(lengths), 1)) / 2 if lengths else recipe.data.max_length / 2
-    fpt = flops_per_token(model, context, head_fraction=units / max(tokens, 1) if objective.name == "sft" else 1.0)
+    context = _attention_context(splits.train, recipe.data.max_length)
+    fpt = flops_per_token(model, context, head_fraction=units / max(tokens, 1) if objective.token_loss else 1.0)
     dtype = cfg.precision
     peak = matmul_peak(device, dtype, threads, refresh=refresh_peak)
     achieved = fpt * tokens / elapsed / 1e12
