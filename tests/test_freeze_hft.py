@@ -233,7 +233,7 @@ def test_hft_needs_llama_style_projections(tokenizer):
 def test_hft_epoch_redraw(tokenizer):
     model, method = hft(tokenizer, seed=5, redraw="epoch")
     pool = {n for n, _ in model.named_parameters() if projection(n)}
-    assert trainable(model) == pool == set(model._tunesmith_trained), "the optimizer must hold the whole pool"
+    assert trainable(model) == pool == set(method.trained_names), "the optimizer must hold the whole pool"
     optimizer = build_optimizer(model, load_recipe(None, ["train.lr=1e-2", "train.weight_decay=0.1"]).train, method)
     model.train()
     params = dict(model.named_parameters())

@@ -105,14 +105,14 @@ def test_lora_plus_with_dora_puts_the_magnitude_with_b(tokenizer):
 
 
 def test_dora_starts_at_the_base_and_its_magnitude_is_the_row_norm(tokenizer):
-    model, _, _ = tuned(tokenizer, dora=True)
+    model, method, _ = tuned(tokenizer, dora=True)
     base = make_tiny_model(tokenizer)
     torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
     mods = lora_modules(model)
     for name, m in mods.items():
         w = base.get_submodule(name).weight
         torch.testing.assert_close(m.lora_magnitude, w.norm(dim=1), rtol=1e-6, atol=0)
-    assert all(f"{n}.lora_magnitude" in delta_state(model) for n in mods)
+    assert all(f"{n}.lora_magnitude" in delta_state(model, method) for n in mods)
 
 
 def test_dora_layer_formula_with_bias():
@@ -234,7 +234,7 @@ def test_trains_under_bf16(tokenizer, opts):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_pissa_init_is_the_principal_part_and_starts_at_the_base(tokenizer, rslora):
-    model, _, _ = tuned(tokenizer, init="pissa", alpha=6, rslora=rslora)
+    model, method, _ = tuned(tokenizer, init="pissa", alpha=6, rslora=rslora)
     base = make_tiny_model(tokenizer)
     torch.testing.assert_close(logits(model), logits(base), atol=1e-5, rtol=0)
     for name, m in lora_modules(model).items():
@@ -244,7 +244,7 @@ def test_pissa_init_is_the_principal_part_and_starts_at_the_base(tokenizer, rslo
         torch.testing.assert_close(m.delta_weight(), principal, atol=1e-5, rtol=0)
         torch.testing.assert_close(m.weight, w - principal, atol=1e-5, rtol=0)
         assert torch.equal(m.lora_a, m.lora_a0) and torch.equal(m.lora_b, m.lora_b0)
-    state = delta_state(model)
+    state = delta_state(model, method)
     assert {k.rsplit(".", 1)[1] for k in state} == {"lora_a", "lora_b", "lora_a0", "lora_b0"}
 
 

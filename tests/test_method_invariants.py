@@ -85,7 +85,7 @@ def test_frozen_bit_identical_after_steps(tokenizer, name, opts):
     model, method, cfg, _ = make(tokenizer, name, opts)
     recipe = tiny_recipe_cfg()
     optimizer = build_optimizer(model, recipe.train, method)
-    trained = set(model._tunesmith_trained)
+    trained = set(method.trained_names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     method.on_epoch(model, 0)

@@ -164,9 +164,9 @@ def test_reparam_fold_gives_identical_logits(tokenizer):
     fresh = make_tiny_model(tokenizer)
     plain = build_method(method_from_dict("prefix", options.model_dump()))
     attach(fresh, plain)
-    assert set(delta_state(fresh)) == set(tensors)
+    assert set(delta_state(fresh, plain)) == set(tensors)
     before = fresh(x).logits.detach()
-    load_delta(fresh, tensors, where="fold")
+    load_delta(fresh, tensors, where="fold", method=plain)
     with torch.no_grad():
         got = fresh.eval()(x).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

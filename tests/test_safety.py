@@ -121,13 +121,14 @@ def test_save_refuses_nonfinite_weights(tmp_path, tiny_model):
     from tunesmith.methods import attach, build_method
     from tunesmith.recipe import load_recipe
 
-    attach(tiny_model, build_method(load_recipe(None, []).method))
+    method = build_method(load_recipe(None, []).method)
+    attach(tiny_model, method)
     opt = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ckpt.save_checkpoint(tmp_path, 1, tiny_model, opt, sched, {}, keep_last=2)
+    ckpt.save_checkpoint(tmp_path, 1, tiny_model, opt, sched, {}, keep_last=2, method=method)
     next(p for p in tiny_model.parameters() if p.requires_grad).data.fill_(float("inf"))
     with pytest.raises(ckpt.CheckpointError, match="not finite.*step-1"):
-        ckpt.save_checkpoint(tmp_path, 2, tiny_model, opt, sched, {}, keep_last=2)
+        ckpt.save_checkpoint(tmp_path, 2, tiny_model, opt, sched, {}, keep_last=2, method=method)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-1"]
 
 

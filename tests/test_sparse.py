@@ -385,7 +385,7 @@ def test_indices_distinct_in_range_and_state_is_o_of_k(tokenizer, criterion):
     for m in mods.values():  # ag: age, m, v per value; ma (SM3): one number per row and per column
         held = sum(t.numel() for t in opt.state[m.sparse_values].values())
         assert held == (3 * m.k if criterion == "ag" else m.out_features + m.in_features)
-    saved = sum(t.numel() for t in delta_state(model).values())
+    saved = sum(t.numel() for t in delta_state(model, method).values())
     assert saved <= 5 * k + len(mods), "everything saved is O(k)"
     assert saved < sum(m.weight.numel() for m in mods.values()) / 2
 

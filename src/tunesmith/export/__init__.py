@@ -1,4 +1,5 @@
-"""Export: LoRA adapters as HF PEFT folders, and merged plain-transformers models."""
+"""Export: adapters in our format and in HF PEFT's layout (`peft_format`: LoRA, IA3, prefix tuning),
+and merged plain-transformers models."""
 from __future__ import annotations
 
 from .atomic import ExportError

@@ -8,7 +8,8 @@
 
 Loading rebuilds the method from its recorded options, applies it to the base model and copies
 the delta in; every key must match, so an adapter never half-loads. A folder holding only PEFT
-files (an adapter trained elsewhere) loads through the PEFT reader (LoRA family).
+files (an adapter trained elsewhere) loads through PEFT's reader for its method (`peft_format.FORMATS`):
+the same attach-and-copy, from the delta that reader produces.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tunesmith.methods import attach, build_method, delta_state
 from tunesmith.recipe import MethodConfig, RecipeError, method_from_dict
 
 from .atomic import ExportError, atomic_folder
-from .peft_format import ADAPTER_CONFIG, adapter_folder, load_adapter, read_adapter, write_peft
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_folder, peft_payload, read_peft, write_peft
 
 METHOD_FILE = "tunesmith_method.json"
 DELTA_FILE = "delta.safetensors"
@@ -47,7 +48,7 @@ def save_tuned(model: nn.Module, method, base_model: str, out_dir) -> Path:
         raise ExportError(f"method `{method.name}` has no delta to save")
     meta = {"format": 1, "method": method.name, "base_model_name_or_path": str(base_model),
             "options": options.model_dump() if hasattr(options, "model_dump") else options}
-    peft = method.peft_export(model, base_model)
+    peft = peft_payload(model, method, base_model)
     with atomic_folder(out_dir, marker=METHOD_FILE if not (Path(out_dir) / ADAPTER_CONFIG).is_file() else ADAPTER_CONFIG) as tmp:
         (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in unique_tensors(tensors).items()},
@@ -58,7 +59,8 @@ def save_tuned(model: nn.Module, method, base_model: str, out_dir) -> Path:
 
 
 def read_method(path) -> tuple[MethodConfig, dict]:
-    """(the MethodConfig, the metadata) an adapter folder was saved with; PEFT-only folders read as LoRA."""
+    """(the MethodConfig, the metadata) an adapter folder was saved with; for a PEFT-only folder, the
+    method PEFT's config names and that config."""
     folder = adapter_folder(path)
     meta_path = folder / METHOD_FILE
     if meta_path.is_file():
@@ -70,40 +72,48 @@ def read_method(path) -> tuple[MethodConfig, dict]:
         except RecipeError as e:
             raise ExportError(str(e)) from None
         return cfg, meta
-    lora, _ = read_adapter(folder)
-    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-    return MethodConfig(name="lora", lora=lora), meta
+    name, options, meta, _ = read_peft(folder)
+    return _config(name, options, folder / ADAPTER_CONFIG), meta
+
+
+def _config(name: str, options, where) -> MethodConfig:
+    try:
+        return method_from_dict(name, options.model_dump(), where=str(where))
+    except RecipeError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_tuned(model: nn.Module, path):
-    """Apply the adapter at `path` (ours or a PEFT LoRA folder) to `model`; return (method, MethodConfig)."""
+    """Apply the adapter at `path` (ours, or a PEFT folder of LoRA, IA3 or prefix tuning) to `model`;
+    return (method, MethodConfig)."""
     folder = adapter_folder(path)
-    if not (folder / METHOD_FILE).is_file():
+    if (folder / METHOD_FILE).is_file():
         cfg, _ = read_method(folder)
-        load_adapter(model, folder)
-        method = build_method(cfg)
-        return method, cfg
-    cfg, _ = read_method(folder)
-    weights = folder / DELTA_FILE
-    if not weights.is_file():
-        raise ExportError(f"{folder} has no {DELTA_FILE}")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for a corrupt file
-        raise ExportError(f"{weights}: cannot read ({e})") from None
+        weights = folder / DELTA_FILE
+        if not weights.is_file():
+            raise ExportError(f"{folder} has no {DELTA_FILE}")
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            raise ExportError(f"{weights}: cannot read ({e})") from None
+    else:
+        name, options, _, tensors = read_peft(folder, model)
+        weights = folder / ADAPTER_WEIGHTS
+        cfg = _config(name, options, folder / ADAPTER_CONFIG)
     method = build_method(cfg)
     try:
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten at once
             attach(model, method)
     except ValueError as e:
         raise ExportError(f"{folder}: {e}") from None
-    load_delta(model, tensors, where=str(weights))
+    load_delta(model, tensors, where=str(weights), method=method)
     return method, cfg
 
 
-def load_delta(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy a saved delta into the model's tensors; every key must match both ways and every shape."""
-    expected = unique_tensors(delta_state(model))
+def load_delta(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, method) -> None:
+    """Copy a saved delta into the model's tensors (those of `method`, attached to it); every key must
+    match both ways and every shape."""
+    expected = unique_tensors(delta_state(model, method))
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:

@@ -1,5 +1,5 @@
 """Tuning methods. Each is a transform (`apply`) plus a parameter filter (`is_trainable`), with
-optional hooks (optimizer options, per-epoch and per-step callbacks, PEFT export); see `base.py`.
+optional hooks (optimizer options, per-epoch and per-step callbacks, the delta to save); see `base.py`.
 
 A new method is one module here and one line in REGISTRY. The module holds the method's class and
 its options (a `config.Config` subclass, the class's `Options`); the class also declares `paper`,

@@ -156,7 +156,7 @@ class Adapters(MethodBase):
 
     def export_delta(self, model: nn.Module):
         """Only the adapters' tensors: inside a composition (MAM) the other parts save their own."""
-        return {n: t for n, t in delta_state(model).items() if _PARAM.search(n)}, self.cfg
+        return {n: t for n, t in delta_state(model, self).items() if _PARAM.search(n)}, self.cfg
 
     def describe(self, model: nn.Module) -> str:
         return (f"{self.cfg.form} adapters (bottleneck {self.cfg.bottleneck}, scale {self.cfg.scale:g}) "

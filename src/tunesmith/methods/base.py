@@ -7,6 +7,30 @@ place, and `is_trainable(name, param)`, a filter naming the parameters the optim
 There is no model subclass per method, and base checkpoint keys never change: a wrapped
 `q_proj` still holds `q_proj.weight`, its new tensors sit beside it (`q_proj.lora_a`, ...).
 
+What every method has:
+- `name`; `output`: "adapter" (its delta is saved on its own) or "model" (it trains base weights:
+  the whole model is saved); `mergeable`;
+- `apply(model)`: the transform; `is_trainable(name, param)`: the filter;
+- `merge(model)`: fold the delta into the base weights, or raise MethodError saying why it cannot;
+- the delta keys: `attach(model, method)` records on the method the plain model's state-dict keys
+  (`method.base_keys`) and the parameters marked trainable (`method.trained_names`);
+  `delta_state(model, method)` is then every trained parameter plus every tensor `apply` added.
+
+Optional hooks (`MethodBase` gives each a no-op default), called by the loop in this order:
+- `optimizer_options(name, param)`: per-parameter `lr_scale` / `decay` for the optimizer groups;
+- `on_train_start(model, total_steps)`: once the run's length is known;
+- `on_epoch(model, epoch, optimizer)`: before each epoch's first step (and a resumed run's);
+- `after_step(model, step, optimizer)`: after every optimizer step, gradients still present;
+- `describe(model)`: one line printed after the method is applied;
+- `export_delta(model)`: (tensors, options) to save, when the inference form differs from the
+  training form (prefix tuning folds its MLP; PiSSA saves plain LoRA on the original base);
+- `make_optimizer(model, param_groups, train_cfg)`, probed with hasattr: a method with its own update
+  rule (SpIEL).
+
+A method keeps what it knows about the model on itself, never on the transformers model (no
+attributes set on it). It knows nothing of file formats: `tunesmith.export` writes our adapter
+folder and PEFT's layout from the method's options and the model; nothing here imports `export`.
+
 A new method is one file in this folder (the class and its options) plus one line in
 `methods/__init__.py`; the recipe, the catalog, the loop, checkpoints and export do not change.
 """
@@ -30,6 +54,8 @@ class Method(Protocol):
     name: str
     output: str  # "adapter": a delta saved on its own; "model": it trains base weights, save the model
     mergeable: bool  # merge() folds the delta into the base weights
+    base_keys: frozenset[str] | None  # the plain model's state-dict keys, recorded by `attach`
+    trained_names: tuple[str, ...]  # the parameters marked trainable, recorded by `attach`
 
     def apply(self, model: nn.Module) -> None:
         """Wrap the chosen modules of `model` in place (base keys unchanged; new tensors beside them)."""
@@ -40,6 +66,9 @@ class Method(Protocol):
     def merge(self, model: nn.Module) -> None:
         """Fold the method's deltas into the base weights, leaving a plain transformers model.
         Methods that cannot merge raise MethodError."""
+
+    def record(self, base_keys: frozenset[str] | None, trained_names) -> None:
+        """Called by `mark_trainable`/`attach`: remember the base keys and the trainable parameters."""
 
     def optimizer_options(self, name: str, param: nn.Parameter) -> dict:
         """Per-parameter optimizer options: `lr_scale` (a multiple of train.lr, e.g. LoRA+'s B) and
@@ -54,9 +83,6 @@ class Method(Protocol):
 
     def after_step(self, model: nn.Module, step: int, optimizer) -> None:
         """Called after every optimizer step, gradients still present; e.g. SpIEL's prune/regrow."""
-
-    def peft_export(self, model: nn.Module, base_model: str) -> tuple[dict, dict] | None:
-        """(adapter_config.json, tensors in PEFT's names) where PEFT has this method, else None."""
 
     def describe(self, model: nn.Module) -> str:
         """One line the loop prints after applying the method (e.g. HFT's exact trained fraction); may be ''."""
@@ -73,9 +99,15 @@ class MethodBase:
     name = ""
     output = "adapter"
     mergeable = False
+    base_keys: frozenset[str] | None = None  # set by `record`, per instance
+    trained_names: tuple[str, ...] = ()
 
     def __init__(self, cfg=None):
         self.cfg = cfg
+
+    def record(self, base_keys: frozenset[str] | None, trained_names) -> None:
+        self.base_keys = None if base_keys is None else frozenset(base_keys)
+        self.trained_names = tuple(trained_names)
 
     def apply(self, model: nn.Module) -> None:
         raise NotImplementedError
@@ -99,14 +131,11 @@ class MethodBase:
     def after_step(self, model: nn.Module, step: int, optimizer) -> None:
         return None
 
-    def peft_export(self, model: nn.Module, base_model: str):
-        return None
-
     def describe(self, model: nn.Module) -> str:
         return ""
 
     def export_delta(self, model: nn.Module):
-        return delta_state(model), self.cfg
+        return delta_state(model, self), self.cfg
 
 
 class Compose(MethodBase):
@@ -122,6 +151,12 @@ class Compose(MethodBase):
     def apply(self, model: nn.Module) -> None:
         for part in self.parts:
             part.apply(model)
+
+    def record(self, base_keys: frozenset[str] | None, trained_names) -> None:
+        """Every part sees the whole record (a part's own export filters the delta by its names)."""
+        super().record(base_keys, trained_names)
+        for part in self.parts:
+            part.record(base_keys, trained_names)
 
     def is_trainable(self, name: str, param) -> bool:
         return any(part.is_trainable(name, param) for part in self.parts)
@@ -198,8 +233,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def mark_trainable(model: nn.Module, method: Method) -> list[str]:
-    """Set requires_grad from the method's filter; return the names of trainable parameters."""
+def mark_trainable(model: nn.Module, method: Method, base_keys: frozenset[str] | None = None) -> list[str]:
+    """Set requires_grad from the method's filter; record on the method the names of the trainable
+    parameters (and `base_keys`, the plain model's keys, when known); return those names."""
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(bool(method.is_trainable(name, p)))
@@ -207,25 +243,24 @@ def mark_trainable(model: nn.Module, method: Method) -> list[str]:
             names.append(name)
     if not names:
         raise MethodError(f"method `{method.name}` left no parameter trainable")
-    model._tunesmith_trained = tuple(names)
+    method.record(base_keys, names)
     return names
 
 
 def attach(model: nn.Module, method: Method) -> list[str]:
-    """Apply `method` to a plain model and mark what trains; remember the base keys, so the delta
-    (trained parameters + every tensor the method added) can be saved and loaded on its own."""
+    """Apply `method` to a plain model and mark what trains. The method records the base keys and the
+    trained names, so its delta (trained parameters + every tensor it added) saves and loads on its own."""
     base_keys = frozenset(model.state_dict())
     method.apply(model)
-    model._tunesmith_base_keys = base_keys
-    return mark_trainable(model, method)
+    return mark_trainable(model, method, base_keys)
 
 
-def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that make a tuned model differ from its base: every parameter marked trainable
-    (also while a method has frozen it for an epoch) and every tensor the method added (e.g. sparse
-    indices). Without `attach` bookkeeping, the parameters that require grad."""
-    trained = set(getattr(model, "_tunesmith_trained", ()))
-    base_keys = getattr(model, "_tunesmith_base_keys", None)
+def delta_state(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    """The tensors that make a tuned model differ from its base: every parameter the method marked
+    trainable (also while it has frozen one for an epoch) and every tensor it added to the plain
+    model (e.g. sparse indices), as `attach` recorded them on the method."""
+    trained = set(method.trained_names)
+    base_keys = method.base_keys
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
         param = isinstance(t, nn.Parameter)

@@ -114,29 +114,3 @@ class IA3(MethodBase):
         for name, mod in list(model.named_modules()):
             if isinstance(mod, IA3Linear):
                 set_module(model, name, mod.merged())
-
-    def peft_export(self, model: nn.Module, base_model: str):
-        """PEFT's IA3 layout: `base_model.model.<module>.ia3_l`, shaped (out, 1), or (1, in) for a
-        feed-forward module. Modules are listed by full name, which PEFT matches exactly whatever
-        patterns selected them here."""
-        mods = {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
-        if not mods:
-            return None
-        config = {
-            "peft_type": "IA3",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(base_model),
-            "revision": None,
-            "target_modules": sorted(mods),
-            "exclude_modules": None,
-            "feedforward_modules": sorted(n for n, m in mods.items() if m.feedforward),
-            "fan_in_fan_out": False,
-            "modules_to_save": None,
-            "init_ia3_weights": True,
-            "inference_mode": True,
-        }
-        tensors = {}
-        for name, m in mods.items():
-            l = m.ia3_l.detach().to("cpu", torch.float32)
-            tensors[f"base_model.model.{name}.ia3_l"] = (l[None, :] if m.feedforward else l[:, None]).contiguous()
-        return config, tensors

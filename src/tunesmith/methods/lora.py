@@ -220,11 +220,6 @@ class LoRA(MethodBase):
                 tensors[f"{name}.lora_magnitude"] = mod.lora_magnitude.detach()
         return tensors, saved_config(self.cfg)
 
-    def peft_export(self, model: nn.Module, base_model: str):
-        from ..export.peft_format import lora_payload
-
-        return lora_payload(model, self.cfg, base_model)
-
 
 def saved_config(cfg):
     """The options a saved adapter records: PiSSA's becomes plain LoRA of rank 2r with the same scale

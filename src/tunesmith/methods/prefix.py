@@ -193,34 +193,6 @@ class Prefix(MethodBase):
         with torch.no_grad():
             return self.prefixes(model), self.cfg.model_copy(update={"reparam": False})
 
-    def peft_export(self, model: nn.Module, base_model: str):
-        """PEFT PREFIX_TUNING: `prompt_embeddings` (l, L·2·kv_dim), row j = per layer [key; value] of prefix j."""
-        _, kv_heads, head_dim = _shapes(model)
-        with torch.no_grad():
-            tensors = self.prefixes(model)
-            names = [n for n, _ in attention_modules(model)]
-            rows = []
-            for n in names:
-                for part in ("prefix_key", "prefix_value"):
-                    t = tensors[f"{n}.{part}"]  # (kv_heads, l, head_dim)
-                    rows.append(t.permute(1, 0, 2).reshape(self.cfg.length, kv_heads * head_dim))
-            embeddings = torch.cat(rows, 1).to("cpu", torch.float32).contiguous()
-        config = {
-            "peft_type": "PREFIX_TUNING",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(base_model),
-            "revision": None,
-            "inference_mode": True,
-            "num_virtual_tokens": self.cfg.length,
-            "token_dim": kv_heads * head_dim,
-            "num_attention_heads": kv_heads,
-            "num_layers": len(names),
-            "num_transformer_submodules": 1,
-            "encoder_hidden_size": self.cfg.hidden,
-            "prefix_projection": False,  # folded: the tensors are the prefixes themselves
-        }
-        return config, {"prompt_embeddings": embeddings}
-
     def describe(self, model: nn.Module) -> str:
         layers = len(attention_modules(model))
         how = f"through an MLP (hidden {self.cfg.hidden}), folded at save" if self.cfg.reparam else "directly"

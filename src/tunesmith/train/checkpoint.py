@@ -149,11 +149,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
+def trainable_state(model, method) -> dict[str, torch.Tensor]:
     """The method's delta (trained parameters and any tensors it added, e.g. sparse indices)."""
     from ..methods import delta_state
 
-    return {n: _full(t).contiguous() for n, t in delta_state(model).items()}
+    return {n: _full(t).contiguous() for n, t in delta_state(model, method).items()}
 
 
 def rng_state() -> dict:
@@ -191,7 +191,7 @@ def _all_rng(d) -> list[dict]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info: dict, keep_last: int,
-                    d=None) -> Path:
+                    d=None, *, method) -> Path:
     """Write `checkpoints/step-N/` atomically, manifest last. Replicated runs (one process, DDP) save
     the trainable tensors once, as safetensors; FSDP saves its shards with torch.distributed.checkpoint.
     `info` goes to state.json (with `healthy` and `val_loss` when the loop knows them)."""
@@ -201,7 +201,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, info:
     main = d is None or d.main
     sharded = d is not None and d.active and d.strategy == "fsdp"
     rngs = _all_rng(d)
-    tensors = None if sharded else unique_tensors(trainable_state(model))
+    tensors = None if sharded else unique_tensors(trainable_state(model, method))
     if tensors is not None and not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
         raise CheckpointError(f"refusing to write checkpoint {final}: its weights are not finite; "
                               f"last checkpoint: {latest_checkpoint(run_dir) or 'none'}")
@@ -257,7 +257,7 @@ def _disk_full(e: BaseException, folder: Path) -> bool:
         return False
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, d=None, *, method) -> dict:
     """Restore parameters, optimizer, scheduler and RNG from `path`; return its state.json."""
     path = Path(path)
     try:
@@ -279,7 +279,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, d=None) -> dict:
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     else:
-        _load_trainable(path, model)
+        _load_trainable(path, model, method)
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -330,12 +330,12 @@ def read_train_state(path: Path) -> dict:
     return state
 
 
-def _load_trainable(path: Path, model) -> None:
+def _load_trainable(path: Path, model, method) -> None:
     from ..export.atomic import ExportError
     from ..export.tuned import load_delta
 
     try:
-        load_delta(model, load_file(path / "trainable.safetensors"), where=str(path))
+        load_delta(model, load_file(path / "trainable.safetensors"), where=str(path), method=method)
     except ExportError as e:
         raise CheckpointError(f"{e}; resume with the recipe that wrote it") from None
 

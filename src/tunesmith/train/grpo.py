@@ -204,7 +204,7 @@ def _train_grpo(recipe, task, model, tokenizer, _stop_after, started) -> RunResu
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step = 0
     if resume_from is not None:
-        start_step = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        start_step = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, method=method)["step"]
         print(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
     elif recipe.resume:
         print(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
@@ -334,7 +334,7 @@ def _train_grpo(recipe, task, model, tokenizer, _stop_after, started) -> RunResu
                 if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
                     ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
                                          {"total_steps": total_steps, "objective": "grpo", "healthy": guard.healthy},
-                                         cfg.keep_last)
+                                         cfg.keep_last, method=method)
                 if stop and step < total_steps:
                     status = "interrupted"
                     tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")

@@ -230,7 +230,7 @@ def prepare_model(recipe, model=None, tokenizer=None):
         method = build_method(recipe.method)
         attach(model, method)
     if recipe.model.frozen_dtype != "same":
-        base_trained = [n for n in model._tunesmith_trained if n in model._tunesmith_base_keys]
+        base_trained = [n for n in method.trained_names if n in method.base_keys]
         frozen = any(not p.requires_grad and p.is_floating_point() for p in model.parameters())
         if base_trained and frozen and recipe.train.precision == "fp32":
             raise TrainError(f"model.frozen_dtype={recipe.model.frozen_dtype} with train.precision=fp32: method "
@@ -322,7 +322,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after, started) -> RunResu
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     start_step, start_micro = 0, 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, d)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, d, method=method)
         start_step = state["step"]
         start_micro = state.get("micro_batches", start_step * per_step)
         say(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
@@ -406,7 +406,7 @@ def _train(recipe, d, device, model, tokenizer, _stop_after, started) -> RunResu
                                          {"epoch": epoch, "total_steps": total_steps, "world": d.world,
                                           "micro_batches": start_micro + (step - start_step) * per_step,
                                           "healthy": guard.healthy, "val_loss": val_now},
-                                         cfg.keep_last, d)
+                                         cfg.keep_last, d, method=method)
                 if stop:
                     status = "interrupted"
                     if d.main:
