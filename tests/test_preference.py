@@ -332,7 +332,7 @@ def test_unset_beta_is_the_loss_paper_default(monkeypatch, name, beta):
     shipped = Path(__file__).parent.parent / "recipes" / "dpo.yaml"
     assert load_recipe(shipped, [f"objective.name={name}"]).objective.preference.beta == beta
     assert load_recipe(None, [f"objective.name={name}", "objective.preference.beta=0.7"]).objective.preference.beta == 0.7
-    assert load_recipe(None).objective.preference.beta is None  # sft: no preference loss, nothing to resolve
+    assert load_recipe(None).objective.preference is None  # sft: no preference block, nothing to resolve
     with pytest.raises(RecipeError, match=r"objective.preference.beta: must be > 0"):
         load_recipe(None, [f"objective.name={name}", "objective.preference.beta=0"])
     fake = FakeLogps(interleave(PC, PR), interleave(LC, LR))

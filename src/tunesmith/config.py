@@ -71,7 +71,8 @@ def _walk(root: type, loc: tuple):
 
 def _range(info) -> str:
     """`> 0`, `>= 0` or `in [0, 1)` from a field's bounds."""
-    bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
+    bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le")
+              if getattr(m, k, None) is not None}
     low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
     high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
     if low and high:
@@ -165,15 +166,21 @@ class Config(BaseModel):
             _VALIDATING.reset(token)
 
     @classmethod
+    def model_validate(cls, obj: Any, **kwargs):
+        """pydantic's, with the sections inside keeping pydantic's errors (see `__init__`)."""
+        token = _VALIDATING.set(True)
+        try:
+            return super().model_validate(obj, **kwargs)
+        finally:
+            _VALIDATING.reset(token)
+
+    @classmethod
     def build(cls, values: Any, prefix: tuple = ()):
         """Validate a mapping into this section; a mistake is a RecipeError whose path starts at `prefix`."""
-        token = _VALIDATING.set(True)
         try:
             return cls.model_validate(values)
         except ValidationError as e:
             raise describe(e, cls, prefix) from None
-        finally:
-            _VALIDATING.reset(token)
 
     @model_validator(mode="before")
     @classmethod
@@ -188,8 +195,7 @@ class Config(BaseModel):
             if get_origin(tp) is list and isinstance(value, (str, int, float)):
                 out[key] = [value]
             elif tp in (int, float) and isinstance(value, bool):
-                raise PydanticCustomError("recipe", "{message}", {
-                    "message": f"expected {_EXPECTED[tp.__name__]}, got {value!r}", "field": key})
+                raise invalid(f"expected {_EXPECTED[tp.__name__]}, got {value!r}", key)
         return out
 
 

@@ -113,8 +113,9 @@ class HFT(MethodBase):
     Options = HftConfig
     paper = "Hui et al., 2024 (Half Fine-Tuning)"
     when = "full-tuning quality with less forgetting: a seeded half of each layer's matrices trains"
-    variants = {"hft-epoch": Variant({"redraw": "epoch"}, "Hui et al., 2024 (Half Fine-Tuning)",
-                                     "HFT with a fresh half every epoch instead of one per training stage")}
+    variants = {"hft-epoch": Variant(
+        {"redraw": "epoch"}, "Hui et al., 2024 (Half Fine-Tuning)",
+        "a fresh half every epoch, not one per stage (counted: the pool each half is drawn from)")}
 
     def __init__(self, cfg):
         super().__init__(cfg)
