@@ -50,7 +50,7 @@ def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 
 def test_allocator_env_preloads_jemalloc_once(tmp_path):
-    from tunesmith.train.runtime import allocator_env
+    from tunesmith.runtime import allocator_env
 
     lib = tmp_path / "libjemalloc.so.2"
     assert allocator_env({}, candidates=[str(lib)]) is None  # not installed: nothing to do
@@ -67,7 +67,7 @@ def test_command_line_runs_on_jemalloc_when_installed(tmp_path):
     import sys
     from pathlib import Path
 
-    from tunesmith.train.runtime import JEMALLOC
+    from tunesmith.runtime import JEMALLOC
 
     if not any(Path(c).is_file() for c in JEMALLOC):
         pytest.skip("jemalloc is not installed on this machine")

@@ -38,7 +38,7 @@ def wide_model_dir(tokenizer, tmp_path_factory):
 ])
 def test_parameter_counts_are_exact(tmp_path, wide_model_dir, extra):
     from tunesmith.methods import count_parameters
-    from tunesmith.train.loop import prepare_model
+    from tunesmith.train.prepare import prepare_model
 
     recipe = tiny_recipe(tmp_path, wide_model_dir, *extra)
     e = est.estimate(recipe)

@@ -9,7 +9,7 @@ from tests.conftest import make_tiny_model
 from tunesmith.eval.files import FileTask, FileTaskError
 from tunesmith.eval.metrics import bleu, chrf, exact_match, normalize_answer, pass_at_k
 from tunesmith.eval.runner import EvalError, build_prompt, evaluate, format_summary, save_result
-from tunesmith.eval.task import Example, Verdict
+from tunesmith.data.tasks.base import Example, Verdict
 
 
 def test_pass_at_k_matches_closed_form():
@@ -124,7 +124,7 @@ def test_task_file_and_its_errors(tmp_path):
 def test_perplexity_equals_hf_loss(tokenizer, tmp_path):
     import torch
 
-    from tunesmith.eval.perplexity import perplexity
+    from tunesmith.objectives.sft import perplexity
 
     texts = ["The quick brown fox jumps over the lazy dog.", "Tuning small models on a CPU.", "SELECT 1"]
     path = tmp_path / "held_out.jsonl"

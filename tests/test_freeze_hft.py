@@ -323,13 +323,14 @@ def test_hft_epoch_run_crosses_epochs_and_resumes(tmp_path, tiny_model_dir, toke
     """Through the loop, with 2 micro-batches an epoch: 6 steps = epochs 0,0,1,1,2,2; a resume at
     step 3 (mid epoch 1) redraws epoch 1 and reproduces the straight run; only the pool moved."""
     from tests.test_train import tiny_recipe, train_losses
-    from tunesmith.train.loop import train
+    from tunesmith.train.loop import stopping_after, train
 
     extra = ["method.name=hft", "method.hft.redraw=epoch", "train.batch_tokens=512"]
     full = train(tiny_recipe(tmp_path / "a", tiny_model_dir, *extra))
     rows = [json.loads(line) for line in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "loss" in r] == [0, 0, 1, 1, 2, 2]
-    train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra), _stop_after=3)
+    with stopping_after(3):
+        train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra))
     resumed = train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra, "resume=true"))
     a, b = train_losses(full.run_dir), train_losses(resumed.run_dir)
     assert len(a) == 6 and all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)

@@ -8,13 +8,14 @@ import torch
 
 from tests.conftest import make_tiny_model
 from tunesmith.data import collate
-from tunesmith.eval.task import Example, Verdict
+from tunesmith.data.tasks.base import Example, Verdict
 from tunesmith.objectives.grpo import group_advantages, grpo_loss, token_logps
 from tunesmith.objectives.rewards import (FORMAT_BONUS, RewardError, build_rewards, generic_format_reward,
                                           load_function, sql_format_reward)
 from tunesmith.recipe import load_recipe
-from tunesmith.train.grpo import prompt_indices, sample_completions, train_grpo
-from tunesmith.train.loop import TrainError
+from tunesmith.objectives import ObjectiveError
+from tunesmith.objectives.grpo import GRPO, prompt_indices, sample_completions
+from tunesmith.train.loop import TrainError, stopping_after, train
 from tunesmith.train.metrics import read_metrics
 
 # ----------------------------------------------------------------------------- advantages
@@ -252,6 +253,11 @@ def yes_no_model(tokenizer):
     return model
 
 
+def train_grpo(recipe, task=None, **kw):
+    """GRPO through the run harness, with a Task object in place of objective.grpo.task."""
+    return train(recipe, objective=GRPO.build(recipe, task=task), **kw)
+
+
 def grpo_recipe(tmp_path, *overrides):
     return load_recipe(None, [f"output_dir={tmp_path}", "name=g", "objective.name=grpo", "train.precision=fp32",
                               "train.warmup=0", "train.schedule=constant", "train.lr=1e-2", "method.lora.rank=8",
@@ -284,8 +290,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, yes_no_mod
                 "objective.grpo.max_new_tokens=3"]
     whole = train_grpo(grpo_recipe(tmp_path / "a", *settings), task=YesTask(), model=copy.deepcopy(yes_no_model),
                        tokenizer=tokenizer)
-    part = train_grpo(grpo_recipe(tmp_path / "b", *settings), task=YesTask(), model=copy.deepcopy(yes_no_model),
-                      tokenizer=tokenizer, _stop_after=2)
+    with stopping_after(2):
+        part = train_grpo(grpo_recipe(tmp_path / "b", *settings), task=YesTask(), model=copy.deepcopy(yes_no_model),
+                          tokenizer=tokenizer)
     assert part.status == "interrupted" and part.step == 2
     rest = train_grpo(grpo_recipe(tmp_path / "b", *settings, "resume=true"), task=YesTask(),
                       model=copy.deepcopy(yes_no_model), tokenizer=tokenizer)
@@ -304,25 +311,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, yes_no_mod
 
 
 def test_grpo_needs_steps_and_one_process(tmp_path, tokenizer):
-    with pytest.raises(TrainError, match="train.steps"):
+    with pytest.raises((TrainError, ObjectiveError), match="train.steps"):
         train_grpo(grpo_recipe(tmp_path), task=YesTask(), tokenizer=tokenizer)
-    with pytest.raises(TrainError, match="one process"):
+    with pytest.raises((TrainError, ObjectiveError), match="one process"):
         train_grpo(grpo_recipe(tmp_path, "train.steps=2", "nproc=2"), task=YesTask(), tokenizer=tokenizer)
-    with pytest.raises(TrainError, match="unknown reward"):
+    with pytest.raises((TrainError, ObjectiveError), match="unknown reward"):
         train_grpo(grpo_recipe(tmp_path, "train.steps=2", "objective.grpo.reward=[tsak]"), task=YesTask(),
                    tokenizer=tokenizer)
-    with pytest.raises(TrainError, match="unknown task"):
+    with pytest.raises((TrainError, ObjectiveError), match="unknown task"):
         train_grpo(grpo_recipe(tmp_path / "t", "train.steps=2", "objective.grpo.task=nope"), tokenizer=tokenizer)
-    with pytest.raises(TrainError, match="temperature"):
+    with pytest.raises((TrainError, ObjectiveError), match="temperature"):
         train_grpo(grpo_recipe(tmp_path, "train.steps=2", "objective.grpo.temperature=0"), task=YesTask(),
                    tokenizer=tokenizer)
 
 
 def test_train_runs_grpo_on_the_sql_task(tmp_path, tiny_model_dir):
-    """`train()` (what `tunesmith train` calls) dispatches on objective.name to GRPO, here with the
+    """`train()` (what `tunesmith train` calls) builds GRPO from objective.name, here with the
     built-in sql task, its execution reward and an evaluation at the end."""
-    from tunesmith.train.loop import train
-
     recipe = grpo_recipe(tmp_path, f"model.name={tiny_model_dir}", "train.steps=2", "objective.grpo.task=sql",
                          "objective.grpo.reward=[task, format]", "objective.grpo.samples=2",
                          "objective.grpo.prompts_per_step=2", "objective.grpo.max_new_tokens=4", "eval.task=sql",

@@ -7,7 +7,7 @@ import pytest
 
 from tunesmith.eval import humaneval
 from tunesmith.eval.humaneval import HumanEvalTask
-from tunesmith.eval.task import Example, Verdict
+from tunesmith.data.tasks.base import Example, Verdict
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs a POSIX system")
 

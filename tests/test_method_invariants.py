@@ -14,7 +14,7 @@ from tunesmith.methods import attach, build_method
 from tunesmith.methods.catalog import catalog
 from tunesmith.recipe import MethodConfig, method_from_dict
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import train
+from tunesmith.train.loop import stopping_after, train
 from tunesmith.train.metrics import read_metrics
 from tunesmith.train.optim import build_optimizer
 
@@ -162,7 +162,8 @@ def test_run_resumes_exactly(tmp_path, tiny_model_dir, name, opts):
                                        for k, v in opts.items()]
     extra += ["train.batch_tokens=512"]  # 2 micro-batches an epoch: 3 epochs in 6 steps, so per-epoch hooks run
     full = train(tiny_recipe(tmp_path / "a", tiny_model_dir, *extra))
-    first = train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra), _stop_after=3)
+    with stopping_after(3):
+        first = train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra))
     assert first.status == "interrupted" and ckpt.latest_checkpoint(first.run_dir).name == "step-3"
     resumed = train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra, "resume=true"))
     a, b = train_losses(full.run_dir), train_losses(resumed.run_dir)

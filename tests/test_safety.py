@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import TrainError, train
+from tunesmith.train.loop import TrainError, stopping_after, train
 from tunesmith.train.safety import Diverged, DivergenceGuard
 
 from test_train import tiny_recipe
@@ -163,7 +163,8 @@ def test_keep_last_alone_when_all_healthy(tmp_path):
 @pytest.fixture
 def two_checkpoints(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, "train.save_every=2", "data.val_fraction=0")
-    train(recipe, _stop_after=4)
+    with stopping_after(4):
+        train(recipe)
     assert [p.name for p in ckpt.list_checkpoints(recipe.run_dir)] == ["step-2", "step-4"]
     return recipe
 
@@ -246,7 +247,8 @@ def test_resume_follows_a_changed_learning_rate(tmp_path, tiny_model_dir):
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir, "train.save_every=2", "data.val_fraction=0",
                          "train.schedule=constant", "train.warmup=0")
-    train(recipe, _stop_after=2)
+    with stopping_after(2):
+        train(recipe)
     train(tiny_recipe(tmp_path, tiny_model_dir, "train.save_every=2", "data.val_fraction=0",
                       "train.schedule=constant", "train.warmup=0", "train.lr=1e-4", "resume=true"))
     lrs = [r["lr"] for r in read_metrics(recipe.run_dir / "metrics.jsonl") if "lr" in r]

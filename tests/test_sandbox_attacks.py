@@ -18,7 +18,7 @@ import pytest
 
 from tunesmith.eval.code import score_python
 from tunesmith.eval.sandbox import run_python
-from tunesmith.eval.task import Verdict
+from tunesmith.data.tasks.base import Verdict
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs a POSIX system")
 

@@ -11,9 +11,10 @@ from tests.test_train import grads, samples  # noqa: F401 (fixture)
 from tunesmith.data import collate
 from tunesmith.models.attention import use_packed_attention
 from tunesmith.recipe import RecipeError, TrainConfig, load_recipe
-from tunesmith.train.loop import LossModule, backward_window, training_mode
+from tunesmith.train.prepare import training_mode
+from tunesmith.train.step import LossModule, backward_window
 from tunesmith.train.optim import build_optimizer
-from tunesmith.objectives import SFT
+from tunesmith.objectives.sft import SFT
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from tunesmith.data.tasks import BUILTIN, ExtractTask, SqlTask, get_task, task_r
 from tunesmith.data.tasks.extract import FAMILIES as JSON_FAMILIES
 from tunesmith.data.tasks.sql import FAMILIES as SQL_FAMILIES
 from tunesmith.data.tasks.sql import SqlError, compare_results, execute, extract_sql, score_sql
-from tunesmith.eval.task import SPLITS
+from tunesmith.data.tasks.base import SPLITS
 
 SMALL = dict(n_train=200, n_validation=40, n_test=60)
 

@@ -11,7 +11,8 @@ from tunesmith.data import collate
 from tunesmith.objectives.sft import causal_lm_loss, forward_hidden
 from tunesmith.recipe import load_recipe
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.loop import LossModule, TrainError, backward_window, train
+from tunesmith.train.loop import TrainError, stopping_after, train
+from tunesmith.train.step import LossModule, backward_window
 from tunesmith.train.metrics import read_metrics
 
 
@@ -124,7 +125,7 @@ def test_lora_run_end_to_end_frozen_untouched(tmp_path, tiny_model_dir):
     from tunesmith.export.peft_format import load_adapter
     from tunesmith.models.attention import use_attention
     from tunesmith.models.load import load_model
-    from tunesmith.train.loop import prepare_model
+    from tunesmith.train.prepare import prepare_model
 
     recipe = tiny_recipe(tmp_path, tiny_model_dir)
     model, tok = load_model(str(tiny_model_dir))  # trained in place: the very weights the run started from
@@ -161,7 +162,8 @@ def test_lora_run_end_to_end_frozen_untouched(tmp_path, tiny_model_dir):
 
 def test_resume_reproduces_uninterrupted_curve(tmp_path, tiny_model_dir):
     full = train(tiny_recipe(tmp_path / "a", tiny_model_dir))
-    first = train(tiny_recipe(tmp_path / "b", tiny_model_dir), _stop_after=3)
+    with stopping_after(3):
+        first = train(tiny_recipe(tmp_path / "b", tiny_model_dir))
     assert first.status == "interrupted" and first.step == 3
     assert ckpt.latest_checkpoint(first.run_dir).name == "step-3"
     with pytest.raises(TrainError, match="resume=true"):
@@ -200,7 +202,7 @@ def test_grad_accum_equals_the_bigger_batch_through_the_loop(tmp_path, tiny_mode
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import tunesmith.objectives as loop
+    import tunesmith.objectives.sft as loop
 
     real = loop.causal_lm_loss
     calls = {"n": 0}
@@ -228,7 +230,7 @@ def test_sigint_writes_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     import os
     import signal
 
-    import tunesmith.objectives as loop
+    import tunesmith.objectives.sft as loop
 
     real = loop.causal_lm_loss
     calls = {"n": 0}

@@ -65,9 +65,9 @@ def measure(model, tokenizer, args, text_file: Path) -> dict:
     """Task score, second-task score and general-text loss of a model."""
     import torch
 
-    from tunesmith.eval.perplexity import perplexity
+    from tunesmith.objectives.sft import perplexity
     from tunesmith.eval.runner import evaluate, get_eval_task
-    from tunesmith.train.runtime import autocast
+    from tunesmith.runtime import autocast
 
     out = {}
     with autocast(model.device, "bf16"):
@@ -87,7 +87,7 @@ def run_one(label: str, args, text_file: Path) -> dict:
     from tunesmith.infer.generate import load_for_inference
     from tunesmith.recipe import load_recipe
     from tunesmith.train.loop import train
-    from tunesmith.train.runtime import set_threads
+    from tunesmith.runtime import set_threads
 
     set_threads(0)
     if label == "base":

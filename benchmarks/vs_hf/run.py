@@ -174,7 +174,7 @@ def machine(args) -> dict:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    from tunesmith.train.runtime import physical_cores
+    from tunesmith.runtime import physical_cores
 
     versions = {}
     for pkg in ("torch", "transformers", "peft", "tunesmith"):

@@ -23,9 +23,11 @@ def _user_errors():
     from .models.load import ModelError
     from .recipe import RecipeError
     from .train.checkpoint import CheckpointError
+    from .objectives import ObjectiveError
     from .train.loop import TrainError
 
-    errors = [RecipeError, DataError, ModelError, MethodError, TrainError, CheckpointError, FileNotFoundError]
+    errors = [RecipeError, DataError, ModelError, MethodError, ObjectiveError, TrainError, CheckpointError,
+              FileNotFoundError]
     from .export.atomic import ExportError
     from .infer.generate import InferError
 
@@ -38,11 +40,12 @@ def _user_errors():
 def cmd_train(args) -> int:
     from .recipe import load_recipe
     from .train import distributed
+    from .objectives import objective_class
     from .train.loop import TrainError, train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.nproc > 1 and recipe.objective.name == "grpo":
-        raise TrainError("grpo runs in one process (its rollouts and updates alternate); drop nproc")
+    if recipe.nproc > 1 and not objective_class(recipe.objective.name).multi_process:
+        raise TrainError(f"{recipe.objective.name} runs in one process: set nproc=1")
     if recipe.nproc > 1 and not distributed.under_launcher():
         return distributed.launch(recipe.nproc, ["train", args.recipe, *args.overrides])
     result = train(recipe)
@@ -55,13 +58,14 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from .data import format_inspection, load_data
     from .models.load import load_tokenizer
-    from .objectives import PREFERENCE
+    from .objectives import objective_class
+    from .objectives.preference import Preference
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer = load_tokenizer(recipe.model.name)
     max_length = recipe.data.max_length
-    if recipe.objective.name in PREFERENCE:  # the data the objective trains on: chosen/rejected pairs
+    if objective_class(recipe.objective.name) is Preference:  # the data it trains on: chosen/rejected pairs
         from .data.preference import load_pairs
         from .data.report import format_pair_inspection
 
@@ -113,7 +117,7 @@ def cmd_eval(args) -> int:
     from .eval.runner import evaluate, format_summary, get_eval_task, save_result
 
     if args.task.startswith("text:"):
-        from .eval.perplexity import perplexity
+        from .objectives.sft import perplexity
 
         model, tok = _load(args)
         result = perplexity(model, tok, args.task[len("text:"):], limit=args.limit)
@@ -155,7 +159,7 @@ def cmd_recipe(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, format_bench, matmul_peak
     from .recipe import RecipeError, load_recipe
-    from .train.runtime import allocator_in_use, pick_device, set_threads
+    from .runtime import allocator_in_use, pick_device, set_threads
 
     overrides = []
     for item in args.overrides:  # `steps=N` / `warmup=N` belong to the bench, the rest to the recipe
@@ -317,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line (not a call from Python): train and measure on jemalloc if present
-        from .train.runtime import reexec_with_allocator
+        from .runtime import reexec_with_allocator
 
         reexec_with_allocator(sys.argv[1:])
     args = build_parser().parse_args(argv)

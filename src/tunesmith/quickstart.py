@@ -22,7 +22,7 @@ def quickstart(recipe_path: str | Path | None = None, overrides: list[str] | Non
     from .infer.generate import load_for_inference
     from .train.loop import train
     from .train.report import write_report
-    from .train.runtime import peak_memory_gb, pick_device, set_threads
+    from .runtime import peak_memory_gb, pick_device, set_threads
 
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE, overrides)
     cfg = recipe.eval

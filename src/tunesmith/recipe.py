@@ -14,14 +14,12 @@ in a file name the file and the line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from .config import (Config, DataConfig, EvalConfig, ModelConfig, OneOf, RecipeError, TrainConfig, bare,
                      one_of)
-from .methods import REGISTRY, method_class
 from .methods.adapters import AdapterConfig
 from .methods.compose import LongLoraConfig, MamConfig
 from .methods.freeze import FreezeConfig
@@ -29,105 +27,45 @@ from .methods.full import FullConfig
 from .methods.hft import HftConfig
 from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
+from .methods.options import MethodConfig, method_from_dict
 from .methods.prefix import PrefixConfig
 from .methods.sparse import SparseConfig
+from .objectives import REGISTRY as OBJECTIVE_REGISTRY
+from .objectives import objective_class
+from .objectives.grpo import GrpoConfig
+from .objectives.preference import PREFERENCE_BETA, PreferenceConfig
 
 # --------------------------------------------------------------------------------------------------
-# the method: one options block per registered method, keyed on method.name
+# the objective section: one options block per registered objective (blocks may be shared, e.g. the
+# preference losses read `preference`), keyed on objective.name
+
+OBJECTIVES = ("sft", *(n for n in OBJECTIVE_REGISTRY if n != "sft"))  # the default first
 
 
-def _method_section() -> type[OneOf]:
-    names = ("lora", *(n for n in REGISTRY if n != "lora"))  # the default first
-    classes = {n: method_class(n) for n in names}
+def _objective_section() -> type[OneOf]:
+    names = OBJECTIVES
+    classes = {n: objective_class(n) for n in names}
+    blocks = {c.block: c.Options for c in classes.values() if c.Options is not None}
+    docs = {c.block: c.block_doc for c in classes.values() if c.Options is not None}
     return one_of(
-        "MethodConfig", "The tuning method: `name` picks one, its block (`method.<name>`) holds its options.",
-        names, blocks={n: c.Options for n, c in classes.items()}, uses={n: n for n in names},
-        name_doc="Tuning method; its block below sets its options (`tunesmith methods` lists them with their sizes).",
-        block_docs={n: f"Options of `{n}` ({c.paper}): {c.when}." for n, c in classes.items()}, module=__name__)
-
-
-MethodConfig = _method_section()
-
-
-# --------------------------------------------------------------------------------------------------
-# the objective's option blocks (each names the objectives that read it)
-
-
-# β of each preference loss when `objective.preference.beta` is null, from its paper: DPO 0.1
-# (Rafailov et al., 2023); SimPO 2.0 (Meng et al., 2024, "2.0 or 2.5"; at 0.1 its length-normalised
-# reward barely moves); IPO and hinge 0.1 (TRL's default: neither paper fixes one value on this
-# scale); ORPO's loss has no β (its λ is `orpo_lambda`), 0.1 scales only its logged rewards.
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
-
-
-class PreferenceConfig(Config):
-    objectives: ClassVar[tuple[str, ...]] = tuple(PREFERENCE_BETA)
-
-    beta: float | None = Field(None, gt=0)
-    "β: KL strength (dpo, ipo, hinge) or reward scale (simpo); null = the loss's paper default (simpo 2.0, others 0.1), resolved in the printed recipe."
-    gamma: float = 0.5
-    "SimPO's target reward margin as a fraction of β (γ = gamma·β; the paper's 0.5: γ = 1.0 at β = 2.0)."
-    orpo_lambda: float = 0.1
-    "ORPO's weight of the odds-ratio term next to the SFT loss on the chosen answer."
-    label_smoothing: float = 0.0
-    "Conservative DPO: the probability that a preference label is flipped."
-    reference: Literal["auto", "adapter_off", "copy", "none"] = "auto"
-    "Reference model: the base with the LoRA switched off, a frozen copy (full tuning), or none (SimPO, ORPO)."
-    precompute_reference: bool = False
-    "Compute reference log-probs once before training (frees the reference during training)."
-
-
-class GrpoConfig(Config):
-    objectives: ClassVar[tuple[str, ...]] = ("grpo",)
-
-    task: str = "sql"
-    "Prompts and verifier: a built-in task (sql, json, humaneval) or a JSONL task file."
-    reward: list[str] = Field(default_factory=lambda: ["task"])
-    "Reward functions summed: task (the task's verifier), exact_match, format, or module:function."
-    samples: int = 8
-    "Completions per prompt (the group)."
-    prompts_per_step: int = 4
-    "Prompts per optimizer step."
-    temperature: float = 1.0
-    "Sampling temperature of the completions."
-    max_new_tokens: int = 96
-    "Longest completion."
-    epsilon: float = 0.2
-    "Clip range of the importance ratio."
-    kl_beta: float = 0.0
-    "Weight of the KL penalty to the reference (0 = none)."
-    iterations: int = 1
-    "Optimizer steps on each batch of completions (the ratio is 1 on the first)."
-    scale_rewards: bool = True
-    "Divide advantages by the group's reward std (False: Dr. GRPO)."
-    split: str = "train"
-    "Task split the prompts come from."
-
-
-# the objective section is built from these two, in one place: the names (the default first) and
-# the option blocks, each of which lists the objectives that read it (`sft` reads none)
-OBJECTIVES = ("sft", "dpo", "ipo", "hinge", "simpo", "orpo", "grpo")
-OBJECTIVE_OPTIONS = {"preference": PreferenceConfig, "grpo": GrpoConfig}
-_BLOCK_DOCS = {"preference": "Options of the preference objectives (dpo, ipo, hinge, simpo, orpo).",
-               "grpo": "Options of grpo."}
+        "ObjectiveConfig", "What training minimises: `name` picks the objective, its block holds its options.",
+        names, blocks=blocks, uses={n: c.block for n, c in classes.items()},
+        name_doc=f"Training objective: {', '.join(names)} (README: objectives); its block below holds its options.",
+        block_docs=docs, base=_Objective, module=__name__)
 
 
 class _Objective(OneOf):
     @model_validator(mode="after")
-    def _paper_beta(self):
-        """An unset preference β is the chosen loss's own default, shown in the resolved recipe."""
-        options = getattr(self, "preference", None)
-        if options is not None and options.beta is None and self.name in PREFERENCE_BETA:
-            options.beta = PREFERENCE_BETA[self.name]
+    def _resolve(self):
+        """Defaults that depend on the chosen objective (e.g. a preference loss's own β), filled in so
+        the resolved recipe shows them."""
+        block = objective_class(self.name).block
+        if block is not None and getattr(self, block, None) is not None:
+            objective_class(self.name).resolve(self.name, getattr(self, block))
         return self
 
 
-ObjectiveConfig = one_of(
-    "ObjectiveConfig", "What training minimises: `name` picks the objective, its block holds its options.",
-    OBJECTIVES, blocks=OBJECTIVE_OPTIONS,
-    uses={n: next((k for k, c in OBJECTIVE_OPTIONS.items() if n in c.objectives), None) for n in OBJECTIVES},
-    name_doc="Training objective: causal LM (SFT), a preference loss, or GRPO.", block_docs=_BLOCK_DOCS,
-    base=_Objective, module=__name__)
+ObjectiveConfig = _objective_section()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,17 +212,6 @@ def recipe_from_dict(values: dict) -> Recipe:
     return Recipe.build(values)
 
 
-def method_from_dict(name: str, options: dict, where: str = "method") -> MethodConfig:
-    """A MethodConfig for method `name` with its options block (e.g. read from a saved adapter)."""
-    values = {"name": name, name: options} if isinstance(name, str) and name in MethodConfig.uses else {"name": name}
-    try:
-        return MethodConfig.build(values, prefix=("method",))
-    except RecipeError as e:
-        if where == "method":
-            raise
-        raise RecipeError(f"{where}: {e}", e.loc) from None
-
-
 def to_dict(recipe: BaseModel) -> dict:
     """Plain data: only the chosen method's and objective's blocks."""
     return recipe.model_dump()
@@ -308,7 +235,7 @@ def reference(cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str
 
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "method_from_dict", "apply_overrides",
-           "to_dict", "to_yaml", "reference", "PREFERENCE_BETA", "OBJECTIVES", "OBJECTIVE_OPTIONS", "CHOICES",
+           "to_dict", "to_yaml", "reference", "PREFERENCE_BETA", "OBJECTIVES", "CHOICES",
            "Config", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig", "MethodConfig", "ObjectiveConfig",
            "PreferenceConfig", "GrpoConfig", "LoraConfig", "FullConfig", "FreezeConfig", "HftConfig", "SparseConfig",
            "AdapterConfig", "PrefixConfig", "Ia3Config", "MamConfig", "LongLoraConfig"]

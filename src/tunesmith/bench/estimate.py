@@ -113,7 +113,7 @@ def _parameter_bytes(model) -> dict[str, float]:
 
 def _saved_bytes(runner, model, batch, precision: str) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward (weights excluded)."""
-    from ..train.runtime import autocast
+    from ..runtime import autocast
 
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -139,7 +139,8 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     from ..bench.throughput import flops_per_token
     from ..models.load import DTYPES
     from ..objectives import build_objective
-    from ..train.loop import LossModule, prepare_model, training_mode
+    from ..train.prepare import prepare_model, training_mode
+    from ..train.step import LossModule
 
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = layers
@@ -170,7 +171,7 @@ def _meta_counts(recipe, config) -> dict | None:
     from transformers import AutoModelForCausalLM
 
     from ..models.load import DTYPES
-    from ..train.loop import prepare_model
+    from ..train.prepare import prepare_model
 
     try:
         with torch.device("meta"):
@@ -190,15 +191,14 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     from transformers import AutoConfig
 
     from ..models.load import load_tokenizer, resolve
-    from ..objectives import PREFERENCE
+    from ..objectives import objective_class
+    from ..recipe import RecipeError
+    from ..runtime import pick_device, set_threads
     from .throughput import matmul_peak
-    from ..train.runtime import pick_device, set_threads
 
-    if recipe.objective.name in PREFERENCE or recipe.objective.name == "grpo":
-        from ..recipe import RecipeError
-
-        raise RecipeError(f"tunesmith estimate covers the causal LM (sft) objective; "
-                                    f"`{recipe.objective.name}` is not estimated yet — measure it with tunesmith bench")
+    if not objective_class(recipe.objective.name).token_loss:
+        raise RecipeError(f"tunesmith estimate covers objectives whose step is one causal-LM forward and backward "
+                          f"(sft); `{recipe.objective.name}` is not estimated yet — measure it with tunesmith bench")
     recipe = copy.deepcopy(recipe)
     recipe.model.adapter = None  # the adapter's shapes are the method's: estimate from the method itself
     config = AutoConfig.from_pretrained(str(resolve(recipe.model.name)))

@@ -5,7 +5,7 @@
                         batch_size=..., seed=..., epoch=e)
     batch = collate([splits.train[i] for i in plan[0]], packing=..., pad_id=tokenizer.pad_token_id)
 """
-from .batching import collate, plan_batches
+from .batching import collate, plan_batches, to_device
 from .errors import DataError
 from .formats import detect_format, to_example
 from .load import DataSplits, load_data, split_stats
@@ -22,6 +22,7 @@ __all__ = [
     "Sample",
     "chat_template",
     "collate",
+    "to_device",
     "detect_format",
     "format_inspection",
     "load_data",

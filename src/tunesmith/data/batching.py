@@ -109,3 +109,8 @@ def collate(samples: list[Sample], *, packing: bool, pad_id: int) -> dict[str, t
             segment_ids[b, t:t + n] = seg
             t += n
     return {"input_ids": input_ids, "weights": weights, "position_ids": position_ids, "segment_ids": segment_ids}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`; other values (e.g. an objective's per-step state) as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

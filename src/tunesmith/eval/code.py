@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from tunesmith.eval.sandbox import run_tests
-from tunesmith.eval.task import Verdict
+from tunesmith.data.tasks.base import Verdict
 
 # An opening fence, its language tag, and the block up to the closing fence. A missing closing
 # fence counts as "to the end": answers cut off by the token limit still have their code scored.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from .task import Example, Verdict
+from ..data.tasks.base import Example, Verdict
 
 METRICS = ("exact_match", "contains", "bleu", "chrf", "sql", "python")
 

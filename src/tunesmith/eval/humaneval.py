@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tunesmith.eval.code import extract_code, score_python
-from tunesmith.eval.task import Example, Verdict
+from tunesmith.data.tasks.base import Example, Verdict
 
 INSTRUCTION = (
     "Complete the following Python function. Answer with the complete function, including its "

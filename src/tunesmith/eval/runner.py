@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .task import Example
+from ..data.tasks.base import Example
 
 
 class EvalError(ValueError):

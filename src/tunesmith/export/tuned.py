@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.methods import attach, build_method, delta_state
-from tunesmith.recipe import MethodConfig, RecipeError, method_from_dict
+from tunesmith.config import RecipeError
+from tunesmith.methods.options import MethodConfig, method_from_dict
 
 from .atomic import ExportError, atomic_folder
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_folder, peft_payload, read_peft, write_peft

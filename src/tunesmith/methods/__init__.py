@@ -9,8 +9,7 @@ derived from REGISTRY. Compositions (`mam`, `longlora`) are built from other met
 """
 from __future__ import annotations
 
-import importlib
-
+from ..registry import load_entry
 from .base import (Compose, Method, MethodBase, MethodError, attach, cast_frozen, count_parameters, delta_state,
                    mark_trainable)
 from .lora import LoRA, LoRALinear, adapters_disabled
@@ -31,10 +30,7 @@ REGISTRY = {
 
 
 def method_class(name: str):
-    if name not in REGISTRY:
-        raise MethodError(f"unknown method `{name}`; choose one of {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return load_entry(REGISTRY, __name__, name, "method", MethodError)
 
 
 def build_method(cfg) -> Method:

@@ -22,17 +22,44 @@ divides by the pairs of the whole accumulation window, as it divides SFT losses 
 """
 from __future__ import annotations
 
+import copy
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import Config
 from ..methods.lora import adapters_disabled, lora_modules
-from ..recipe import PREFERENCE_BETA
+from .base import ObjectiveBase, ObjectiveError
 from .sft import forward_hidden
 
 REFERENCE_FREE = ("simpo", "orpo")
 WITH_REFERENCE = ("dpo", "ipo", "hinge")
+
+
+# β of each preference loss when `objective.preference.beta` is null, from its paper: DPO 0.1
+# (Rafailov et al., 2023); SimPO 2.0 (Meng et al., 2024, "2.0 or 2.5"; at 0.1 its length-normalised
+# reward barely moves); IPO and hinge 0.1 (TRL's default: neither paper fixes one value on this
+# scale); ORPO's loss has no β (its λ is `orpo_lambda`), 0.1 scales only its logged rewards.
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+class PreferenceConfig(Config):
+    beta: float | None = Field(None, gt=0)
+    "β: KL strength (dpo, ipo, hinge) or reward scale (simpo); null = the loss's paper default (simpo 2.0, others 0.1), resolved in the printed recipe."
+    gamma: float = 0.5
+    "SimPO's target reward margin as a fraction of β (γ = gamma·β; the paper's 0.5: γ = 1.0 at β = 2.0)."
+    orpo_lambda: float = 0.1
+    "ORPO's weight of the odds-ratio term next to the SFT loss on the chosen answer."
+    label_smoothing: float = 0.0
+    "Conservative DPO: the probability that a preference label is flipped."
+    reference: Literal["auto", "adapter_off", "copy", "none"] = "auto"
+    "Reference model: the base with the LoRA switched off, a frozen copy (full tuning), or none (SimPO, ORPO)."
+    precompute_reference: bool = False
+    "Compute reference log-probs once before training (frees the reference during training)."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,3 +241,90 @@ def _reference(model, batch, reference, chunk) -> torch.Tensor:
                          "off, so pass a frozen copy (objective.preference.reference=copy), precomputed "
                          "batch['ref_logps'], or use a reference-free objective (simpo, orpo)")
     return reference_logps(model, batch, adapters_off=True, chunk=chunk)
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective the harness runs
+
+
+class Preference(ObjectiveBase):
+    """A DPO-family loss over (chosen, rejected) pairs; one loss unit per pair."""
+
+    unit = "pairs"
+    Options, block = PreferenceConfig, "preference"
+    block_doc = "Options of the preference objectives (dpo, ipo, hinge, simpo, orpo)."
+
+    @classmethod
+    def resolve(cls, name: str, options) -> None:
+        """An unset β is the chosen loss's own paper default."""
+        if options.beta is None:
+            options.beta = PREFERENCE_BETA[name]
+
+    def __init__(self, name: str, cfg, reference=None, chunk: int = 1024):
+        self.name, self.cfg, self.reference, self.chunk = name, cfg, reference, chunk
+        self.precomputed = False
+
+    @classmethod
+    def build(cls, recipe, model=None, **extras):
+        """For a full-tuning reference a frozen copy of `model` is taken now (LoRA runs use the model
+        itself with its adapter switched off)."""
+        name, cfg = recipe.objective.name, recipe.objective.preference
+        mode = cfg.reference
+        if mode == "auto":
+            # a run that continues an adapter (DPO after SFT) compares against that adapter, not the bare base
+            lora_base = recipe.method.name == "lora" and not recipe.model.adapter
+            mode = "none" if name in REFERENCE_FREE else ("adapter_off" if lora_base else "copy")
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if mode == "copy" else None
+        return cls(name, cfg, reference, recipe.train.loss_chunk)
+
+    @classmethod
+    def load(cls, recipe, tokenizer):
+        from ..data.preference import load_pairs
+
+        return load_pairs(recipe.data, tokenizer, seed=recipe.train.seed)
+
+    def length(self, item) -> int:
+        return len(item["chosen"]["input_ids"]) + len(item["rejected"]["input_ids"])
+
+    def units(self, item) -> int:
+        return 1
+
+    def rows(self, items) -> list:
+        from ..data.preference import flatten_pairs
+
+        return flatten_pairs(items)
+
+    def finish(self, items, batch: dict) -> dict:
+        if self.precomputed:  # [S] reference sums in segment order: c1, r1, c2, r2, ...
+            batch["ref_logps"] = torch.tensor([p[side]["ref_logp"] for p in items for side in ("chosen", "rejected")])
+        return batch
+
+    def prepare(self, run) -> None:
+        """`precompute_reference`: reference log-probs of every pair, once; the copy is then released."""
+        if not getattr(self.cfg, "precompute_reference", False):
+            return
+        if self.name in REFERENCE_FREE:
+            raise ObjectiveError(f"{self.name} uses no reference model: precompute_reference does not apply")
+        for items in (run.splits.train, run.splits.val or []):
+            self.precompute(run.model, items, pad_id=run.pad_id, device=run.device,
+                            precision=run.recipe.train.precision, batch_tokens=run.recipe.train.batch_tokens)
+        run.print_main("[tunesmith] reference log-probs precomputed")
+
+    def precompute(self, model, items, *, pad_id: int, device, precision: str, batch_tokens: int) -> None:
+        from ..data import collate, plan_batches
+        from ..runtime import autocast
+
+        ref, adapters_off = (self.reference, False) if self.reference is not None else (model, True)
+        plan = plan_batches([self.length(p) for p in items], packing=True, batch_tokens=batch_tokens,
+                            batch_size=1, seed=0, epoch=0, shuffle=False)
+        for group in plan:
+            pairs = [items[i] for i in group]
+            batch = {k: v.to(device) for k, v in collate(self.rows(pairs), packing=True, pad_id=pad_id).items()}
+            with autocast(device, precision):
+                logps = reference_logps(ref, batch, adapters_off=adapters_off, chunk=self.chunk).tolist()
+            for i, p in enumerate(pairs):
+                p["chosen"]["ref_logp"], p["rejected"]["ref_logp"] = logps[2 * i], logps[2 * i + 1]
+        self.precomputed, self.reference = True, None
+
+    def __call__(self, model, batch):
+        return preference_objective(model, batch, self.name, self.cfg, reference=self.reference, chunk=self.chunk)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import PACKED, segments_from_ids
 from ..models.masks import attention_mask
+from .base import ObjectiveBase
 
 
 def forward_hidden(model, batch: dict) -> torch.Tensor:
@@ -62,3 +63,46 @@ def causal_lm_loss(model, batch: dict, chunk: int = 1024):
     hidden = forward_hidden(model, batch)
     loss_sum, n = weighted_token_loss(model.get_output_embeddings(), hidden, batch["input_ids"], batch["weights"], chunk)
     return loss_sum, n, {}
+
+
+class SFT(ObjectiveBase):
+    """Causal LM loss over the weighted tokens of plain samples (SFT, continued pretraining)."""
+
+    name, unit, token_loss = "sft", "trained_tokens", True
+
+    def __init__(self, chunk: int = 1024):
+        self.chunk = chunk
+
+    @classmethod
+    def build(cls, recipe, model=None, **extras):
+        return cls(recipe.train.loss_chunk)
+
+    def __call__(self, model, batch):
+        return causal_lm_loss(model, batch, self.chunk)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, path: str, *, limit: int | None = None, max_length: int = 1024,
+               batch_tokens: int = 4096, fmt: str = "auto") -> dict:
+    """Loss and perplexity of a model on text (any data file the `data` pipeline reads): the
+    token-weighted mean NLL over the trained tokens of `path` (all tokens for text; the answers for
+    chats) and its exponential."""
+    import math
+
+    from ..config import DataConfig
+    from ..data import collate, load_data, plan_batches, to_device
+
+    cfg = DataConfig(train=path, format=fmt, max_length=max_length, limit=limit, shuffle=False)
+    samples = load_data(cfg, tokenizer).train
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = plan_batches([len(s["input_ids"]) for s in samples], packing=True, batch_tokens=max(batch_tokens, max_length),
+                        batch_size=1, seed=0, epoch=0, shuffle=False)
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    for rows in plan:
+        loss_sum, n, _ = causal_lm_loss(model, to_device(collate([samples[i] for i in rows], packing=True, pad_id=pad),
+                                                         model.device))
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"samples": len(samples), "tokens": count, "loss": mean, "perplexity": math.exp(min(mean, 50))}

@@ -346,7 +346,7 @@ def gathered_model(model, recipe, d):
     full = {n: _full(t).detach().cpu() for n, t in model.state_dict().items()}
     if not d.main:
         return None
-    from .loop import prepare_model
+    from .prepare import prepare_model
 
     plain, _, _ = prepare_model(recipe)
     plain.load_state_dict(full, strict=True)

@@ -57,7 +57,7 @@ def under_launcher() -> bool:
 
 def setup(strategy: str, device_name: str, timeout_s: int) -> tuple[Dist, torch.device]:
     """Join the process group torchrun prepared (a no-op for one process); pick this rank's device."""
-    from .runtime import pick_device
+    from ..runtime import pick_device
 
     if not under_launcher():
         return Dist(), pick_device(device_name)

@@ -1,39 +1,53 @@
-"""The training loop, top to bottom: accumulate → clip → step → schedule → log → evaluate → checkpoint.
+"""The run harness: one loop for every objective, top to bottom — window → forward/backward → guard →
+clip → step → method hooks → schedule → log → evaluate → checkpoint.
 
     result = train(load_recipe("recipes/lora-sft.yaml"))
 
-The loss of one optimizer step is the sum of token losses over *all* micro-batches of the
-accumulation window divided by the trained tokens of the whole window (not a mean of per-batch
-means, which over-weights short batches). Interrupts (Ctrl-C, SIGTERM) finish the current step,
-write a checkpoint and return; a NaN/Inf loss stops before the optimizer touches the weights.
+The harness owns the run folder, the resolved recipe, resume, metrics, interrupts, the divergence
+guard, checkpoints, method hooks (`on_train_start`, `on_epoch`, `after_step`), the final save and the
+report; the objective (`tunesmith.objectives`, protocol in objectives/base.py) supplies what differs:
+its data and how it batches, its loss and metrics, or — GRPO — a source that makes its own batches.
+
+Interrupts (Ctrl-C, SIGTERM) finish the current step, write a checkpoint and return; a non-finite or
+collapsing run stops before anything unhealthy is saved (train/safety.py).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import recipe as rcp
-from ..data import collate, load_data, plan_batches
-from ..methods import attach, build_method, cast_frozen, count_parameters
-from ..models.attention import use_attention, use_packed_attention
-from ..models.load import DTYPES, load_model, load_tokenizer
-from ..objectives import PREFERENCE, SFT, build_objective
+from ..methods import count_parameters
+from ..models.load import load_tokenizer
+from ..objectives import build_objective, objective_class
 from . import checkpoint as ckpt
 from . import distributed
-from .metrics import MetricsLog
+from .batches import DataStream, MicroBatches
+from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, build_scheduler
-from .runtime import autocast, peak_memory_gb, set_threads
+from .prepare import (Interrupt, decoder_layers, evaluate_task, prepare_model, save_output,
+                      seed_everything, training_mode)
+from ..runtime import peak_memory_gb, set_threads
 from .safety import Diverged, DivergenceGuard, TrainError, run_folder, stopped
+from .step import LossModule, backward_window, mean_loss
+
+_STOP_AFTER: list[int] = []
+
+
+@contextlib.contextmanager
+def stopping_after(step: int):
+    """Stop runs started inside this block after `step` steps, as an interrupt would (for tests)."""
+    _STOP_AFTER.append(step)
+    try:
+        yield
+    finally:
+        _STOP_AFTER.pop()
 
 
 @dataclass
@@ -46,438 +60,313 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """Everything one training run holds, built once by `open_run`."""
+
+    recipe: rcp.Recipe
+    dist: distributed.Dist
+    device: torch.device
+    model: torch.nn.Module = None
+    tokenizer: object = None
+    method: object = None
+    objective: object = None
+    splits: object = None
+    pad_id: int = 0
+    runner: torch.nn.Module = None
+    source: object = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    params: list = field(default_factory=list)
+    guard: DivergenceGuard = None
+    log: MetricsLog | None = None
+    total_steps: int = 0
+    start_step: int = 0
+    step: int = 0
+    val_batches: list | None = None
+    last_val: float | None = None
+    tokens_seen: int = 0
+    epoch_hooked: int | None = None
+    resume_from: Path | None = None
+    t_start: float = 0.0
+
+    def print_main(self, *args) -> None:
+        """Print on the main process only."""
+        if self.dist.main:
+            print(*args, flush=True)
 
 
-class MicroBatches:
-    """The deterministic stream of micro-batches: epoch e's order depends only on (seed, e), so
-    the data position of a resumed run is just the number of micro-batches already consumed.
-    `objective` says how long an item is, how many loss units it holds and what to collate."""
-
-    def __init__(self, items, objective, data_cfg, train_cfg, seed: int, pad_id: int, shuffle: bool | None = None):
-        self.items, self.objective, self.pad_id, self.seed = items, objective, pad_id, seed
-        self.packing = data_cfg.packing
-        self.shuffle = data_cfg.shuffle if shuffle is None else shuffle
-        self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
-        self.lengths = [objective.length(x) for x in items]
-        self.unit_counts = [objective.units(x) for x in items]
-        self._plans: dict[int, list[list[int]]] = {}
-
-    def plan(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_batches(
-                self.lengths, packing=self.packing, batch_tokens=self.batch_tokens,
-                batch_size=self.batch_size, seed=self.seed, epoch=epoch, shuffle=self.shuffle)}
-        return self._plans[epoch]
-
-    def locate(self, index: int) -> tuple[int, int]:
-        epoch = 0
-        while index >= len(self.plan(epoch)):
-            index -= len(self.plan(epoch))
-            epoch += 1
-        return epoch, index
-
-    def units(self, index: int) -> int:
-        """Loss units (trained tokens, or pairs) of micro-batch `index`, without building it."""
-        epoch, i = self.locate(index)
-        return sum(self.unit_counts[j] for j in self.plan(epoch)[i])
-
-    def get(self, index: int) -> tuple[dict, int]:
-        """Micro-batch number `index` (counted across epochs) and its epoch."""
-        epoch, i = self.locate(index)
-        items = [self.items[j] for j in self.plan(epoch)[i]]
-        batch = collate(self.objective.rows(items), packing=self.packing, pad_id=self.pad_id)
-        return self.objective.finish(items, batch), epoch
-
-    def epoch_batches(self, epoch: int = 0) -> list[tuple[dict, int]]:
-        """Every micro-batch of one epoch with its loss units (validation)."""
-        plan = self.plan(epoch)
-        return [(self.get(i)[0], sum(self.unit_counts[j] for j in plan[i])) for i in range(len(plan))]
-
-
-def trained_tokens(batch: dict) -> int:
-    return int((batch["weights"][:, 1:] > 0).sum())
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class LossModule(torch.nn.Module):
-    """The model with its objective as `forward`, so DDP/FSDP wrap one module whose output is the
-    loss (the chunked lm_head never runs outside a wrapped forward)."""
-
-    def __init__(self, model, objective=None):
-        super().__init__()
-        self.model = model
-        self.objective = objective or SFT()
-
-    def forward(self, batch: dict):
-        loss_sum, _, metrics = self.objective(self.model, batch)
-        return loss_sum, metrics
-
-
-def backward_window(runner, batches: list[dict], device, precision: str, window_units: int | None = None,
-                    scale: float = 1.0):
-    """Forward/backward every micro-batch of one accumulation window, each divided by the loss
-    units of the *whole* window (all ranks' micro-batches included), so the summed gradient is
-    that of one big batch. `scale` undoes the averaging of data-parallel gradient reduction.
-    Returns (this rank's loss sum / window units, window units, this rank's tokens, metric sums)."""
-    if window_units is None:
-        window_units = sum(trained_tokens(b) for b in batches)
-    loss_total, n_tokens, metrics = 0.0, 0, {}
-    for i, batch in enumerate(batches):
-        batch = to_device(batch, device)
-        last = i == len(batches) - 1
-        # DDP: sum gradients across ranks once, at the last micro-batch of the window
-        sync = runner.no_sync() if hasattr(runner, "no_sync") and not last else contextlib.nullcontext()
-        with sync:
-            with autocast(device, precision):
-                loss_sum, batch_metrics = runner(batch)
-            (loss_sum * (scale / max(window_units, 1))).backward()
-        loss_total += float(loss_sum.detach())
-        n_tokens += int((batch["segment_ids"] > 0).sum())
-        for k, v in batch_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v)
-    return loss_total / max(window_units, 1), window_units, n_tokens, metrics
-
-
-@torch.no_grad()
-def mean_loss(runner, batches, device, precision: str = "fp32", limit: int = 0, reduce: bool = True):
-    """Mean loss per unit over `batches` — (batch, units) pairs, or plain batches counted in
-    trained tokens — for validation loss and perplexity; with reduce=False, (loss sum, units)
-    for summing across ranks first. `runner` is a LossModule (possibly wrapped) or a causal LM."""
-    if hasattr(runner, "config"):  # a plain transformers model
-        runner = LossModule(runner)
-    was_training = runner.training
-    runner.eval()
-    total, count = 0.0, 0
-    for i, item in enumerate(batches):
-        if limit and i >= limit:
-            break
-        batch, units = item if isinstance(item, tuple) else (item, trained_tokens(item))
-        with autocast(device, precision):
-            total += float(runner(to_device(batch, device))[0])
-        count += units
-    runner.train(was_training)
-    return (total / max(count, 1), count) if reduce else (total, count)
-
-
-class _Interrupt:
-    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
-
-    def __init__(self):
-        self.requested = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        tqdm.write(f"[tunesmith] {self.requested}: finishing this step, then writing a checkpoint "
-                   "(press again to abort without one)")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def evaluate_task(model, tokenizer, recipe):
-    """Measure the recipe's eval task with the model as it is now (stock attention for generation)."""
-    from ..eval.runner import evaluate as run_eval, get_eval_task
-
-    cfg = recipe.eval
-    task = get_eval_task(cfg.task, cfg.metric, seed=cfg.seed)
-    training_attention = model.config._attn_implementation
-    use_attention(model, "sdpa")
-    try:
-        with autocast(model.device, recipe.train.precision):
-            return run_eval(model, tokenizer, task, split=cfg.split, limit=cfg.limit,
-                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
-    finally:
-        model.set_attn_implementation(training_attention)
-        model.train()
-
-
-def prepare_model(recipe, model=None, tokenizer=None):
-    """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
-    if model is None:
-        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype)
-        tokenizer = tokenizer or loaded_tokenizer
-    if recipe.model.attention == "packed":
-        use_packed_attention(model)
-    else:
-        use_attention(model, recipe.model.attention)
-    torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
-    if recipe.model.adapter:
-        from ..export.tuned import load_tuned, read_method
-
-        saved, _ = read_method(recipe.model.adapter)
-        if saved.name != recipe.method.name:
-            raise TrainError(f"model.adapter {recipe.model.adapter} holds a `{saved.name}` adapter: continuing it "
-                             f"needs method.name={saved.name} (the recipe says {recipe.method.name})")
-        method, recipe.method = load_tuned(model, recipe.model.adapter)  # the adapter's own options win
-    else:
-        method = build_method(recipe.method)
-        attach(model, method)
-    if recipe.model.frozen_dtype != "same":
-        base_trained = [n for n in method.trained_names if n in method.base_keys]
-        frozen = any(not p.requires_grad and p.is_floating_point() for p in model.parameters())
-        if base_trained and frozen and recipe.train.precision == "fp32":
-            raise TrainError(f"model.frozen_dtype={recipe.model.frozen_dtype} with train.precision=fp32: method "
-                             f"`{method.name}` trains base weights ({base_trained[0]}, ...), which stay fp32 beside "
-                             f"{recipe.model.frozen_dtype} frozen ones; train under autocast "
-                             f"(train.precision={recipe.model.frozen_dtype}) or set model.frozen_dtype=same")
-        cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
-    for p in model.parameters():  # master weights of everything that trains stay fp32
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    return model, tokenizer, method
-
-
-def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, _stop_after: int | None = None) -> RunResult:
-    """Run the recipe, in this process or as one rank of a torchrun job.
-    `model`/`tokenizer` may be passed in (e.g. a model already in memory)."""
+def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None) -> RunResult:
+    """Run the recipe, in this process or as one rank of a torchrun job. `model`/`tokenizer` may be
+    passed in (e.g. a model already in memory); `objective` replaces the recipe's (an Objective object)."""
     cfg = recipe.train
-    if recipe.objective.name == "grpo":
-        from .grpo import train_grpo
-
-        return train_grpo(recipe, model=model, tokenizer=tokenizer, _stop_after=_stop_after)
-    d, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
+    dist, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
-        with run_folder(recipe.run_dir, d.main) as started:
-            return _train(recipe, d, device, model, tokenizer, _stop_after, started)
+        with run_folder(recipe.run_dir, dist.main) as started:
+            run = Run(recipe, dist, device)
+            open_run(run, model, tokenizer, objective)
+            status = run_steps(run, started)
+            return close_run(run, status)
     finally:
-        distributed.teardown(d)
+        distributed.teardown(dist)
 
 
-def _train(recipe, d, device, model, tokenizer, _stop_after, started) -> RunResult:
-    cfg = recipe.train
-    run_dir = recipe.run_dir
-    say = print if d.main else (lambda *a, **k: None)
-    resume_from = ckpt.latest_checkpoint(run_dir, verified=True, note=say) if recipe.resume else None
-    if not recipe.resume and ckpt.list_checkpoints(run_dir):
-        raise TrainError(f"{run_dir} already holds checkpoints: continue it with resume=true, "
+# --------------------------------------------------------------------------------------------------
+# set-up
+
+
+def open_run(run: Run, model, tokenizer, objective) -> None:
+    recipe, cfg, dist = run.recipe, run.recipe.train, run.dist
+    if recipe.resume:
+        run.resume_from = ckpt.latest_checkpoint(recipe.run_dir, verified=True, note=run.print_main)
+    elif ckpt.list_checkpoints(recipe.run_dir):
+        raise TrainError(f"{recipe.run_dir} already holds checkpoints: continue it with resume=true, "
                          "or start a new run with name=<new name>")
-    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    threads = set_threads(cfg.threads) if run.device.type == "cpu" else torch.get_num_threads()
     seed_everything(cfg.seed)
+    run.tokenizer = tokenizer or load_tokenizer(recipe.model.name)
+    kind = objective or objective_class(recipe.objective.name)
+    if not kind.multi_process and (dist.active or recipe.nproc > 1):
+        raise TrainError(f"{kind.name} runs in one process: set nproc=1")
+    if kind.fixed_data:  # data first: a mistake in it should not wait for the model to load
+        run.splits = kind.load(recipe, run.tokenizer)
+    _load_model(run, model, objective)
+    if dist.main:  # after the model is prepared: a continued adapter's own options are recorded
+        resolved = rcp.to_yaml(recipe)
+        (recipe.run_dir / "recipe.yaml").write_text(resolved)
+        run.print_main(f"[tunesmith] run folder: {recipe.run_dir}\n--- resolved recipe ---\n{resolved}-----------------------")
+    n_train, n_total = count_parameters(run.model)
+    strategy = f" · {dist.strategy} × {dist.world} processes" if dist.active else ""
+    run.print_main(f"[tunesmith] objective {run.objective.name} · method {run.method.name}: {n_train:,} trainable of "
+            f"{n_total:,} parameters ({100 * n_train / n_total:.3f}%) · device {run.device} · {threads} threads · "
+            f"{cfg.precision}{strategy}")
+    if run.method.describe(run.model):
+        run.print_main(f"[tunesmith] {run.method.name}: {run.method.describe(run.model)}")
+    run.objective.prepare(run)
+    _plan_steps(run)
+    _build_optimizer(run)
 
-    resolved = rcp.to_yaml(recipe)
-    if d.main:
-        (run_dir / "recipe.yaml").write_text(resolved)
-    say(f"[tunesmith] run folder: {run_dir}\n--- resolved recipe ---\n{resolved}-----------------------", flush=True)
 
-    if tokenizer is None:  # data first: a mistake in the data should not wait for the model to load
-        tokenizer = load_tokenizer(recipe.model.name)
-    if recipe.objective.name in PREFERENCE:
-        from ..data.preference import load_pairs
+def _load_model(run: Run, model, objective) -> None:
+    """Model, method and objective, the model wrapped for the run's processes."""
+    recipe = run.recipe
+    run.model, run.tokenizer, run.method = prepare_model(recipe, model, run.tokenizer)  # seeded: same on every rank
+    if run.dist.active:
+        torch.manual_seed(recipe.train.seed + run.dist.rank)  # dropout streams differ per rank; data order does not
+    run.model.to(run.device)
+    training_mode(run.model, recipe.train)
+    run.objective = objective or build_objective(recipe, run.model)
+    run.runner = distributed.wrap(LossModule(run.model, run.objective), run.dist, run.device,
+                                  decoder_layers(run.model))
+    tok = run.tokenizer
+    run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-        splits = load_pairs(recipe.data, tokenizer, seed=cfg.seed)
+
+def _plan_steps(run: Run) -> None:
+    """The batch source, the number of steps and the validation batches."""
+    recipe, dist = run.recipe, run.dist
+    run.source = run.objective.source(run)
+    if run.source is None:
+        run.source = DataStream(run.splits.train, run.objective, recipe, dist, run.pad_id)
+        run.total_steps = run.source.total_steps()
+        if run.splits.val:
+            val = MicroBatches(run.splits.val, run.objective, recipe.data, recipe.train, recipe.train.seed,
+                               run.pad_id, shuffle=False).epoch_batches()
+            run.val_batches = val[dist.rank::dist.world]
+        run.print_main(f"[tunesmith] {run.source.describe(len(run.splits.train), len(run.splits.val or []), run.total_steps)}")
     else:
-        splits = load_data(recipe.data, tokenizer, seed=cfg.seed)
-    model, tokenizer, method = prepare_model(recipe, model, tokenizer)  # seeded: the same on every rank
-    if d.active:
-        torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per rank; data order does not
-    model.to(device)
-    training_mode(model, cfg)
-    n_train, n_total = count_parameters(model)
-    objective = build_objective(recipe, model)
-    runner = distributed.wrap(LossModule(model, objective), d, device, decoder_layers(model))
-    strategy = f" · {d.strategy} × {d.world} processes" if d.active else ""
-    say(f"[tunesmith] method {method.name}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / n_total:.3f}%) · device {device} · {threads} threads · {cfg.precision}{strategy}", flush=True)
-    if method.describe(model):
-        say(f"[tunesmith] {method.name}: {method.describe(model)}", flush=True)
+        run.total_steps = run.source.total_steps()
+    run.method.on_train_start(run.model, run.total_steps)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if getattr(recipe.objective.preference, "precompute_reference", False) and hasattr(objective, "precompute"):
-        if objective.name in ("simpo", "orpo"):
-            raise TrainError(f"{objective.name} uses no reference model: precompute_reference does not apply")
-        for items in (splits.train, splits.val or []):
-            objective.precompute(model, items, pad_id=pad_id, device=device, precision=cfg.precision,
-                                 batch_tokens=cfg.batch_tokens)
-        say("[tunesmith] reference log-probs precomputed", flush=True)
-    stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
-    per_epoch = len(stream.plan(0))
-    per_step = cfg.grad_accum * d.world  # micro-batches of one optimizer step, all ranks together
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / per_step))
-    method.on_train_start(model, total_steps)
-    val_batches = None
-    if splits.val:
-        val_all = MicroBatches(splits.val, objective, recipe.data, cfg, cfg.seed, pad_id, shuffle=False).epoch_batches()
-        val_batches = val_all[d.rank::d.world]
-    say(f"[tunesmith] data: {len(splits.train):,} train samples ({per_epoch:,} micro-batches an epoch), "
-        f"{len(splits.val or []):,} validation · {total_steps:,} steps × {per_step} micro-batches", flush=True)
 
-    optimizer = build_optimizer(model, cfg, method)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    start_step, start_micro = 0, 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, d, method=method)
-        start_step = state["step"]
-        start_micro = state.get("micro_batches", start_step * per_step)
-        say(f"[tunesmith] resumed from {resume_from} (step {start_step})", flush=True)
+def _build_optimizer(run: Run) -> None:
+    recipe, cfg = run.recipe, run.recipe.train
+    run.optimizer = build_optimizer(run.model, cfg, run.method)
+    run.scheduler = build_scheduler(run.optimizer, cfg, run.total_steps)
+    if run.resume_from is not None:
+        state = ckpt.load_checkpoint(run.resume_from, run.model, run.optimizer, run.scheduler, run.dist,
+                                     method=run.method)
+        run.start_step = run.step = state["step"]
+        run.source.restore(state, run.start_step)
+        run.print_main(f"[tunesmith] resumed from {run.resume_from} (step {run.start_step})")
     elif recipe.resume:
-        say(f"[tunesmith] resume=true but {run_dir} has no checkpoint yet: starting fresh", flush=True)
-    d.barrier()
-    log = MetricsLog(run_dir, resume_step=start_step if resume_from else None) if d.main else None
+        run.print_main(f"[tunesmith] resume=true but {recipe.run_dir} has no checkpoint yet: starting fresh")
+    run.dist.barrier()
+    if run.dist.main:
+        run.log = MetricsLog(recipe.run_dir, resume_step=run.start_step if run.resume_from else None)
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    run.guard = DivergenceGuard(vocab_size=run.model.config.vocab_size, token_loss=run.objective.token_loss,
+                                spikes=run.objective.trends_down, patience=cfg.divergence_patience)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    guard = DivergenceGuard(vocab_size=model.config.vocab_size, token_loss=objective.name == "sft",
-                            patience=cfg.divergence_patience)
-    status, step, last_val, epoch_hooked = "completed", start_step, None, None
-    tokens_seen, t_start = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {recipe.name}", unit="step",
-               dynamic_ncols=True, disable=not d.main)
+
+# --------------------------------------------------------------------------------------------------
+# the steps
+
+
+def run_steps(run: Run, started) -> str:
+    """Step until done or interrupted; returns "completed" or "interrupted"."""
+    recipe, dist = run.recipe, run.dist
+    run.t_start = time.perf_counter()
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"train {recipe.name}", unit="step",
+               dynamic_ncols=True, disable=not dist.main)
     try:
-        with _Interrupt() as interrupt:
-            while step < total_steps:
-                t0 = time.perf_counter()
-                first = start_micro + (step - start_step) * per_step  # global micro-batch index
-                window_units = sum(stream.units(first + k) for k in range(per_step))
-                mine = [stream.get(i) for i in distributed.window(first, cfg.grad_accum, d)]
-                epoch = mine[-1][1]
-                first_epoch = stream.locate(first)[0]
-                if epoch_hooked != first_epoch:  # a new epoch (or the first of this session)
-                    epoch_hooked = first_epoch
-                    method.on_epoch(model, epoch_hooked, optimizer)
-                loss, _, n_tokens, metrics = backward_window(runner, [b for b, _ in mine], device, cfg.precision,
-                                                             window_units, scale=d.world)
-                loss, n_tokens = d.sum(loss), int(d.sum(n_tokens))
-                metrics = {k: d.sum(v) / max(window_units, 1) for k, v in sorted(metrics.items())}
-                guard.check_loss(loss, step + 1)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                guard.check_grad(norm, step + 1)
-                optimizer.step()
-                method.after_step(model, step + 1, optimizer)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                guard.check_weights(params, step, reduce=d.sum)
-                guard.observe(loss, norm, step)
+        with Interrupt() as interrupt:
+            while run.step < run.total_steps:
+                row, window = one_step(run)
                 started()
-
-                dt = time.perf_counter() - t0
-                tokens_seen += n_tokens
-                lr = scheduler.get_last_lr()[0]
-                unit = "trained_tokens" if objective.name == "sft" else "pairs"
-                row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                       "tokens": n_tokens, unit: window_units, "tokens_per_s": n_tokens / dt,
-                       f"{unit}_per_s": window_units / dt, "step_s": dt,
-                       "peak_mem_gb": peak_memory_gb(device), **metrics}
-                if log and (step % cfg.log_every == 0 or step == total_steps):
-                    log.write(row)
-                shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k in ("rewards/margins", "rewards/accuracies")}
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}", **shown)
-                bar.update(1)
-
-                val_now = None
-                if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    total, count = mean_loss(runner, val_batches, device, cfg.precision, limit=cfg.eval_batches,
-                                             reduce=False)
-                    last_val = val_now = d.sum(total) / max(d.sum(count), 1)
-                    if log:
-                        log.write({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
-                    if d.main:
-                        tqdm.write(f"[tunesmith] step {step}: validation loss {last_val:.4f}")
-
-                if recipe.eval.task and recipe.eval.every and (step % recipe.eval.every == 0 or step == total_steps):
-                    if d.active:
-                        raise TrainError("eval.every (generation during training) runs in one process only; "
-                                         "measure the saved adapter with `tunesmith eval` instead")
-                    result = evaluate_task(model, tokenizer, recipe)
-                    log.write({"step": step, f"eval_{result.metric}": result.main})
-                    tqdm.write(f"[tunesmith] step {step}: {result.task} {result.split} {result.metric} "
-                               f"{100 * result.main:.1f}%")
-
-                stop = (_stop_after is not None and step >= _stop_after) or bool(d.sum(float(bool(interrupt.requested))))
-                if step == total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop:
-                    ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                         {"epoch": epoch, "total_steps": total_steps, "world": d.world,
-                                          "micro_batches": start_micro + (step - start_step) * per_step,
-                                          "healthy": guard.healthy, "val_loss": val_now},
-                                         cfg.keep_last, d, method=method)
-                if stop:
-                    status = "interrupted"
-                    if d.main:
-                        tqdm.write(f"[tunesmith] stopped at step {step}; continue with: resume=true")
-                    break
+                _show(run, bar, row)
+                val = _validate(run)
+                _evaluate(run)
+                stop = bool(_STOP_AFTER and run.step >= _STOP_AFTER[-1]) or bool(dist.sum(float(bool(interrupt.requested))))
+                _maybe_save(run, window, val, stop)
+                if stop and run.step < run.total_steps:
+                    if dist.main:
+                        tqdm.write(f"[tunesmith] stopped at step {run.step}; continue with: resume=true")
+                    return "interrupted"
     except Diverged as e:
-        raise stopped(run_dir, e, note=say, main=d.main) from None
+        raise stopped(recipe.run_dir, e, note=run.print_main, main=dist.main) from None
     finally:
         bar.close()
-        if log:
-            log.close()
+        if run.log:
+            run.log.close()
+    return "completed"
 
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "session_steps": step - start_step, "wall_s": elapsed,
-               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "peak_mem_gb": peak_memory_gb(device),
-               "val_loss": last_val, "processes": d.world, "trainable_parameters": n_train, "parameters": n_total}
-    output = None
+
+def one_step(run: Run) -> tuple[dict, object]:
+    """One optimizer step (or `window.passes` of them on the same batches); returns its log row."""
+    cfg, dist, step = run.recipe.train, run.dist, run.step
+    t0 = time.perf_counter()
+    window = run.source.window(step)
+    if run.epoch_hooked != window.epoch:  # a new epoch (or the first of this session)
+        run.epoch_hooked = window.epoch
+        run.method.on_epoch(run.model, window.epoch, run.optimizer)
+    losses, norms, sums = [], [], {}
+    for _ in range(window.passes):
+        loss, _, n_tokens, metrics = backward_window(run.runner, window.batches, run.device, cfg.precision,
+                                                     window.units, scale=dist.world)
+        loss, n_tokens = dist.sum(loss), int(dist.sum(n_tokens))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + dist.sum(v)
+        run.guard.check_loss(loss, step + 1)
+        if not window.batches:  # nothing to train this step (GRPO: no signal): still one step, all-zero
+            for p in run.params:
+                p.grad = torch.zeros_like(p)
+        norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        run.guard.check_grad(norm, step + 1)
+        run.optimizer.step()
+        run.method.after_step(run.model, step + 1, run.optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.guard.check_weights(run.params, step + 1, reduce=dist.sum)
+        losses.append(loss)
+        norms.append(norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.step = step + 1
+    run.guard.observe(sum(losses) / len(losses), norms[-1], run.step, expect_grad=bool(window.batches))
+    return _row(run, window, losses, norms, sums, n_tokens, lr, time.perf_counter() - t0), window
+
+
+def _row(run: Run, window, losses, norms, sums, n_tokens, lr, dt) -> dict:
+    tokens = window.tokens if window.tokens is not None else n_tokens
+    run.tokens_seen += tokens
+    per = max(window.metric_units or window.units, 1) * len(losses)
+    unit = run.objective.unit
+    return {"step": run.step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": norms[-1], "tokens": tokens,
+            unit: window.units, "tokens_per_s": tokens / dt, f"{unit}_per_s": window.units / dt, "step_s": dt,
+            "peak_mem_gb": peak_memory_gb(run.device), **window.metrics,
+            **{k: v / per for k, v in sorted(sums.items())}}
+
+
+def _show(run: Run, bar, row: dict) -> None:
+    cfg = run.recipe.train
+    if run.log and (run.step % cfg.log_every == 0 or run.step == run.total_steps):
+        run.log.write(row)
+    shown = {k.split("/")[-1]: f"{row[k]:.3f}" for k in ("rewards/margins", "rewards/accuracies", "reward_mean")
+             if k in row}
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}", **shown)
+    bar.update(1)
+
+
+def _validate(run: Run) -> float | None:
+    """Validation loss every `train.eval_every` steps and at the end (fixed-data objectives)."""
+    cfg, dist, step = run.recipe.train, run.dist, run.step
+    if run.val_batches is None or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == run.total_steps):
+        return None
+    total, count = mean_loss(run.runner, run.val_batches, run.device, cfg.precision, limit=cfg.eval_batches,
+                             reduce=False)
+    run.last_val = dist.sum(total) / max(dist.sum(count), 1)
+    if run.log:
+        run.log.write({"step": step, "val_loss": run.last_val, "val_ppl": math.exp(min(run.last_val, 50))})
+    if dist.main:
+        tqdm.write(f"[tunesmith] step {step}: validation loss {run.last_val:.4f}")
+    return run.last_val
+
+
+def _evaluate(run: Run) -> None:
+    """The recipe's eval task every `eval.every` steps (the end is measured by close_run)."""
+    recipe, step = run.recipe, run.step
+    if not (recipe.eval.task and recipe.eval.every and step % recipe.eval.every == 0):
+        return
+    if step == run.total_steps and run.objective.evaluates_at_end:
+        return
+    if run.dist.active:
+        raise TrainError("eval.every (generation during training) runs in one process only; "
+                         "measure the saved adapter with `tunesmith eval` instead")
+    result = evaluate_task(run.model, run.tokenizer, recipe)
+    run.log.write({"step": step, f"eval_{result.metric}": result.main})
+    tqdm.write(f"[tunesmith] step {step}: {result.task} {result.split} {result.metric} {100 * result.main:.1f}%")
+
+
+def _maybe_save(run: Run, window, val: float | None, stop: bool) -> None:
+    cfg, step = run.recipe.train, run.step
+    if not (step == run.total_steps or (cfg.save_every and step % cfg.save_every == 0) or stop):
+        return
+    info = {"epoch": window.metrics.get("epoch", window.epoch), "total_steps": run.total_steps,
+            "objective": run.objective.name, "healthy": run.guard.healthy, "val_loss": val,
+            **run.source.state(step)}
+    ckpt.save_checkpoint(run.recipe.run_dir, step, run.model, run.optimizer, run.scheduler, info, cfg.keep_last,
+                         run.dist, method=run.method)
+
+
+# --------------------------------------------------------------------------------------------------
+# the end
+
+
+def close_run(run: Run, status: str) -> RunResult:
+    recipe, dist = run.recipe, run.dist
+    elapsed = time.perf_counter() - run.t_start
+    n_train, n_total = count_parameters(run.model)
+    summary = {"objective": run.objective.name, "steps": run.step, "session_steps": run.step - run.start_step,
+               "wall_s": elapsed, "tokens_per_s": run.tokens_seen / max(elapsed, 1e-9),
+               "peak_mem_gb": peak_memory_gb(run.device), "val_loss": run.last_val, "processes": dist.world,
+               "trainable_parameters": n_train, "parameters": n_total}
+    output, eval_result = None, None
     if status == "completed":
-        output = save_output(recipe, model, tokenizer, method, d)
-        say(f"[tunesmith] done: step {step}/{total_steps} ({step - start_step} in this session, {elapsed:.0f} s), "
-            f"{summary['tokens_per_s']:,.0f} tokens/s, "
-            f"peak memory {summary['peak_mem_gb']:.2f} GB → {output}", flush=True)
-    if d.main:
+        eval_result = _final_eval(run, summary)
+        output = save_output(recipe, run.model, run.tokenizer, run.method, dist)
+        run.print_main(f"[tunesmith] done: step {run.step}/{run.total_steps} ({run.step - run.start_step} in this session, "
+                f"{elapsed:.0f} s), {summary['tokens_per_s']:,.0f} tokens/s, peak memory "
+                f"{summary['peak_mem_gb']:.2f} GB → {output}")
+    if dist.main:
         from .report import write_report
 
-        write_report(run_dir, summary)
-    d.barrier()
-    return RunResult(run_dir, status, step, total_steps, output, summary)
+        rows = read_metrics(recipe.run_dir / "metrics.jsonl")
+        write_report(recipe.run_dir, summary, run.objective.report_sections(recipe.run_dir, rows, eval_result))
+    dist.barrier()
+    return RunResult(recipe.run_dir, status, run.step, run.total_steps, output, summary)
 
 
-def decoder_layers(model) -> list:
-    """The transformer blocks (each becomes its own FSDP group)."""
-    body = getattr(model, model.base_model_prefix)
-    return list(getattr(body, "layers", []))
-
-
-def training_mode(model, cfg) -> None:
-    """Switch the model to training as the recipe asks: activation checkpointing on every
-    `checkpoint_every`-th decoder layer (1 = all; selective checkpointing trades memory for less
-    recompute), regional compilation (each decoder layer compiled; identical layers share the
-    compiled code), no KV cache."""
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for i, layer in enumerate(decoder_layers(model)):
-            if hasattr(layer, "gradient_checkpointing"):
-                layer.gradient_checkpointing = i % max(cfg.checkpoint_every, 1) == 0
-    if cfg.compile:
-        for layer in decoder_layers(model):
-            layer.compile(dynamic=True)
-    model.config.use_cache = False
-    model.train()
-
-
-def save_output(recipe, model, tokenizer, method, d=None) -> Path | None:
-    """An adapter method → `<run>/adapter` (its delta, plus PEFT's layout where PEFT has the method);
-    a method that trains base weights (full, freeze, hft) → a transformers folder in `<run>/model`.
-    Under FSDP every rank gathers the full weights; rank 0 writes."""
-    run_dir = recipe.run_dir
-    if d is not None and d.strategy == "fsdp" and d.active:
-        model = ckpt.gathered_model(model, recipe, d)
-    if d is not None and not d.main:
+def _final_eval(run: Run, summary: dict):
+    recipe = run.recipe
+    if not (recipe.eval.task and run.objective.evaluates_at_end) or run.dist.active:
         return None
-    model = model.to("cpu") if model.device.type != "cpu" else model
-    use_attention(model, "sdpa")  # what a saved model should run with
-    if method.output == "adapter":
-        from ..export.tuned import save_tuned
+    from ..eval.runner import save_result
 
-        return save_tuned(model, method, recipe.model.name, run_dir / "adapter")
-    from ..export.atomic import atomic_folder
-
-    with atomic_folder(run_dir / "model", "config.json") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return run_dir / "model"
+    result = evaluate_task(run.model, run.tokenizer, recipe)
+    save_result(result, recipe.run_dir / f"eval-{result.split}.json", model=recipe.model.name,
+                adapter=str(recipe.run_dir / "adapter"))
+    summary[f"eval_{result.metric}"] = result.main
+    run.print_main(f"[tunesmith] {result.task} {result.split} {result.metric}: {100 * result.main:.1f}% "
+            f"({result.summary['examples']} examples)")
+    return result

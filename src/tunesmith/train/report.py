@@ -3,31 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plots import plot_curves
 from .metrics import read_metrics
 
 
 def plot_losses(rows: list[dict], path: Path) -> bool:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return plot_curves({"train loss": train}, path, "loss (nats/token)", points={"validation loss": val})
 
 
 def write_report(run_dir: Path, summary: dict, extra_sections: list[str] | None = None) -> Path:

@@ -8,7 +8,7 @@ scorer. Nothing is downloaded and no data files are shipped.
 """
 from __future__ import annotations
 
-from ...eval.task import SPLITS, Task
+from .base import SPLITS, Task
 from .extract import ExtractTask
 from .sql import SqlTask
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
-from ...eval.task import SPLITS, Example
+from .base import SPLITS, Example
 
 HELD_OUT = 0.15  # share of every value list kept for validation, and again for test (at least one each)
 

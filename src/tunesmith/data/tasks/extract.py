@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from ...eval.task import SPLITS, Example, Verdict
+from .base import SPLITS, Example, Verdict
 from ._common import CITIES, FIRST_NAMES, LAST_NAMES, GeneratedTask, ValueSplit, fill, rng_for, split_templates
 
 FIELDS = ("city", "day", "item", "name", "quantity")

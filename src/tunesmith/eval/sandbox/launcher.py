@@ -162,8 +162,11 @@ def set_limits(dropped):
         return
     limits = config["limits"]
     procs = limits["procs"]
-    if not dropped and linux and os.getuid() != 0:
-        procs += own_tasks()  # we share the count with everything else the user runs
+    if linux and os.getuid() != 0:
+        # RLIMIT_NPROC counts every task of the user: the other sandbox of a test run (the runner and
+        # the program run as the same user) and a finished run's processes still being reaped count
+        # too, so the budget is on top of what the user already has
+        procs += own_tasks()
     wanted = [("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", limits["cpu"], limits["cpu"] + 1),
               ("RLIMIT_FSIZE", limits["fsize"], limits["fsize"]), ("RLIMIT_NPROC", procs, procs),
               ("RLIMIT_AS", limits["memory"], limits["memory"]),

@@ -1,0 +1,151 @@
+"""Getting a model ready to train and saving what a run produces: the seeded method set-up,
+training mode (activation checkpointing, regional compile), generation-based evaluation during a
+run, the final adapter or model, and the interrupt flag the harness checks between steps.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..methods import attach, build_method, cast_frozen
+from ..models.attention import use_attention, use_packed_attention
+from ..models.load import DTYPES, load_model
+from . import checkpoint as ckpt
+from ..runtime import autocast
+from .safety import TrainError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(recipe, model=None, tokenizer=None):
+    """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
+    if model is None:
+        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    if recipe.model.attention == "packed":
+        use_packed_attention(model)
+    else:
+        use_attention(model, recipe.model.attention)
+    torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
+    if recipe.model.adapter:
+        from ..export.tuned import load_tuned, read_method
+
+        saved, _ = read_method(recipe.model.adapter)
+        if saved.name != recipe.method.name:
+            raise TrainError(f"model.adapter {recipe.model.adapter} holds a `{saved.name}` adapter: continuing it "
+                             f"needs method.name={saved.name} (the recipe says {recipe.method.name})")
+        method, recipe.method = load_tuned(model, recipe.model.adapter)  # the adapter's own options win
+    else:
+        method = build_method(recipe.method)
+        attach(model, method)
+    if recipe.model.frozen_dtype != "same":
+        base_trained = [n for n in method.trained_names if n in method.base_keys]
+        frozen = any(not p.requires_grad and p.is_floating_point() for p in model.parameters())
+        if base_trained and frozen and recipe.train.precision == "fp32":
+            raise TrainError(f"model.frozen_dtype={recipe.model.frozen_dtype} with train.precision=fp32: method "
+                             f"`{method.name}` trains base weights ({base_trained[0]}, ...), which stay fp32 beside "
+                             f"{recipe.model.frozen_dtype} frozen ones; train under autocast "
+                             f"(train.precision={recipe.model.frozen_dtype}) or set model.frozen_dtype=same")
+        cast_frozen(model, DTYPES[recipe.model.frozen_dtype])
+    for p in model.parameters():  # master weights of everything that trains stay fp32
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model, tokenizer, method
+
+
+def decoder_layers(model) -> list:
+    """The transformer blocks (each becomes its own FSDP group)."""
+    body = getattr(model, model.base_model_prefix)
+    return list(getattr(body, "layers", []))
+
+
+def training_mode(model, cfg) -> None:
+    """Switch the model to training as the recipe asks: activation checkpointing on every
+    `checkpoint_every`-th decoder layer (1 = all; selective checkpointing trades memory for less
+    recompute), regional compilation (each decoder layer compiled; identical layers share the
+    compiled code), no KV cache."""
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(decoder_layers(model)):
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = i % max(cfg.checkpoint_every, 1) == 0
+    if cfg.compile:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)
+    model.config.use_cache = False
+    model.train()
+
+
+def evaluate_task(model, tokenizer, recipe):
+    """Measure the recipe's eval task with the model as it is now (stock attention for generation)."""
+    from ..eval.runner import evaluate as run_eval, get_eval_task
+
+    cfg = recipe.eval
+    task = get_eval_task(cfg.task, cfg.metric, seed=cfg.seed)
+    training_attention = model.config._attn_implementation
+    use_attention(model, "sdpa")
+    try:
+        with autocast(model.device, recipe.train.precision):
+            return run_eval(model, tokenizer, task, split=cfg.split, limit=cfg.limit,
+                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
+    finally:
+        model.set_attn_implementation(training_attention)
+        model.train()
+
+
+def save_output(recipe, model, tokenizer, method, dist=None) -> Path | None:
+    """An adapter method → `<run>/adapter` (its delta, plus PEFT's layout where PEFT has the method);
+    a method that trains base weights (full, freeze, hft) → a transformers folder in `<run>/model`.
+    Under FSDP every rank gathers the full weights; rank 0 writes."""
+    run_dir = recipe.run_dir
+    if dist is not None and dist.strategy == "fsdp" and dist.active:
+        model = ckpt.gathered_model(model, recipe, dist)
+    if dist is not None and not dist.main:
+        return None
+    model = model.to("cpu") if model.device.type != "cpu" else model
+    use_attention(model, "sdpa")  # what a saved model should run with
+    if method.output == "adapter":
+        from ..export.tuned import save_tuned
+
+        return save_tuned(model, method, recipe.model.name, run_dir / "adapter")
+    from ..export.atomic import atomic_folder
+
+    with atomic_folder(run_dir / "model", "config.json") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return run_dir / "model"
+
+
+class Interrupt:
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        tqdm.write(f"[tunesmith] {self.requested}: finishing this step, then writing a checkpoint "
+                   "(press again to abort without one)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
