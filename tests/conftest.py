@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded model's real tokenizer (cached once, never downloaded) and tiny
 randomly initialised Llama models built on it, so unit tests run in seconds."""
+import json
 import os
 
 import pytest
@@ -65,3 +66,59 @@ def trained_runs(sample, tokenizer) -> list[str]:
     if run:
         runs.append(run)
     return [tokenizer.decode(r) for r in runs]
+
+
+# ---- shared by the training tests
+
+
+def sample(rng, n, trained_from):
+    ids = torch.randint(5, 1000, (n,), generator=rng).tolist()
+    return {"input_ids": ids, "weights": [0.0] * trained_from + [1.0] * (n - trained_from)}
+
+
+@pytest.fixture
+def samples():
+    rng = torch.Generator().manual_seed(0)
+    return [sample(rng, 9, 3), sample(rng, 14, 5), sample(rng, 6, 1), sample(rng, 11, 4)]
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def write_chats(path, n=24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        q = f"What is {i} plus {i + 1}?"
+        rows.append({"messages": [{"role": "user", "content": q},
+                                  {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_recipe(tmp_path, model_dir, *extra):
+    """A short LoRA run of a tiny model on arithmetic chats (extra: overrides)."""
+    from tunesmith.recipe import load_recipe
+
+    data = write_chats(tmp_path / "chats.jsonl")
+    return load_recipe(None, [
+        f"model.name={model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'runs'}", "name=t",
+        "data.val_fraction=0.2", "train.batch_tokens=256", "train.steps=6", "train.precision=fp32",
+        "train.lr=1e-2", "train.warmup=1", "train.save_every=2", "train.keep_last=5", "data.max_length=128",
+        "method.lora.dropout=0.1", *extra])
+
+
+def train_losses(run_dir):
+    from tunesmith.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def perturb(model, seed=2, std=0.05):
+    """Non-zero deltas everywhere the method trains (zero-initialised parts included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)

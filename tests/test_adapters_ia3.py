@@ -129,7 +129,7 @@ def test_adapter_export_delta_holds_only_its_tensors(tokenizer):
 
 
 def test_packed_equals_one_by_one_with_adapters(tokenizer):
-    from tests.test_train import sample
+    from tests.conftest import sample
     from tunesmith.data import collate
     from tunesmith.models.attention import use_packed_attention
     from tunesmith.objectives.sft import forward_hidden

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model
-from tests.test_train import tiny_recipe
+from tests.conftest import tiny_recipe
 from tunesmith.bench import throughput as tp
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from tests.conftest import make_tiny_model, tiny_recipe
 from tunesmith.data import collate
 from tunesmith.objectives.distill import Distill, distill_loss
 
@@ -62,8 +62,6 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_gradient(tokenizer):
 
 
 def test_distillation_through_the_harness_moves_the_student_to_the_teacher(tmp_path, tokenizer, tiny_model_dir):
-    from test_train import tiny_recipe
-
     from tunesmith.train.loop import train
     from tunesmith.train.metrics import read_metrics
 
@@ -75,3 +73,39 @@ def test_distillation_through_the_harness_moves_the_student_to_the_teacher(tmp_p
     assert result.status == "completed" and len(rows) == 8
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]
     assert "trained_tokens" in rows[0]
+
+
+def test_distill_from_the_recipe_with_a_teacher_folder(tmp_path, tokenizer, tiny_model_dir):
+    """objective.name=distill with objective.distill.teacher = a model folder: the registry line and
+    the options block beside the objective are all the recipe needs."""
+    from tunesmith.recipe import to_yaml
+    from tunesmith.train.loop import train
+    from tunesmith.train.metrics import read_metrics
+
+    teacher_dir = tmp_path / "teacher"
+    make_tiny_model(tokenizer, seed=3).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "objective.name=distill", f"objective.distill.teacher={teacher_dir}",
+                         "objective.distill.temperature=1.5", "method.name=full", "train.lr=3e-3", "train.steps=6",
+                         "data.val_fraction=0")
+    assert "distill:" in to_yaml(recipe) and "preference:" not in to_yaml(recipe)
+    result = train(recipe)
+    losses = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+    assert result.status == "completed" and losses[-1] < losses[0]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tokenizer, tiny_model_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.objectives import ObjectiveError
+    from tunesmith.recipe import load_recipe
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    recipe = load_recipe(None, ["objective.name=distill", f"objective.distill.teacher={other}"])
+    with pytest.raises(ObjectiveError, match="vocabulary of 500 tokens"):
+        Distill.build(recipe, make_tiny_model(tokenizer))
+    with pytest.raises(Exception, match="temperature"):
+        load_recipe(None, ["objective.name=distill", "objective.distill.temperature=0"])

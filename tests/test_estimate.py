@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import tiny_recipe
+from tests.conftest import tiny_recipe
 from tunesmith.bench import estimate as est
 from tunesmith.recipe import RecipeError
 

@@ -322,7 +322,7 @@ def test_hft_epoch_redraw_refuses_several_processes(tokenizer, monkeypatch):
 def test_hft_epoch_run_crosses_epochs_and_resumes(tmp_path, tiny_model_dir, tokenizer):
     """Through the loop, with 2 micro-batches an epoch: 6 steps = epochs 0,0,1,1,2,2; a resume at
     step 3 (mid epoch 1) redraws epoch 1 and reproduces the straight run; only the pool moved."""
-    from tests.test_train import tiny_recipe, train_losses
+    from tests.conftest import tiny_recipe, train_losses
     from tunesmith.train.loop import stopping_after, train
 
     extra = ["method.name=hft", "method.hft.redraw=epoch", "train.batch_tokens=512"]

@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
-from tests.test_train import tiny_recipe, train_losses
+from tests.conftest import make_tiny_model, perturb, tiny_recipe, train_losses
 from tunesmith.methods import attach, build_method
 from tunesmith.methods.catalog import catalog
 from tunesmith.recipe import MethodConfig, method_from_dict
@@ -47,15 +46,6 @@ def make(tokenizer, name, opts, seed=0):
     torch.manual_seed(1)
     attach(model, method)
     return model, method, cfg, base_keys
-
-
-def perturb(model, seed=2, std=0.05):
-    """Non-zero deltas everywhere the method trains (zero-initialised parts included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def logits(model, ids):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model
-from tests.test_method_invariants import perturb
+from tests.conftest import perturb
 from tunesmith.data import collate
 from tunesmith.methods import MethodError, attach, build_method, cast_frozen, delta_state
 from tunesmith.models.attention import use_attention, use_packed_attention

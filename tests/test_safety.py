@@ -13,7 +13,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import TrainError, stopping_after, train
 from tunesmith.train.safety import Diverged, DivergenceGuard
 
-from test_train import tiny_recipe
+from tests.conftest import tiny_recipe
 
 VOCAB = 49152
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import make_tiny_model
-from tests.test_train import grads, samples  # noqa: F401 (fixture)
+from tests.conftest import grads
 from tunesmith.data import collate
 from tunesmith.models.attention import use_packed_attention
 from tunesmith.recipe import RecipeError, TrainConfig, load_recipe

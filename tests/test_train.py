@@ -1,30 +1,18 @@
 """The loop's invariants on a tiny model: packing isolation, exact gradient accumulation, frozen
 parameters untouched, resume == uninterrupted, NaN stops cleanly, an end-to-end run."""
-import json
 import math
 
 import pytest
 import torch
 
-from tests.conftest import make_tiny_model
+from tests.conftest import grads, make_tiny_model, tiny_recipe, train_losses
 from tunesmith.data import collate
-from tunesmith.objectives.sft import causal_lm_loss, forward_hidden
 from tunesmith.recipe import load_recipe
+from tunesmith.objectives.sft import causal_lm_loss, forward_hidden
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import TrainError, stopping_after, train
 from tunesmith.train.step import LossModule, backward_window
 from tunesmith.train.metrics import read_metrics
-
-
-def sample(rng, n, trained_from):
-    ids = torch.randint(5, 1000, (n,), generator=rng).tolist()
-    return {"input_ids": ids, "weights": [0.0] * trained_from + [1.0] * (n - trained_from)}
-
-
-@pytest.fixture
-def samples():
-    rng = torch.Generator().manual_seed(0)
-    return [sample(rng, 9, 3), sample(rng, 14, 5), sample(rng, 6, 1), sample(rng, 11, 4)]
 
 
 @pytest.mark.parametrize("attention", ["packed", "sdpa", "eager"])
@@ -70,10 +58,6 @@ def test_padded_equals_packed_loss(tokenizer, samples, attention):
     assert math.isclose(float(a[0]), float(b[0]), rel_tol=1e-5)
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_grad_accumulation_equals_big_batch(tokenizer, samples):
     dev = torch.device("cpu")
     m1 = make_tiny_model(tokenizer)
@@ -93,30 +77,6 @@ def test_grad_accumulation_equals_big_batch(tokenizer, samples):
         l, n, _ = causal_lm_loss(m3, b)
         (l / n / len(micro)).backward()
     assert max((grads(m3)[n] - g1[n]).abs().max() for n in g1) > 1e-6
-
-
-def write_chats(path, n=24):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        q = f"What is {i} plus {i + 1}?"
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def tiny_recipe(tmp_path, model_dir, *extra):
-    data = write_chats(tmp_path / "chats.jsonl")
-    return load_recipe(None, [
-        f"model.name={model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'runs'}", "name=t",
-        "data.val_fraction=0.2", "train.batch_tokens=256", "train.steps=6", "train.precision=fp32",
-        "train.lr=1e-2", "train.warmup=1", "train.save_every=2", "train.keep_last=5", "data.max_length=128",
-        "method.lora.dropout=0.1", *extra])
-
-
-def train_losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def test_lora_run_end_to_end_frozen_untouched(tmp_path, tiny_model_dir):
