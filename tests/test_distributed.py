@@ -111,7 +111,12 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir):
     assert (run / "model" / "model.safetensors").is_file()
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run / "model")  # the gathered model loads as a plain model
+    # the weights gathered into rank 0's model (no second model built) are the one-process run's
+    gathered = AutoModelForCausalLM.from_pretrained(run / "model").state_dict()
+    single = AutoModelForCausalLM.from_pretrained(one.run_dir / "model").state_dict()
+    assert gathered.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(gathered[name], single[name], atol=2e-4, rtol=1e-3, msg=name)
 
 
 def test_fsdp_resume_from_sharded_checkpoint(tmp_path, tiny_model_dir):

@@ -340,14 +340,24 @@ def _load_trainable(path: Path, model, method) -> None:
         raise CheckpointError(f"{e}; resume with the recipe that wrote it") from None
 
 
-def gathered_model(model, recipe, d):
-    """Under FSDP: gather the full weights (every rank takes part) into a plain, unsharded copy of
-    the model on rank 0 (None elsewhere), ready to save."""
-    full = {n: _full(t).detach().cpu() for n, t in model.state_dict().items()}
-    if not d.main:
-        return None
-    from .prepare import prepare_model
+def unshard_in_place(model, d) -> None:
+    """Under FSDP, before saving: gather the full weights (every rank takes part; only rank 0 keeps
+    them, on the CPU: `get_model_state_dict` with full_state_dict and cpu_offload) and put them in place
+    of rank 0's shards, so the trained model saves as it is — no second model is built or loaded.
+    Weights tied to each other stay tied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    plain, _, _ = prepare_model(recipe)
-    plain.load_state_dict(full, strict=True)
-    return plain
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for name, tensor in full.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old = getattr(module, attr)
+        if isinstance(old, torch.nn.Parameter):
+            if id(old) not in replaced:
+                replaced[id(old)] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            setattr(module, attr, replaced[id(old)])
+        else:
+            module.register_buffer(attr, tensor, persistent=attr not in module._non_persistent_buffers_set)

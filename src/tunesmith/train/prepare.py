@@ -106,10 +106,10 @@ def evaluate_task(model, tokenizer, recipe):
 def save_output(recipe, model, tokenizer, method, dist=None) -> Path | None:
     """An adapter method → `<run>/adapter` (its delta, plus PEFT's layout where PEFT has the method);
     a method that trains base weights (full, freeze, hft) → a transformers folder in `<run>/model`.
-    Under FSDP every rank gathers the full weights; rank 0 writes."""
+    Under FSDP the ranks gather the full weights into rank 0's model, which writes them."""
     run_dir = recipe.run_dir
     if dist is not None and dist.strategy == "fsdp" and dist.active:
-        model = ckpt.gathered_model(model, recipe, dist)
+        ckpt.unshard_in_place(model, dist)
     if dist is not None and not dist.main:
         return None
     model = model.to("cpu") if model.device.type != "cpu" else model
