@@ -42,6 +42,7 @@ def run_case(case: Case) -> tuple[Outcome, float]:
             tb = traceback.format_exc(limit=3)
             outcome = Outcome(got=f"{type(e).__name__}: {e}"[:160], ok=False, traceback=True)
             print(tb, file=sys.stderr)
+        outcome.got = outcome.got.replace(tmp, "<tmp>")  # the table speaks of the case, not this machine
     return outcome, time.perf_counter() - t0
 
 
