@@ -12,40 +12,17 @@ resolved recipe, the saved model, the checkpoint's optimizer state).
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+import common
 from common import ROOT, Case, Outcome, cli, has_traceback, last_line
 
 SFT = str(ROOT / "recipes" / "lora-sft.yaml")
 DPO = str(ROOT / "recipes" / "dpo.yaml")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MODEL: list[Path] = []
-
-
 def tiny_model() -> Path:
     """A tiny random 4-layer Llama with the embedded model's tokenizer, saved once per process."""
-    if not _MODEL:
-        import atexit
-
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from tunesmith.models.load import load_tokenizer
-
-        tok = load_tokenizer("smollm2-135m-instruct")
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        folder = Path(tempfile.mkdtemp(prefix="tunesmith-rel-methods-"))
-        atexit.register(shutil.rmtree, folder, True)
-        LlamaForCausalLM(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
-        _MODEL.append(folder)
-    return _MODEL[0]
+    return common.tiny_model(layers=4)
 
 
 def train(tmp: Path, name: str, *overrides: str, recipe: str = SFT, model: Path | None = None):

@@ -71,12 +71,12 @@ def expect_error(proc: subprocess.CompletedProcess, *needles: str) -> Outcome:
     return Outcome(got=f"rc={proc.returncode}: {line}"[:160], ok=ok, traceback=has_traceback(out))
 
 
-_TINY: list[Path] = []
+_TINY: dict[int, Path] = {}
 
 
-def tiny_model() -> Path:
+def tiny_model(layers: int = 2) -> Path:
     """A tiny random Llama with the embedded model's tokenizer, saved once per run of the cases."""
-    if not _TINY:
+    if layers not in _TINY:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,7 +84,7 @@ def tiny_model() -> Path:
 
         tok = load_tokenizer("smollm2-135m-instruct")
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
@@ -92,5 +92,5 @@ def tiny_model() -> Path:
         atexit.register(shutil.rmtree, folder, True)
         LlamaForCausalLM(config).save_pretrained(folder)
         tok.save_pretrained(folder)
-        _TINY.append(folder)
-    return _TINY[0]
+        _TINY[layers] = folder
+    return _TINY[layers]

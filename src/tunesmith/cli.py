@@ -228,23 +228,8 @@ def _model_args(p):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune, evaluate and export open LLMs.")
-    sub = parser.add_subparsers(dest="verb", required=True)
-
-    p = sub.add_parser("train", help="train a recipe: tunesmith train RECIPE [key=value ...]")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.lr=1e-4 method.name=full")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("data", help="look at the data a recipe trains on")
-    dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("inspect", help="rendered samples with trained tokens marked, and statistics")
-    q.add_argument("recipe")
-    q.add_argument("overrides", nargs="*")
-    q.add_argument("-n", type=int, default=3, help="samples to show")
-    q.set_defaults(fn=cmd_data)
-
+def _add_model_verbs(sub) -> None:
+    """The verbs that use a trained model: generate, chat, export, eval."""
     p = sub.add_parser("generate", help="complete JSONL prompts (`prompt` or `messages` per line)")
     _model_args(p)
     p.add_argument("--input", required=True)
@@ -284,6 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="where the per-example JSON goes")
     p.set_defaults(fn=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune, evaluate and export open LLMs.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train a recipe: tunesmith train RECIPE [key=value ...]")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.lr=1e-4 method.name=full")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="look at the data a recipe trains on")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("inspect", help="rendered samples with trained tokens marked, and statistics")
+    q.add_argument("recipe")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("-n", type=int, default=3, help="samples to show")
+    q.set_defaults(fn=cmd_data)
+
+    _add_model_verbs(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
