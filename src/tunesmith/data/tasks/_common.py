@@ -125,3 +125,16 @@ class GeneratedTask:
 
     def _generate(self) -> dict[str, list[Example]]:
         raise NotImplementedError
+
+
+def generate_splits(task: str, seed: int, families: Sequence, sizes: dict[str, int],
+                    draw_for: Callable[[str, random.Random], Callable]) -> dict[str, list[Example]]:
+    """Every split's examples: the templates divided between the splits, then for each split its
+    own seeded rng and `draw_for(split, rng)`, which draws one example (or None) from a template pick."""
+    templates = split_templates(families, rng_for(task, seed, "templates"))
+    splits = {}
+    for split in SPLITS:
+        rng = rng_for(task, seed, "examples", split)
+        items = fill(templates[split], sizes[split], draw_for(split, rng), rng)
+        splits[split] = [Example(f"{task}-{split}-{k:04d}", p, r, m) for k, (p, r, m) in enumerate(items)]
+    return splits

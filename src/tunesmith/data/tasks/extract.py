@@ -16,8 +16,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from .base import SPLITS, Example, Verdict
-from ._common import CITIES, FIRST_NAMES, LAST_NAMES, GeneratedTask, ValueSplit, fill, rng_for, split_templates
+from .base import Example, Verdict
+from ._common import CITIES, FIRST_NAMES, LAST_NAMES, GeneratedTask, ValueSplit, generate_splits, rng_for
 
 FIELDS = ("city", "day", "item", "name", "quantity")
 ITEMS = [  # no word is shared by two items, so a held-out item shares no word with a training one
@@ -115,12 +115,9 @@ class ExtractTask(GeneratedTask):
                              ("day", DAYS), ("quantity", QUANTITIES)]:
             values.add(kind, domain)
         pools = values.pools
-        templates = split_templates(FAMILIES, rng_for("json", self.seed, "templates"))
-        splits = {}
-        for split in SPLITS:
-            rng = rng_for("json", self.seed, "examples", split)
 
-            def draw(t, split=split, rng=rng):
+        def draw_for(split, rng):
+            def draw(t):
                 template_id, family, i = t
                 fields = {k: rng.choice(pools[k][split]) for k in ("city", "day", "item", "quantity")}
                 fields["name"] = f"{rng.choice(pools['first'][split])} {rng.choice(pools['last'][split])}"
@@ -130,7 +127,6 @@ class ExtractTask(GeneratedTask):
                 meta = {"template": template_id, "family": family.name, "fields": fields,
                         "values": [fields[k] for k in ("name", "item", "quantity", "city", "day")]}
                 return text, (PROMPT.format(text=text), reference, meta)
+            return draw
 
-            items = fill(templates[split], self.sizes[split], draw, rng)
-            splits[split] = [Example(f"json-{split}-{k:04d}", p, r, m) for k, (p, r, m) in enumerate(items)]
-        return splits
+        return generate_splits("json", self.seed, FAMILIES, self.sizes, draw_for)

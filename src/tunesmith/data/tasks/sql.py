@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .base import SPLITS, Example, Verdict
-from ._common import GeneratedTask, fill, rng_for, split_templates
+from ._common import GeneratedTask, generate_splits
 from .sql_data import (DEPARTMENTS, FAMILIES, HIRE_YEARS, N_EMPLOYEES, PROJECTS, SCHEMA, SLOT_VALUES, START_YEARS,
                        TABLES, VERSION, Family, build_database, schema_hash, value_split)
 
@@ -180,12 +180,8 @@ class SqlTask(GeneratedTask):
             con.close()
         pools = {kind: p for kind, p in values.pools.items() if kind not in ("first", "last")}
         pools["name"] = {s: [n for n in names if values.split_of[n.split()[0]] == s] for s in SPLITS}
-        templates = split_templates(FAMILIES, rng_for("sql", self.seed, "templates"))
-        splits = {}
-        for split in SPLITS:
-            rng = rng_for("sql", self.seed, "examples", split)
-
-            def draw(t, split=split, rng=rng):
+        def draw_for(split, rng):
+            def draw(t):
                 template_id, family, i = t
                 slot = {s: rng.choice(pools[s][split]) for s in family.slots}
                 sql = family.sql.format(**slot)
@@ -198,7 +194,6 @@ class SqlTask(GeneratedTask):
                 meta = {"db": str(self.db), "template": template_id, "family": family.name,
                         "values": list(slot.values()), "ordered": family.ordered}
                 return question, (f"{SCHEMA}\nQuestion: {question}", sql, meta)
+            return draw
 
-            items = fill(templates[split], self.sizes[split], draw, rng)
-            splits[split] = [Example(f"sql-{split}-{k:04d}", p, r, m) for k, (p, r, m) in enumerate(items)]
-        return splits
+        return generate_splits("sql", self.seed, FAMILIES, self.sizes, draw_for)
