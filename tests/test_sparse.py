@@ -47,6 +47,17 @@ def random_layer(out_features=6, in_features=8, k=10, criterion="ag", seed=0):
     return layer
 
 
+def fixed_selection_state(layer):
+    """Known entries, candidates and accumulated gradient statistics, for reselection by hand."""
+    with torch.no_grad():
+        layer.sparse_indices.copy_(torch.tensor([0, 5, 10, 15]))
+        layer.sparse_values.copy_(torch.tensor([0.5, -0.01, 0.3, 0.02]))
+        layer.sparse_candidates.copy_(torch.tensor([5, 1, 2, 3]))
+        layer.sparse_grad_sum.copy_(torch.tensor([9.0, 4.0, -7.0, 0.5]))
+        layer.sparse_grad_sq.copy_(torch.tensor([50.0, 10.0, 30.0, 1.0]))
+        layer.sparse_seen.fill_(2)
+
+
 def test_starts_at_base_and_forward_is_dense_weight_plus_delta():
     torch.manual_seed(0)
     base = nn.Linear(8, 6)
@@ -145,13 +156,7 @@ def test_reselect_resets_values_and_seeds_optimizer_state():
     opt.step()
     opt.step()
     state = opt.state[layer.sparse_values]
-    with torch.no_grad():
-        layer.sparse_indices.copy_(torch.tensor([0, 5, 10, 15]))
-        layer.sparse_values.copy_(torch.tensor([0.5, -0.01, 0.3, 0.02]))
-        layer.sparse_candidates.copy_(torch.tensor([5, 1, 2, 3]))
-        layer.sparse_grad_sum.copy_(torch.tensor([9.0, 4.0, -7.0, 0.5]))
-        layer.sparse_grad_sq.copy_(torch.tensor([50.0, 10.0, 30.0, 1.0]))
-        layer.sparse_seen.fill_(2)
+    fixed_selection_state(layer)
     before_m, before_v = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
     assert layer.reselect(0.5, opt) == 1
     assert layer.sparse_indices.tolist() == [0, 5, 10, 2]
@@ -314,13 +319,7 @@ def test_ag_grown_entries_get_their_own_age():
         opt.step()
     state = opt.state[layer.sparse_values]
     assert state["age"].tolist() == [7.0] * 4
-    with torch.no_grad():
-        layer.sparse_indices.copy_(torch.tensor([0, 5, 10, 15]))
-        layer.sparse_values.copy_(torch.tensor([0.5, -0.01, 0.3, 0.02]))
-        layer.sparse_candidates.copy_(torch.tensor([5, 1, 2, 3]))
-        layer.sparse_grad_sum.copy_(torch.tensor([9.0, 4.0, -7.0, 0.5]))
-        layer.sparse_grad_sq.copy_(torch.tensor([50.0, 10.0, 30.0, 1.0]))
-        layer.sparse_seen.fill_(2)
+    fixed_selection_state(layer)
     m_before, v_before = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
     assert layer.reselect(0.5, opt) == 1 and layer.sparse_indices.tolist() == [0, 5, 10, 2]
     assert state["age"].tolist() == [7.0, 7.0, 7.0, 2.0]
