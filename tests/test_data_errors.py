@@ -231,3 +231,16 @@ def test_lora_rank_above_a_modules_size_names_it(tokenizer):
                                           r"\(a Linear of 64 in, 32 out\): the rank can be at most 32"):
         method.apply(model)
     assert not any("lora" in name for name, _ in model.named_parameters())  # nothing half-applied
+
+
+def test_jsonl_prompts_not_utf8_name_their_line(tmp_path):
+    """Prompt and task files read by generate and eval report a bad byte at its line, not a traceback."""
+    from tunesmith.jsonl import read_jsonl
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xe9"}\n')  # BOM; latin-1 e-acute
+    rows = read_jsonl(path)
+    assert next(rows)[1] == {"prompt": "a"}
+    assert next(rows)[1] == {"prompt": "b"}
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not valid UTF-8 \(byte 0xe9 at column 12"):
+        next(rows)
