@@ -242,5 +242,5 @@ def test_jsonl_prompts_not_utf8_name_their_line(tmp_path):
     rows = read_jsonl(path)
     assert next(rows)[1] == {"prompt": "a"}
     assert next(rows)[1] == {"prompt": "b"}
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not valid UTF-8 \(byte 0xe9 at column 12"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not valid UTF-8 \(byte 0xe9 at column 13"):
         next(rows)
