@@ -76,6 +76,24 @@ def test_f32_round_trip_is_exact(tokenizer, tiny_gguf):
     assert greedy(back) == greedy(ours)
 
 
+def test_untied_head_and_wide_heads_round_trip(tokenizer, tmp_path):
+    """An untied head is written as output.weight; a head_dim other than hidden/heads as key_length."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=48, tie_word_embeddings=False,
+                         rope_theta=50000.0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    path = export_gguf(model, tmp_path / "wide.gguf", tokenizer=tokenizer, quant="f32", progress=False).path
+    f, t = fields(path), gguf_tensors(path)
+    assert f["llama.attention.key_length"] == f["llama.rope.dimension_count"] == 48
+    assert torch.equal(torch.from_numpy(t["output.weight"]), model.lm_head.weight.detach())
+    back = read_back(path)
+    assert not back.config.tie_word_embeddings
+    torch.testing.assert_close(logits(back), logits(model), atol=1e-5, rtol=0)
+
+
 def test_q_and_k_rows_are_interleaved_per_head(tokenizer, tiny_gguf):
     sd = make_tiny_model(tokenizer).state_dict()
     t = gguf_tensors(tiny_gguf["f32"])
