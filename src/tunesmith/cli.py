@@ -5,6 +5,7 @@
     tunesmith chat --adapter runs/lora-sft
     tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
     tunesmith export --adapter runs/lora-sft/adapter --output merged/
+    tunesmith serve --adapter sql=runs/lora-sft   # OpenAI-compatible server on 127.0.0.1:8000
     tunesmith bench recipes/lora-sft.yaml steps=8   # tokens/s, memory, MFU, time per part
     tunesmith methods           # every tuning method with its size on a model
     tunesmith recipe            # every recipe key with its default and meaning
@@ -80,7 +81,19 @@ def cmd_data(args) -> int:
 def _load(args):
     from .infer.generate import load_for_inference
 
+    if getattr(args, "fuse_small", None) or getattr(args, "fuse_expert", None):
+        from .infer.fuse import load_fused_args
+
+        return load_fused_args(args.model, args.adapter, args.fuse_small, args.fuse_expert, args.fuse_mode,
+                               args.fuse_alpha, args.dtype)
     return load_for_inference(args.model, args.adapter, dtype=args.dtype)
+
+
+def _fusion_report(model) -> None:
+    if hasattr(model, "stats"):  # a fused model: what α it used
+        from .infer.fuse import format_stats
+
+        print(f"[tunesmith] {format_stats(model)}")
 
 
 def cmd_generate(args) -> int:
@@ -89,6 +102,7 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     generate_file(model, tok, args.input, args.output, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    _fusion_report(model)
     print(f"[tunesmith] completions written to {args.output}")
     return 0
 
@@ -102,14 +116,45 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .export.atomic import ExportError
     from .export.merged import export_merged
     from .infer.generate import base_model_for
     from .models.load import DEFAULT_MODEL
 
+    if args.format != "hf":
+        return _export_gguf(args)
+    if args.quant is not None:
+        raise ExportError("--quant is for --format gguf / gguf-lora; a transformers folder takes --dtype")
     if args.model is None:
         args.model = base_model_for(args.adapter) if args.adapter else DEFAULT_MODEL
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
     print(f"[tunesmith] merged model written to {out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    """`--format gguf`: the model (an adapter merged in first) as one .gguf plus an Ollama Modelfile;
+    `--format gguf-lora`: a LoRA adapter as a GGUF LoRA for llama.cpp's --lora."""
+    from .export.atomic import ExportError
+    from .export.gguf import export_gguf, export_gguf_lora, export_merged_gguf, usage
+    from .infer.generate import base_model_for
+    from .models.load import DEFAULT_MODEL
+
+    if args.format == "gguf-lora":
+        if args.adapter is None:
+            raise ExportError("--format gguf-lora needs --adapter (a LoRA adapter or run folder)")
+        written = export_gguf_lora(args.adapter, args.output, base=args.model, quant=args.quant or "f32")
+    else:
+        if args.model is None:
+            args.model = base_model_for(args.adapter) if args.adapter else DEFAULT_MODEL
+        quant = args.quant or "f16"
+        written = export_merged_gguf(args.model, args.adapter, args.output, quant) if args.adapter \
+            else export_gguf(args.model, args.output, quant)
+    print(f"[tunesmith] {'GGUF LoRA' if args.format == 'gguf-lora' else 'GGUF'} written to {written.path} "
+          f"({written.bytes / 2**20:.1f} MiB, {written.tensors} tensors)")
+    if written.modelfile is not None:
+        print(f"[tunesmith] Ollama Modelfile: {written.modelfile}")
+    print("[tunesmith] run it with:\n" + "\n".join(f"  {line}" for line in usage(written, args.format == "gguf-lora")))
     return 0
 
 
@@ -130,8 +175,10 @@ def cmd_eval(args) -> int:
                       temperature=args.temperature, ks=ks, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, seed=args.seed)
     out = args.output or f"eval-{result.task}-{args.split}.json"
-    save_result(result, out, model=args.model, adapter=args.adapter)
+    save_result(result, out, model=args.model, adapter=args.adapter,
+                **({"fusion": model.stats.summary()} if hasattr(model, "stats") else {}))
     print(format_summary(result))
+    _fusion_report(model)
     print(f"[tunesmith] per-example records: {out}")
     return 0
 
@@ -208,6 +255,14 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .models.prune import prune_model
+
+    out = prune_model(args.model, args.keep, args.output, dtype=args.dtype)
+    print(f"[tunesmith] pruned model ({args.keep} layers) written to {out}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .methods.catalog import format_table, method_table
     from .models.load import DEFAULT_MODEL, load_model
@@ -220,12 +275,52 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import Limits, parse_adapters, serve
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    request_timeout_s=args.request_timeout)
+    serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY") or None, dtype=args.dtype,
+          max_adapters=args.max_adapters, max_batch=args.max_batch, limits=limits)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model and its adapters")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model (served under this name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter or run folder served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env TUNESMITH_API_KEY)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-adapters", type=int, default=4, help="adapters kept in memory (least recently used leave)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in flight; one more gets 429")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most max_tokens a request may ask for (400 over it)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may decode; then it ends with finish_reason length")
+    p.set_defaults(fn=cmd_serve)
+
+
 def _model_args(p):
     p.add_argument("--model", default=None,
                    help="base model: folder, .gguf, cached hub id, a full-tuning run folder, or "
                         "smollm2-135m-instruct (default: the adapter's base, else the embedded model)")
     p.add_argument("--adapter", default=None, help="an adapter folder (any method, or a PEFT LoRA) or a tunesmith run folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+def _fuse_args(p):
+    p.add_argument("--fuse-small", default=None, metavar="SMALL",
+                   help="logit fusion: the small base model the experts were tuned from (--model is the large one)")
+    p.add_argument("--fuse-expert", action="append", default=[], metavar="EXPERT",
+                   help="a tuned small model: adapter or run folder on SMALL, or a model folder (repeatable)")
+    p.add_argument("--fuse-mode", default="dynamic", choices=["dynamic", "proxy"],
+                   help="dynamic: α searched per token (Fan et al., 2024); proxy: fixed --fuse-alpha")
+    p.add_argument("--fuse-alpha", type=float, default=1.0, help="α of proxy mode")
 
 
 def _add_model_verbs(sub) -> None:
@@ -239,6 +334,7 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    _fuse_args(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model (with an adapter) in the terminal")
@@ -246,11 +342,18 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
+    _fuse_args(p)
     p.set_defaults(fn=cmd_chat)
 
-    p = sub.add_parser("export", help="merge an adapter (LoRA family, IA3, sparse) into a plain transformers folder")
+    p = sub.add_parser("export", help="merge an adapter (LoRA family, IA3, sparse) into a plain transformers folder, "
+                                      "or write a GGUF for llama.cpp / Ollama")
     _model_args(p)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="the folder (hf) or the .gguf file (gguf, gguf-lora) to write")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "gguf-lora"],
+                   help="hf: a transformers folder; gguf: one .gguf (+ <name>.Modelfile for Ollama), an adapter "
+                        "merged in; gguf-lora: a LoRA adapter as a GGUF LoRA (llama.cpp --lora)")
+    p.add_argument("--quant", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (default f16; f32 for gguf-lora, which takes f32/f16/bf16)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("eval", help="measure a model (with an adapter) on a task")
@@ -268,6 +371,7 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="where the per-example JSON goes")
+    _fuse_args(p)
     p.set_defaults(fn=cmd_eval)
 
 
@@ -289,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data)
 
     _add_model_verbs(sub)
+    _add_serve(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
@@ -312,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the matmul peak a step reaches, for the time (tunesmith bench measures it)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.set_defaults(fn=cmd_estimate)
+
+    p = sub.add_parser("prune", help="a smaller model from a Llama-family one: keep N evenly spaced decoder layers")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the model to cut (any name `--model` takes)")
+    p.add_argument("--keep", type=int, required=True, help="decoder layers to keep (first and last always kept)")
+    p.add_argument("--output", required=True, help="the HF folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("methods", help="every tuning method with its trainable parameters on a model")
     p.add_argument("model", nargs="?", default=None, help="a model (default: the embedded smollm2-135m-instruct)")
