@@ -6,6 +6,9 @@ The tiny base model's layer weights are scaled up (as in test_generate.py) and b
 have non-zero A and B, so the base and the two adapters answer differently: every parity check
 below could fail, and the tests assert the outputs differ where they must."""
 import json
+import signal
+import subprocess
+import sys
 import socket
 import threading
 import time
@@ -147,9 +150,21 @@ def test_a_batch_mixing_adapters_equals_one_by_one(server, folders):
     client = server.client()
     jobs = [(m, p) for p in PROMPTS for m in (str(folders / "base"), "a", "b", "ia3")]
     alone = [chat(client, m, p).choices[0].message.content for m, p in jobs]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda job: chat(client, *job).choices[0].message.content, jobs))
+    route, seen = server.pool.route, []
+    original = route.set
+
+    def spy(adapters, device):  # what each forward of the base model carried
+        seen.append(set(adapters))
+        original(adapters, device)
+
+    route.set = spy
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: chat(client, *job).choices[0].message.content, jobs))
+    finally:
+        del route.set
     assert together == alone
+    assert max(len(s) for s in seen) == 3, "some forward pass must hold the base rows and both LoRA adapters"
 
 
 def test_usage_counts_tokens_and_length_finish(server, tokenizer):
@@ -260,3 +275,53 @@ def test_bad_adapter_arguments_are_one_line_errors(folders, tmp_path):
         parse_adapters(["a=x", "a=y"])
     with pytest.raises(ServeError, match="no such file"):
         ModelPool(str(folders / "base"), {"a": str(tmp_path / "missing")})
+
+
+def test_a_request_past_its_time_ends_with_length(folders):
+    s = Server(folders, limits=Limits(request_timeout_s=0.2))
+    try:
+        r = chat(s.client(), "a", PROMPTS[1], max_tokens=1000)
+        assert r.choices[0].finish_reason == "length" and 0 < r.usage.completion_tokens < 1000
+    finally:
+        s.close()
+
+
+def test_cli_serves_and_sigterm_lets_the_stream_finish(folders):
+    """The real command: its start line names the URL and models; SIGTERM during a stream ends the
+    process only after that stream has sent everything, and no new request gets in."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--model", str(folders / "base"),
+                             "--adapter", f"a={folders / 'peft-lora'}", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        while line and "[tunesmith] serving" not in line:
+            line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line and ", a at" in line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for _ in range(100):  # the start line comes just before uvicorn listens
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.05)
+        stream = chat(client, "a", PROMPTS[1], max_tokens=300, stream=True, stream_options={"include_usage": True})
+        chunks = [next(iter(stream))]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].usage.completion_tokens == 300
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        with pytest.raises(openai.APIConnectionError):
+            client.models.list()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_bad_adapter_is_a_one_line_error(capsys):
+    from tunesmith.cli import main
+
+    assert main(["serve", "--adapter", "nonsense"]) == 2
+    assert capsys.readouterr().err.strip() == "tunesmith: error: --adapter: expected name=path, got 'nonsense'"

@@ -147,7 +147,8 @@ async def _complete(request, kind: str, pool, scheduler: Scheduler, limits: Limi
     if req.model not in pool.names:
         raise APIError(404, f"the model `{req.model}` does not exist; served: {', '.join(pool.names)}",
                        param="model", code="model_not_found")
-    prompts = _prompts(req, kind, pool.tokenizer)
+    with pool.tokenizer_lock:
+        prompts = _prompts(req, kind, pool.tokenizer)
     max_tokens = _max_tokens(req, prompts, limits, pool.context)
     deadline = now() + limits.request_timeout_s
     seqs = [Sequence(ids, max_tokens, req.temperature, req.top_p, None if req.seed is None else req.seed + i,
@@ -161,6 +162,8 @@ async def _complete(request, kind: str, pool, scheduler: Scheduler, limits: Limi
 
     job = Job(req.model, seqs, emit)
     if not scheduler.submit(job):
+        if scheduler.failed or scheduler.stopping:
+            raise APIError(503, scheduler.failed or "the server is shutting down", type="server_error")
         raise APIError(429, f"the server is busy: {limits.max_queue} requests in flight (--max-queue); retry later",
                        type="rate_limit_error", code="rate_limit_exceeded")
     try:

@@ -8,6 +8,7 @@ Both kinds share one LRU of `max_adapters`; an adapter a running sequence uses i
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -67,6 +68,8 @@ class ModelPool:
             check_adapter(name, path)
         self.base_name, self.adapters, self.dtype, self.max_adapters = base, dict(adapters), dtype, max_adapters
         model, self.tokenizer = load_for_inference(base, dtype=dtype)
+        # a fast tokenizer is not safe to call from two threads at once ("Already borrowed")
+        self.tokenizer_lock = threading.Lock()
         self.route = Route()
         self.base = self._engine(model, self.route)
         self.loaded: OrderedDict[str, Engine | None] = OrderedDict()  # None: a LoRA slot of the base engine

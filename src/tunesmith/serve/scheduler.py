@@ -60,6 +60,7 @@ class Scheduler:
         self.in_flight = 0
         self.lock = threading.Lock()
         self.stopping = False
+        self.failed: str | None = None  # why the thread died, if it did
         self.thread = threading.Thread(target=self._run, name="tunesmith-serve-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -74,7 +75,7 @@ class Scheduler:
     def submit(self, job: Job) -> bool:
         """Queue a job; False when `max_queue` jobs are already in flight (the caller answers 429)."""
         with self.lock:
-            if self.in_flight >= self.max_queue or self.stopping:
+            if self.in_flight >= self.max_queue or self.stopping or self.failed:
                 return False
             self.in_flight += 1
         self.inbox.put(job)
@@ -99,12 +100,17 @@ class Scheduler:
                     self._expire(engine)
                     if engine.rows:
                         self._advance(engine, engine.step())
-        except BaseException:  # a bug, or out of memory: every open request hears of it
-            message = "the server failed while generating: " + traceback.format_exc(limit=1).strip().splitlines()[-1]
-            jobs = {id(s.job): s.job for e in self.pool.engines() for s in e.rows}
+        except BaseException:  # a bug, or out of memory: every open request hears of it, later ones get 503
+            with self.lock:
+                self.failed = "the server failed while generating: " + traceback.format_exc().strip().splitlines()[-1]
+            jobs = {id(s.job): s.job for e in self.pool.engines() for s in e.rows if s.finish is None}
             jobs.update({id(s.job): s.job for s in self.waiting})
+            while not self.inbox.empty():
+                job = self.inbox.get()
+                if job is not None:
+                    jobs[id(job)] = job
             for job in jobs.values():
-                self._release(job, ("error", 500, message))
+                self._release(job, ("error", 500, self.failed))
             raise
 
     def _take(self, block: bool) -> None:
@@ -125,7 +131,7 @@ class Scheduler:
                 self._route(job)
 
     def _route(self, job: Job) -> None:
-        in_use = {s.adapter for e in self.pool.engines() for s in e.rows} | {s.adapter for s in self.waiting}
+        in_use = {s.job.model for e in self.pool.engines() for s in e.rows} | {s.job.model for s in self.waiting}
         try:
             engine, slot = self.pool.resolve(job.model, in_use)
         except Exception as e:  # a broken adapter folder fails its requests, not the server
@@ -173,7 +179,8 @@ class Scheduler:
         engine.drop_finished()
 
     def _send_text(self, s: Sequence, final: bool) -> None:
-        text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
+        with self.pool.tokenizer_lock:
+            text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
         if cut >= 0:  # a stop string: the reply ends before it
             text, final = text[:cut], True
