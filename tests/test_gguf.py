@@ -3,8 +3,6 @@ same logits (f32 exactly, f16/bf16/q8_0 within their rounding), the same tokeniz
 template; a GGUF LoRA holds the adapter's factors; bad input is a one-line error. Every weight check
 also shows the GGUF differs from the plain HF layout where it must (q/k rows permuted), so a
 no-op export cannot pass."""
-import json
-
 import gguf
 import numpy as np
 import peft  # a test dependency (the `test` extra)
@@ -375,9 +373,10 @@ def test_cli_export_gguf_and_lora(tiny_model_dir, tmp_path, lora_folder, capsys)
     printed = capsys.readouterr().out
     assert f"ollama create m -f {out.with_suffix('.Modelfile')}" in printed and f"llama-server -m {out}" in printed
     assert fields(out)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
-    assert main(["export", "--format", "gguf-lora", "--adapter", str(folder), "--output", str(tmp_path / "l.gguf")]) == 0
-    assert f"--lora {tmp_path / 'l.gguf'}" in capsys.readouterr().out
-    assert fields(tmp_path / "l.gguf")["adapter.type"] == "lora"
+    lora = tmp_path / "l.gguf"
+    assert main(["export", "--format", "gguf-lora", "--adapter", str(folder), "--output", str(lora)]) == 0
+    assert f"--lora {lora}" in capsys.readouterr().out
+    assert fields(lora)["adapter.type"] == "lora"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -54,15 +54,23 @@ def train_adapter(work: Path, threads: int) -> Path:
     return work / "lora"
 
 
+EOS = 2  # <|im_end|>: the end of the assistant's turn in SmolLM2's chat template
+
+
+def until_eos(tokens: list[int]) -> list[int]:
+    """The tokens up to and including the first eos: what a chat client shows."""
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
 def hf_greedy(model, prompts_ids, n):
     import torch
 
     outs = []
     with torch.no_grad():
         for ids in prompts_ids:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=2,
-                                 eos_token_id=None)  # no early stop: every output has n tokens to compare
-            outs.append(out[0, len(ids):].tolist())
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=EOS,
+                                 eos_token_id=EOS)
+            outs.append(until_eos(out[0, len(ids):].tolist()))
     return outs
 
 
@@ -71,8 +79,9 @@ def llama_greedy(path: Path, prompts_ids, n, threads, lora: Path | None = None):
     import numpy as np
     from llama_cpp import Llama
 
+    # logits_all: llama-cpp-python keeps no logits otherwise; the KV cache stays llama.cpp's default (f16)
     llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=threads,
-                n_batch=512, verbose=False, seed=0)
+                n_batch=512, logits_all=True, verbose=False, seed=0)
     outs = []
     for ids in prompts_ids:
         llm.reset()
@@ -81,6 +90,8 @@ def llama_greedy(path: Path, prompts_ids, n, threads, lora: Path | None = None):
         for _ in range(n):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             toks.append(tok)
+            if tok == EOS:
+                break
             llm.eval([tok])
         outs.append(toks)
     return outs, llm
@@ -92,6 +103,34 @@ def gguf_greedy_transformers(path: Path, prompts_ids, n):
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return hf_greedy(model, prompts_ids, n)
+
+
+def cached(path: Path, key: dict, compute):
+    """`compute()`, or its saved value when `path` holds one for the same `key` (a rerun skips the slow
+    transformers generations)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["value"]
+    value = compute()
+    path.write_text(json.dumps({"key": key, "value": value}))
+    return value
+
+
+def divergence_gaps(model, prompts_ids, reference, outs) -> list[float]:
+    """For each output that differs: the reference's top-1 minus top-2 logit where they part (a small
+    gap is a near tie that rounding can flip, a large one a real difference)."""
+    import torch
+
+    gaps = []
+    with torch.no_grad():
+        for ids, ref, out in zip(prompts_ids, reference, outs):
+            k = next((i for i, (p, q) in enumerate(zip(ref, out)) if p != q), None)
+            if k is None:
+                continue
+            top = model(torch.tensor([ids + ref[:k]])).logits[0, -1].topk(2).values
+            gaps.append(round(float(top[0] - top[1]), 4))
+    return gaps
 
 
 def compare(a, b) -> dict:
@@ -122,7 +161,8 @@ def run(args) -> dict:
                 for p in prompts]
     ids = [tok.encode(r, add_special_tokens=False) for r in rendered]
     ref_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
-    reference = hf_greedy(ref_model, ids, args.max_new_tokens)
+    key = {"adapter": str(adapter), "prompts": prompts, "n": args.max_new_tokens}
+    reference = cached(work / "reference.json", key, lambda: hf_greedy(ref_model, ids, args.max_new_tokens))
     try:
         import llama_cpp  # noqa: F401
         consumer = "llama.cpp (llama-cpp-python %s)" % llama_cpp.__version__
@@ -141,9 +181,10 @@ def run(args) -> dict:
         else:
             outs, same_tok = gguf_greedy_transformers(written.path, ids, args.max_new_tokens), None
         result["quants"][quant] = {"bytes": written.bytes, "export_s": round(seconds, 2),
-                                   "tokenizer_same_ids": same_tok, **compare(outs, reference)}
+                                   "tokenizer_same_ids": same_tok, **compare(outs, reference),
+                                   "gaps_where_different": divergence_gaps(ref_model, ids, reference, outs)}
         print(quant, result["quants"][quant], flush=True)
-    result["merged_differs_from_base"] = _differs_from_base(ids, reference, args)
+    result["merged_differs_from_base"] = cached(work / "base.json", key, lambda: _differs_from_base(ids, reference, args))
     if consumer:
         result["lora"] = _lora_path(adapter, work, ids, reference, args)
     return result
@@ -183,14 +224,16 @@ def write_table(result: dict, command: str) -> str:
              "`recipes/lora-sft.yaml` (r=16, alpha 32, all linear layers, lr 1e-3) on the embedded "
              f"SmolLM2-135M-Instruct; it changes {result['merged_differs_from_base']['changed_outputs']} of "
              f"{result['merged_differs_from_base']['of']} greedy outputs of the base model.", "",
-             f"Reference: the merged model in transformers (fp32), greedy, {result['max_new_tokens']} new tokens "
-             f"(no stop at eos) on {result['prompts']} chat prompts; the GGUF runs from the same prompt ids.", "",
+             f"Reference: the merged model in transformers (fp32), greedy, up to {result['max_new_tokens']} new tokens "
+             f"(to the end of the turn) on {result['prompts']} chat prompts; llama.cpp runs each GGUF from the same "
+             "prompt ids, greedy (argmax of its logits), with its default f16 KV cache.", "",
              "| GGUF | size (MiB) | export (s) | identical outputs | mean common prefix (tokens) | "
-             "llama.cpp tokenizes the prompts the same |", "|---|---|---|---|---|---|"]
+             "reference's top-1 − top-2 logit where an output parts | llama.cpp tokenizes the prompts the same |",
+             "|---|---|---|---|---|---|---|"]
     for quant, r in result["quants"].items():
         same = "—" if r["tokenizer_same_ids"] is None else f"{r['tokenizer_same_ids']}/{r['of']}"
         lines.append(f"| {quant} | {r['bytes'] / 2**20:.1f} | {r['export_s']} | {r['identical']}/{r['of']} | "
-                     f"{r['mean_common_prefix']} | {same} |")
+                     f"{r['mean_common_prefix']} | {', '.join(map(str, r['gaps_where_different'])) or '—'} | {same} |")
     if "lora" in result:
         lo = result["lora"]
         lines += ["", "GGUF LoRA (f32, %.1f MiB, exported in %s s) applied by llama.cpp at load on the base as an "

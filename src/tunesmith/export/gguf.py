@@ -68,6 +68,7 @@ _CHATML_GO = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im
 
 
 class Written(NamedTuple):
+    """What an export wrote: the .gguf, its Modelfile (None for a LoRA), tensor count and file size."""
     path: Path
     modelfile: Path | None
     tensors: int
@@ -342,6 +343,7 @@ def chatml_system(tokenizer) -> tuple[bool, str | None]:
 
 
 def stop_tokens(tokenizer) -> list[str]:
+    """Ollama's stop strings: the end-of-turn tokens this vocabulary has, and eos."""
     vocab = tokenizer.get_vocab()
     stops = [t for t in _END_OF_TURN if t in vocab]
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
