@@ -325,3 +325,20 @@ def test_cli_bad_adapter_is_a_one_line_error(capsys):
 
     assert main(["serve", "--adapter", "nonsense"]) == 2
     assert capsys.readouterr().err.strip() == "tunesmith: error: --adapter: expected name=path, got 'nonsense'"
+
+
+def test_start_line_and_the_warning_off_localhost(folders, monkeypatch, capsys):
+    from tunesmith.serve import serve
+
+    ran, threads = {}, torch.get_num_threads()
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    try:
+        serve(str(folders / "base"), {"a": str(folders / "peft-lora")}, host="0.0.0.0", port=9999, threads=1)
+        out = capsys.readouterr()
+        assert "warning: listening on 0.0.0.0" in out.err and "set --api-key" in out.err
+        assert f"serving {folders / 'base'}, a at http://0.0.0.0:9999/v1" in out.out
+        assert (ran["host"], ran["port"]) == ("0.0.0.0", 9999)
+        serve(str(folders / "base"), {}, port=9999, api_key="k", threads=1)
+        assert "warning" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)  # serve sets the process's thread count; the next tests keep theirs

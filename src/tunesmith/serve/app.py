@@ -15,7 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tunesmith.infer.generate import InferError, _encode
+from tunesmith.infer.generate import _encode
+from tunesmith.runtime import set_threads
 
 from .engine import Sequence, now
 from .pool import ServeError
@@ -30,6 +31,7 @@ except ImportError:  # build_app says what to install
     FastAPI = None
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each with n choices)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Limits:
     def check(self) -> None:
         for name in ("max_body_bytes", "max_tokens", "max_queue", "request_timeout_s"):
             if getattr(self, name) <= 0:
-                raise InferError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise ServeError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
 
 def build_app(pool, scheduler: Scheduler, limits: Limits, api_key: str | None = None):
@@ -121,8 +123,8 @@ def _prompts(req, kind: str, tokenizer) -> list[list[int]]:
         except Exception as e:  # InferError, or the chat template refusing the messages (jinja's TemplateError)
             raise APIError(400, f"messages: {e}", param="messages") from None
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts:
-        raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise APIError(400, f"prompt: give a string or a list of 1 to {MAX_PROMPTS} strings", param="prompt")
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
@@ -231,7 +233,7 @@ async def _stream(kind, rid, req, job, event, events, prompt_tokens):
 
 def serve(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, dtype: str = "fp32", max_adapters: int = 4, max_batch: int = 16,
-          limits: Limits | None = None) -> None:
+          threads: int = 0, limits: Limits | None = None) -> None:
     """Load the base model, then serve it and its adapters until SIGINT/SIGTERM (which stop taking
     new requests and let those in flight finish)."""
     from .pool import ModelPool
@@ -240,15 +242,21 @@ def serve(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1", port
     limits.check()
     if max_batch < 1:
         raise ServeError(f"--max-batch must be >= 1, got {max_batch}")
+    if threads < 0:
+        raise ServeError(f"--threads must be >= 0 (0 = one per physical core), got {threads}")
     if host not in LOCAL_HOSTS:
         print(f"[tunesmith] warning: listening on {host}: other machines can reach this server"
               + ("" if api_key else "; anyone can use it (set --api-key or TUNESMITH_API_KEY)"), file=sys.stderr)
     pool = ModelPool(model, adapters, dtype=dtype, max_adapters=max_adapters)
-    scheduler = Scheduler(pool, max_batch=max_batch, max_queue=limits.max_queue)
+    # the training default (physical cores): on CPU, more intra-op threads than cores make every step
+    # wait on the busiest one
+    threads = set_threads(threads)
+    scheduler = Scheduler(pool, max_batch=max_batch, max_queue=limits.max_queue, threads=threads)
     app = build_app(pool, scheduler, limits, api_key)
     import uvicorn  # installed with fastapi (the `serve` extra), checked by build_app
 
     print(f"[tunesmith] serving {', '.join(pool.names)} at http://{host}:{port}/v1 "
-          f"(max batch {max_batch}, {'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
+          f"(max batch {max_batch}, {threads} threads, {'API key required' if api_key else 'no API key'}); "
+          "Ctrl-C stops", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .engine import Engine, Sequence, now, pick
 
 
@@ -52,8 +54,10 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 class Scheduler:
     """Owns the model pool; `submit` jobs from any thread."""
 
-    def __init__(self, pool, max_batch: int = 16, max_queue: int = 64, batch_wait_s: float = 0.003):
+    def __init__(self, pool, max_batch: int = 16, max_queue: int = 64, batch_wait_s: float = 0.003,
+                 threads: int | None = None):
         self.pool, self.max_batch, self.max_queue, self.batch_wait_s = pool, max_batch, max_queue, batch_wait_s
+        self.threads = threads  # torch's intra-op threads for the decoding thread; None: leave as set
         self.tokenizer = pool.tokenizer
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque[Sequence] = deque()
@@ -89,6 +93,8 @@ class Scheduler:
     # ---- the thread
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             while True:
                 busy = bool(self.waiting) or any(e.rows for e in self.pool.engines())
