@@ -342,3 +342,14 @@ def test_start_line_and_the_warning_off_localhost(folders, monkeypatch, capsys):
         assert "warning" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)  # serve sets the process's thread count; the next tests keep theirs
+
+
+def test_a_sliding_window_model_is_refused(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tunesmith.serve.engine import Engine
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        Engine(MistralForCausalLM(config), pad_id=0)

@@ -96,6 +96,10 @@ class Engine:
     """One model in memory and the batch of sequences decoding on it (owned by the scheduler thread)."""
 
     def __init__(self, model, pad_id: int, route: Route | None = None):
+        if any(DynamicCache(config=model.config).is_sliding):
+            # a sliding-window cache drops old columns itself, which the padded batch's mask cannot follow
+            raise ValueError(f"{type(model).__name__} uses sliding-window attention: tunesmith serve cannot batch "
+                             "it yet (use tunesmith generate)")
         self.model, self.pad_id, self.route = model, pad_id, route
         self.device = next(model.parameters()).device
         # transformers renamed `past_key_values` to `cache` (5.x); the cache object is updated in place either way

@@ -78,7 +78,10 @@ class ModelPool:
     def _engine(self, model, route=None) -> Engine:
         stops = stop_ids(model, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
-        engine = Engine(model, pad, route)
+        try:
+            engine = Engine(model, pad, route)
+        except ValueError as e:
+            raise ServeError(str(e)) from None
         engine.stops = frozenset(stops)
         return engine
 
