@@ -29,6 +29,7 @@ from tunesmith.methods.lora import LoRA
 from tunesmith.methods.options import method_from_dict
 from tunesmith.recipe import LoraConfig
 from tunesmith.serve import Limits, ModelPool, Scheduler, ServeError, build_app, parse_adapters
+from tunesmith.serve.multilora import MultiLoRALinear
 
 N = 12  # new tokens per reply
 PROMPTS = ["hi", "Tell me a long story about a dog who learned to fly.", "Why is the sky blue?", "x"]
@@ -72,9 +73,10 @@ def folders(tokenizer, tmp_path_factory):
 class Server:
     """uvicorn in a thread on a free port, with a pool and scheduler of our own."""
 
-    def __init__(self, folders, limits=None, api_key=None, max_batch=16, max_adapters=4):
+    def __init__(self, folders, limits=None, api_key=None, max_batch=16, max_adapters=4, extra=None):
         self.pool = ModelPool(str(folders / "base"), {"a": str(folders / "peft-lora"), "b": str(folders / "own-lora"),
-                                                      "ia3": str(folders / "own-ia3")}, max_adapters=max_adapters)
+                                                      "ia3": str(folders / "own-ia3"), **(extra or {})},
+                              max_adapters=max_adapters)
         limits = limits or Limits()
         self.scheduler = Scheduler(self.pool, max_batch=max_batch, max_queue=limits.max_queue)
         app = build_app(self.pool, self.scheduler, limits, api_key)
@@ -257,13 +259,18 @@ def test_api_key_body_limit_and_full_queue(folders):
 
 
 def test_lru_keeps_at_most_max_adapters(folders, tokenizer):
-    s = Server(folders, max_adapters=1)
+    # a model folder (as a full-tuning run leaves) is served as its own model
+    s = Server(folders, max_adapters=1, extra={"full": str(folders / "base")})
     try:
         client = s.client()
         first = chat(client, "a", "hi").choices[0].message.content
         chat(client, "b", "hi")
         assert list(s.pool.loaded) == ["b"]
         assert chat(client, "a", "hi").choices[0].message.content == first  # reloaded, same answer
+        assert chat(client, "full", "hi").choices[0].message.content == chat(client, str(folders / "base"), "hi").choices[0].message.content
+        assert list(s.pool.loaded) == ["full"] and len(s.pool.engines()) == 2
+        wrapped = [m for m in s.pool.base.model.modules() if isinstance(m, MultiLoRALinear)]
+        assert wrapped and not any(m.factors for m in wrapped)  # the evicted adapter's factors are gone
     finally:
         s.close()
 
