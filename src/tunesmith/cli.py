@@ -282,7 +282,7 @@ def cmd_serve(args) -> int:
                     request_timeout_s=args.request_timeout)
     serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY") or None, dtype=args.dtype,
-          max_adapters=args.max_adapters, max_batch=args.max_batch, limits=limits)
+          max_adapters=args.max_adapters, max_batch=args.max_batch, threads=args.threads, limits=limits)
     return 0
 
 
@@ -296,6 +296,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env TUNESMITH_API_KEY)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0 = one per physical core)")
     p.add_argument("--max-adapters", type=int, default=4, help="adapters kept in memory (least recently used leave)")
     p.add_argument("--max-queue", type=int, default=64, help="requests in flight; one more gets 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most max_tokens a request may ask for (400 over it)")
