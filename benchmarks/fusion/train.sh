@@ -5,7 +5,6 @@
 # from the full one (non-sql data); expert: the healed small model LoRA-tuned on the sql task with the
 # quickstart recipe; large-tuned: the full model tuned with the same recipe and step count (upper bound).
 set -euo pipefail
-STEPS=${STEPS:-30}
 python - <<'PY'  # heal data: generic chats + the json task's train split, never sql
 import json, random
 from pathlib import Path
@@ -18,11 +17,8 @@ Path("runs/fusion").mkdir(parents=True, exist_ok=True)
 Path("runs/fusion/heal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 PY
 [ -f runs/fusion/small-pruned/config.json ] || tunesmith prune --model smollm2-135m-instruct --keep 10 --output runs/fusion/small-pruned
-# heal.yaml plans 40 steps; on the shared 2-core CPU (~50 s a step) the measured run was stopped with
-# Ctrl-C after step 16 and its last checkpoint written out as the small base:
-[ -d runs/fusion/heal/checkpoints ] || tunesmith train benchmarks/fusion/heal.yaml
-[ -f runs/fusion/small-healed/config.json ] || python benchmarks/fusion/checkpoint_to_model.py \
-    runs/fusion/small-pruned "$(ls -d runs/fusion/heal/checkpoints/step-* | sort -V | tail -1)" runs/fusion/small-healed
-SQL="recipes/quickstart.yaml output_dir=runs/fusion train.steps=$STEPS train.save_every=$STEPS train.eval_every=0"
-[ -d runs/fusion/expert/adapter ] || tunesmith train $SQL name=expert model.name=runs/fusion/small-healed
+[ -f runs/fusion/heal/model/config.json ] || tunesmith train benchmarks/fusion/heal.yaml  # -> runs/fusion/heal/model
+# the quickstart recipe as it is (one epoch of the sql train split, 102 steps); no mid-run validation
+SQL="recipes/quickstart.yaml output_dir=runs/fusion train.eval_every=0 train.threads=1"
+[ -d runs/fusion/expert/adapter ] || tunesmith train $SQL name=expert model.name=runs/fusion/heal/model
 [ -d runs/fusion/large-tuned/adapter ] || tunesmith train $SQL name=large-tuned
