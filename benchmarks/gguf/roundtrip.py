@@ -74,14 +74,16 @@ def hf_greedy(model, prompts_ids, n):
     return outs
 
 
-def llama_greedy(path: Path, prompts_ids, n, threads, lora: Path | None = None):
+def llama_greedy(path: Path, prompts_ids, n, threads, lora: Path | None = None, kv_f32: bool = False):
     """Greedy tokens from llama.cpp: argmax of the last logits, fed back one token at a time."""
     import numpy as np
     from llama_cpp import Llama
 
-    # logits_all: llama-cpp-python keeps no logits otherwise; the KV cache stays llama.cpp's default (f16)
+    # logits_all: llama-cpp-python keeps no logits otherwise; the KV cache is llama.cpp's default (f16)
+    # unless kv_f32 (type 0 = GGML_TYPE_F32)
+    kv = {"type_k": 0, "type_v": 0} if kv_f32 else {}
     llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=threads,
-                n_batch=512, logits_all=True, verbose=False, seed=0)
+                n_batch=512, logits_all=True, verbose=False, seed=0, **kv)
     outs = []
     for ids in prompts_ids:
         llm.reset()
@@ -184,7 +186,10 @@ def run(args) -> dict:
                                    "tokenizer_same_ids": same_tok, **compare(outs, reference),
                                    "gaps_where_different": divergence_gaps(ref_model, ids, reference, outs)}
         print(quant, result["quants"][quant], flush=True)
-    result["merged_differs_from_base"] = cached(work / "base.json", key, lambda: _differs_from_base(ids, reference, args))
+    if consumer:
+        result["kv_f32"] = _kv_f32(merged, work, ids, reference, ref_model, args)
+    result["merged_differs_from_base"] = cached(work / "base.json", key,
+                                                lambda: _differs_from_base(ids, reference, args))
     if consumer:
         result["lora"] = _lora_path(adapter, work, ids, reference, args)
     return result
@@ -197,6 +202,22 @@ def _differs_from_base(ids, reference, args) -> dict:
     base, _ = load_model("smollm2-135m-instruct", "fp32")
     outs = hf_greedy(base.eval(), ids, args.max_new_tokens)
     return {"changed_outputs": sum(a != b for a, b in zip(outs, reference)), "of": len(ids)}
+
+
+def _kv_f32(merged, work, ids, reference, ref_model, args) -> dict:
+    """f32 and f16 GGUFs with an f32 KV cache: how much of a difference is llama.cpp's f16 cache."""
+    from tunesmith.export.gguf import export_gguf
+
+    out = {}
+    for quant in ("f32", "f16"):
+        path = work / f"merged-{quant}.gguf"
+        if not path.is_file() or quant not in args.quants.split(","):
+            path = export_gguf(merged, path, quant=quant, progress=False).path
+        outs, _ = llama_greedy(path, ids, args.max_new_tokens, args.threads, kv_f32=True)
+        gaps = divergence_gaps(ref_model, ids, reference, outs)
+        out[quant] = {**compare(outs, reference), "gaps_where_different": gaps}
+        print("kv f32", quant, out[quant], flush=True)
+    return out
 
 
 def _lora_path(adapter, work, ids, reference, args) -> dict:
@@ -234,6 +255,13 @@ def write_table(result: dict, command: str) -> str:
         same = "—" if r["tokenizer_same_ids"] is None else f"{r['tokenizer_same_ids']}/{r['of']}"
         lines.append(f"| {quant} | {r['bytes'] / 2**20:.1f} | {r['export_s']} | {r['identical']}/{r['of']} | "
                      f"{r['mean_common_prefix']} | {', '.join(map(str, r['gaps_where_different'])) or '—'} | {same} |")
+    if "kv_f32" in result:
+        lines += ["", "The same with llama.cpp's KV cache in f32 (`type_k=type_v=F32`) instead of f16:", "",
+                  "| GGUF | identical outputs | mean common prefix | top-1 − top-2 where an output parts |",
+                  "|---|---|---|---|"]
+        for quant, c in result["kv_f32"].items():
+            lines.append(f"| {quant} | {c['identical']}/{c['of']} | {c['mean_common_prefix']} | "
+                         f"{', '.join(map(str, c['gaps_where_different'])) or '—'} |")
     if "lora" in result:
         lo = result["lora"]
         lines += ["", "GGUF LoRA (f32, %.1f MiB, exported in %s s) applied by llama.cpp at load on the base as an "
