@@ -275,6 +275,16 @@ def write_table(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", default=None, help="a LoRA adapter or run folder (default: train one)")
@@ -287,7 +297,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(args)
-    result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads"
+    result["machine"] = f"{cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads"
     command = "python benchmarks/gguf/roundtrip.py " + " ".join(sys.argv[1:])
     out = Path(args.out_dir)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
