@@ -406,10 +406,18 @@ def _load(source, tokenizer):
         where = getattr(source.config, "_name_or_path", "") or type(source).__name__
         check_llama(source.config, where)
         return source, tokenizer, where, Path(str(where)).name or "model"
+    from transformers.utils import logging as hf_logging
+
     folder = _source_folder(source)
     config = AutoConfig.from_pretrained(str(folder))
     check_llama(config, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # ours counts the tensors written
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, folder, folder.name
 
