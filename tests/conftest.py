@@ -39,6 +39,18 @@ def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+def lively_model(tokenizer, seed: int = 0, layers: int = 2):
+    """A tiny model with larger random weights, so greedy outputs differ from prompt to prompt and
+    from model to model (the default init gives near-uniform logits)."""
+    model = make_tiny_model(tokenizer, seed=seed, layers=layers)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from conftest import lively_model, make_tiny_model
 
 from tunesmith.infer.fuse import (FuseError, FusedLM, check_vocab, format_stats, fuse_logits, fusion_objective, kl,
                                   search_alpha)
@@ -35,20 +35,10 @@ PROMPTS = [
 ]
 
 
-def lively(tokenizer, seed: int, layers: int = 2):
-    model = make_tiny_model(tokenizer, seed=seed, layers=layers)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def trio(tokenizer):
     """(large, small, expert, expert2): different seeds and depths, one tokenizer."""
-    return lively(tokenizer, 0, layers=3), lively(tokenizer, 1), lively(tokenizer, 2), lively(tokenizer, 3)
+    return lively_model(tokenizer, 0, layers=3), lively_model(tokenizer, 1), lively_model(tokenizer, 2), lively_model(tokenizer, 3)
 
 
 def run(model, tokenizer, prompts=PROMPTS, **kw):
@@ -138,7 +128,7 @@ def test_alpha_search_finds_the_brute_force_minimum():
 
 def test_multi_expert_picks_the_expert_that_moved(trio, tokenizer):
     large, small, expert, other = trio
-    idle_copy = lively(tokenizer, 1)  # the small model itself: an expert that learned nothing
+    idle_copy = lively_model(tokenizer, 1)  # the small model itself: an expert that learned nothing
     fused = FusedLM(large, small, [idle_copy, expert], mode="dynamic")
     single = FusedLM(large, small, [expert], mode="dynamic")
     assert run(fused, tokenizer) == run(single, tokenizer)
@@ -210,7 +200,7 @@ def test_cli_fused_generation_and_refusals(tokenizer, tmp_path, capsys):
 
     folders = {}
     for name, seed in (("large", 0), ("small", 1), ("expert", 2)):
-        lively(tokenizer, seed).save_pretrained(tmp_path / name)
+        lively_model(tokenizer, seed).save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
         folders[name] = str(tmp_path / name)
     inp = tmp_path / "in.jsonl"
@@ -221,7 +211,7 @@ def test_cli_fused_generation_and_refusals(tokenizer, tmp_path, capsys):
     assert main(argv) == 0
     assert "fusion dynamic, 1 expert(s)" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    want = run(FusedLM(lively(tokenizer, 0), lively(tokenizer, 1), [lively(tokenizer, 2)]), tokenizer,
+    want = run(FusedLM(lively_model(tokenizer, 0), lively_model(tokenizer, 1), [lively_model(tokenizer, 2)]), tokenizer,
                ["hi", "Why is the sky blue?"], max_new_tokens=6)
     assert [r["completion"] for r in rows] == want
 
@@ -245,8 +235,8 @@ def test_prune_keeps_the_chosen_layers(tokenizer):
     assert kept_layers(4, 4) == [0, 1, 2, 3] and kept_layers(5, 1) == [0]
     with pytest.raises(ModelError, match="--keep must be between 1"):
         kept_layers(4, 5)
-    original = lively(tokenizer, 5, layers=4)
-    model = lively(tokenizer, 5, layers=4)
+    original = lively_model(tokenizer, 5, layers=4)
+    model = lively_model(tokenizer, 5, layers=4)
     prune_layers(model, [0, 3])
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
@@ -264,14 +254,14 @@ def test_prune_keeps_the_chosen_layers(tokenizer):
     assert run(model, tokenizer, [PROMPTS[1]]) == [uncached_greedy(model, tokenizer, PROMPTS[1], 12)]
     assert run(model, tokenizer, [PROMPTS[1]]) != run(original, tokenizer, [PROMPTS[1]])
     with pytest.raises(ModelError, match="increasing indices"):
-        prune_layers(lively(tokenizer, 5, layers=4), [3, 0])
+        prune_layers(lively_model(tokenizer, 5, layers=4), [3, 0])
 
 
 def test_prune_model_writes_a_loadable_folder(tokenizer, tmp_path):
     from tunesmith.models.load import load_model
 
     src = tmp_path / "src"
-    lively(tokenizer, 6, layers=5).save_pretrained(src)
+    lively_model(tokenizer, 6, layers=5).save_pretrained(src)
     tokenizer.save_pretrained(src)
     out = prune_model(str(src), 3, tmp_path / "small")
     small, tok = load_model(str(out))

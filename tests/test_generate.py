@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import lively_model
 
 gen = importlib.import_module("tunesmith.infer.generate")  # the module (not the function of the same name)
 
@@ -20,16 +20,6 @@ PROMPTS = [
     "Why is the sky blue?",
     "x",
 ]
-
-
-def lively_model(tokenizer, seed: int = 0):
-    model = make_tiny_model(tokenizer, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,14 @@ def check_gguf(path: Path) -> None:
         raise ModelError(f"{path}: truncated GGUF file: its tensors need {end:,} bytes, the file has {size:,}")
 
 
+def write_model_folder(model, tokenizer, folder: Path) -> None:
+    """Weights and config, tokenizer and generation config: a folder every transformers loader reads."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+
+
 def _save_dequantised(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF once and save it as a plain transformers folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,10 +100,7 @@ def _save_dequantised(gguf: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
+        write_model_folder(model, tok, tmp)
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

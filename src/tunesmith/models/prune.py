@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .load import ModelError, load_model
+from .load import ModelError, load_model, write_model_folder
 
 
 def kept_layers(total: int, keep: int) -> list[int]:
@@ -72,10 +72,7 @@ def prune_model(name: str, keep: int, out_dir, dtype: str = "fp32") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
+        write_model_folder(model, tokenizer, tmp)
         (tmp / "pruned_from.txt").write_text(f"{name}\nkept layers: {indices}\n")
         if out.exists():
             if not (out / "config.json").is_file():
