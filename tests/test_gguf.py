@@ -180,30 +180,28 @@ def test_modelfile_of_a_non_chatml_template(tokenizer):
 
 # ---- (d) LoRA
 
-@pytest.fixture
-def lora_folder(tokenizer, tiny_model_dir, tmp_path):
-    cfg = LoraConfig(rank=4, alpha=8, targets=["all-linear"])
+def random_lora(tokenizer, tiny_model_dir, folder, rslora: bool = False, targets=("all-linear",), seed=3, std=0.1):
+    """(adapter folder, adapted model): a rank-4 LoRA with random non-zero A and B."""
+    cfg = LoraConfig(rank=4, alpha=8, targets=list(targets), rslora=rslora)
     model = make_tiny_model(tokenizer)
     LoRA(cfg).apply(model)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return save_adapter(model, cfg, str(tiny_model_dir), tmp_path / "adapter"), model
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return save_adapter(model, cfg, str(tiny_model_dir), folder), model
+
+
+@pytest.fixture
+def lora_folder(tokenizer, tiny_model_dir, tmp_path):
+    return random_lora(tokenizer, tiny_model_dir, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_gguf_lora_holds_the_adapter(tokenizer, tiny_model_dir, tmp_path, rslora):
-    cfg = LoraConfig(rank=4, alpha=8, targets=["q_proj", "k_proj", "down_proj"], rslora=rslora)
-    model = make_tiny_model(tokenizer)
-    LoRA(cfg).apply(model)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g))
-    folder = save_adapter(model, cfg, str(tiny_model_dir), tmp_path / "adapter")
+    folder, model = random_lora(tokenizer, tiny_model_dir, tmp_path / "adapter", rslora,
+                                targets=["q_proj", "k_proj", "down_proj"], seed=4, std=1.0)
     path = export_gguf_lora(folder, tmp_path / "lora.gguf", progress=False).path
 
     f, t = fields(path), gguf_tensors(path)
@@ -280,15 +278,7 @@ def test_llama_cpp_reads_our_tokenizer_and_template(tokenizer, tiny_gguf):
 def test_llama_cpp_applies_our_gguf_lora(tokenizer, tiny_model_dir, tiny_gguf, tmp_path, rslora):
     """Base GGUF + GGUF LoRA at load == the adapted model (transformers) == the merged GGUF (llama.cpp).
     Measured: 7.6e-7 and 3.0e-7."""
-    cfg = LoraConfig(rank=4, alpha=8, targets=["all-linear"], rslora=rslora)
-    adapted = make_tiny_model(tokenizer)
-    LoRA(cfg).apply(adapted)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if ".lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    folder = save_adapter(adapted, cfg, str(tiny_model_dir), tmp_path / "adapter")
+    folder, adapted = random_lora(tokenizer, tiny_model_dir, tmp_path / "adapter", rslora)
     lora = export_gguf_lora(folder, tmp_path / "lora.gguf", progress=False).path
     merged = export_merged_gguf(str(tiny_model_dir), folder, tmp_path / "merged.gguf", quant="f32", progress=False).path
 
