@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from conftest import make_tiny_model
 from tunesmith.cli import main
 from tunesmith.export import ExportError, save_adapter
-from tunesmith.export.gguf import (chatml_system, export_gguf, export_gguf_lora, export_merged_gguf,
-                                   interleave_rows, modelfile_text, rotate_half_rows)
+from tunesmith.export.gguf import export_gguf, export_gguf_lora, export_merged_gguf, interleave_rows, rotate_half_rows
+from tunesmith.export.gguf_vocab import chatml_system, modelfile_text
 from tunesmith.methods.lora import LoRA
 from tunesmith.models.load import embedded_gguf
 from tunesmith.recipe import LoraConfig
