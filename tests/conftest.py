@@ -39,6 +39,16 @@ def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+# Prompts of different lengths and shapes (a system turn among them): batches with real padding.
+PROMPTS = [
+    "hi",
+    "Tell me a long story about a dog who learned to fly over the mountains.",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+    "Why is the sky blue?",
+    "x",
+]
+
+
 def lively_model(tokenizer, seed: int = 0, layers: int = 2):
     """A tiny model with larger random weights, so greedy outputs differ from prompt to prompt and
     from model to model (the default init gives near-uniform logits)."""

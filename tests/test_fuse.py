@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import lively_model, make_tiny_model
+from conftest import PROMPTS, lively_model, make_tiny_model
 
 from tunesmith.infer.fuse import (FuseError, FusedLM, check_vocab, format_stats, fuse_logits, fusion_objective, kl,
                                   search_alpha)
@@ -25,14 +25,6 @@ from tunesmith.models.load import ModelError
 from tunesmith.models.prune import kept_layers, prune_layers, prune_model
 
 gen = importlib.import_module("tunesmith.infer.generate")
-
-PROMPTS = [
-    "hi",
-    "Tell me a long story about a dog who learned to fly over the mountains.",
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
-    "Why is the sky blue?",
-    "x",
-]
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import lively_model
+from conftest import PROMPTS, lively_model
 
 gen = importlib.import_module("tunesmith.infer.generate")  # the module (not the function of the same name)
-
-PROMPTS = [
-    "hi",
-    "Tell me a long story about a dog who learned to fly over the mountains.",
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
-    "Why is the sky blue?",
-    "x",
-]
 
 
 @pytest.fixture(scope="module")
