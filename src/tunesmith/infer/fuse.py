@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import InferError, load_for_inference
+from .sampling import next_tokens
 
 MODES = ("proxy", "dynamic")
 MAX_ALPHA = 2.0  # the paper's search interval is [0, 2]
@@ -115,26 +116,6 @@ def fuse_logits(large, small, experts: list[torch.Tensor], mode: str = "dynamic"
     expert = stacked[chosen, torch.arange(large.shape[0], device=large.device)]  # (B, V)
     a, _ = search_alpha(large, small, expert, grid, refine)
     return large + a[:, None] * (expert - small), a, chosen.cpu()
-
-
-# ---- choosing the next token (the same warpers, in the same order, as transformers' sampling)
-
-
-def next_tokens(logits: torch.Tensor, temperature: float | None, top_p: float | None,
-                top_k: int | None) -> torch.Tensor:
-    """Greedy (temperature None or 0) or sampled next token per row from logits (B, V)."""
-    if not temperature:
-        return logits.argmax(-1)
-    scores = logits / temperature
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
-        drop[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(F.softmax(scores, -1), num_samples=1)[:, 0]
 
 
 # ---- the models, decoded together

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from tunesmith.infer.sampling import next_tokens
+
 
 @dataclass
 class Sequence:
@@ -57,16 +59,8 @@ class Sequence:
 
 
 def pick(logits: torch.Tensor, seq: Sequence) -> int:
-    """The next token of one row: argmax when greedy, else a seeded draw from the temperature-scaled,
-    top-p-truncated distribution (the smallest set of tokens whose mass reaches top_p)."""
-    if seq.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / seq.temperature, dim=-1)
-    if seq.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < seq.top_p  # a token stays if the mass before it is short of top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    """The next token of one row, drawn with the sequence's own seeded generator."""
+    return int(next_tokens(logits[None], seq.temperature, seq.top_p, generator=seq.generator)[0])
 
 
 class Route:
