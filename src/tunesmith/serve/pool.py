@@ -29,11 +29,12 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
     adapters: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
             raise ServeError(f"--adapter: expected name=path, got {item!r}")
         if name in adapters:
             raise ServeError(f"--adapter: the name `{name}` is given twice")
-        adapters[name.strip()] = path.strip()
+        adapters[name] = path
     return adapters
 
 
