@@ -118,6 +118,26 @@ def test_alpha_search_finds_the_brute_force_minimum():
     assert (coarse_best > best + 1e-6).any()
 
 
+def test_forbidden_tokens_stay_forbidden_and_nothing_turns_nan():
+    """A model may give a token -inf (e.g. a bad-words mask): fusion keeps its probability 0 and
+    chooses α as if that token were absent, instead of producing NaN."""
+    g = torch.Generator().manual_seed(1)
+    large, small = torch.randn(3, 50, generator=g) * 3, torch.randn(3, 50, generator=g) * 3
+    expert = small + torch.randn(3, 50, generator=g)
+    banned = [large.clone(), small.clone(), expert.clone()]
+    for m in banned:
+        m[:, 7] = float("-inf")
+    for mode in ("proxy", "dynamic"):
+        fused, alpha, _ = fuse_logits(banned[0], banned[1], [banned[2]], mode=mode)
+        assert torch.isfinite(alpha).all() and not fused.isnan().any()
+        assert (fused.softmax(-1)[:, 7] == 0).all()
+    # the same α as with token 7 removed from every model's vocabulary
+    keep = [i for i in range(50) if i != 7]
+    a_banned, _ = search_alpha(*banned)
+    a_removed, _ = search_alpha(large[:, keep], small[:, keep], expert[:, keep])
+    torch.testing.assert_close(a_banned, a_removed)
+
+
 def test_multi_expert_picks_the_expert_that_moved(trio, tokenizer):
     large, small, expert, other = trio
     idle_copy = lively_model(tokenizer, 1)  # the small model itself: an expert that learned nothing

@@ -46,6 +46,14 @@ class FuseError(InferError):
 
 # ---- the fusion rule on one step's logits (rows = prompts of a batch)
 
+# Logits of -inf (a token a model forbids) would make M_t − M_S and the KL terms NaN; a finite floor
+# far below any real logit gives the token zero probability all the same.
+_FLOOR = -1e4
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().clamp_min(_FLOOR)
+
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) per row, from log-probabilities (..., V)."""
@@ -60,7 +68,7 @@ def fusion_objective(large, small, expert, alphas: torch.Tensor) -> torch.Tensor
     KL(P̃‖P) = α E_P̃[Δ] − c_α and KL(P‖P̃) = c_α − α E_P[Δ] with c_α = lse(M_L + αΔ) − lse(M_L):
     one softmax over the vocabulary per α, all α at once.
     """
-    large, small, expert = large.float(), small.float(), expert.float()
+    large, small, expert = _finite(large), _finite(small), _finite(expert)
     log_q, log_qt = F.log_softmax(small, -1), F.log_softmax(expert, -1)
     target_fwd, target_rev = kl(log_qt, log_q), kl(log_q, log_qt)  # (B,)
     delta = expert - small  # (B, V)
@@ -99,14 +107,14 @@ def fuse_logits(large, small, experts: list[torch.Tensor], mode: str = "dynamic"
                 grid: int = 11, refine: int = 11):
     """One step's fused logits (B, V), the α used per row (B,) and the active expert per row (B,;
     -1 = all experts, as in proxy mode)."""
-    large, small = large.float(), small.float()
+    large, small = _finite(large), _finite(small)
     if mode == "proxy":
-        shift = sum(e.float() - small for e in experts)
+        shift = sum(_finite(e) - small for e in experts)
         rows = large.shape[0]
         return large + alpha * shift, large.new_full((rows,), alpha), torch.full((rows,), -1, dtype=torch.long)
     if mode != "dynamic":
         raise FuseError(f"fusion mode must be one of {', '.join(MODES)}, got {mode!r}")
-    stacked = torch.stack([e.float() for e in experts])  # (T, B, V)
+    stacked = torch.stack([_finite(e) for e in experts])  # (T, B, V)
     if len(experts) == 1:
         chosen = torch.zeros(large.shape[0], dtype=torch.long, device=large.device)
     else:
