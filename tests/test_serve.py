@@ -258,6 +258,27 @@ def test_api_key_body_limit_and_full_queue(folders):
         s.close()
 
 
+def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(folders):
+    """Nothing is written to a client waiting for a whole reply, so the server must ask the
+    connection: a client that times out must not keep its rows decoding to max_tokens."""
+    s = Server(folders, limits=Limits(max_queue=1))
+    closed = []
+    close = s.scheduler._close
+    s.scheduler._close = lambda seq, n: (closed.append((seq.finish, n)), close(seq, n))
+    try:
+        impatient = openai.OpenAI(base_url=s.url, api_key="none", timeout=0.3, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(openai.APITimeoutError):
+            chat(impatient, "a", PROMPTS[1], max_tokens=1000, temperature=1.0, seed=0)
+        while s.scheduler.in_flight and time.monotonic() < started + 30:
+            time.sleep(0.02)
+        assert not s.scheduler.in_flight, "the abandoned request still holds its slot"
+        assert closed[0][0] == "cancelled" and closed[0][1] < 1000, closed
+        assert chat(s.client(), "a", "hi").choices[0].message.content  # the queue of one is free again
+    finally:
+        s.close()
+
+
 def test_lru_keeps_at_most_max_adapters(folders, tokenizer):
     # a model folder (as a full-tuning run leaves) is served as its own model
     s = Server(folders, max_adapters=1, extra={"full": str(folders / "base")})

@@ -25,7 +25,7 @@ from .scheduler import Job, Scheduler
 
 try:  # the `serve` extra; route signatures need these names at import time
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 except ImportError:  # build_app says what to install
     FastAPI = None
@@ -180,11 +180,12 @@ async def _complete(request, kind: str, pool, scheduler: Scheduler, limits: Limi
     if req.stream:
         return StreamingResponse(_stream(kind, rid, req, job, first, events, prompt_tokens),
                                  media_type="text/event-stream")
-    return await _collect(kind, rid, req, job, first, events, prompt_tokens)
+    return await _collect(request, kind, rid, req, job, first, events, prompt_tokens)
 
 
-async def _collect(kind, rid, req, job, event, events, prompt_tokens):
+async def _collect(request, kind, rid, req, job, event, events, prompt_tokens):
     texts, finishes, tokens = [""] * len(job.seqs), [None] * len(job.seqs), 0
+    watch = _Disconnect(request)
     try:
         while event[0] != "done":
             if event[0] == "delta":
@@ -193,11 +194,37 @@ async def _collect(kind, rid, req, job, event, events, prompt_tokens):
                 finishes[event[1]], tokens = event[2], tokens + event[3]
             elif event[0] == "error":
                 raise APIError(event[1], event[2], type="server_error")
-            event = await events.get()
+            event = await watch.next(events)
+            if event is None:  # the client went away: free its rows at the next step
+                job.cancelled = True
+                return Response(status_code=499)
     except asyncio.CancelledError:
         job.cancelled = True
         raise
     return response(kind, rid, req.model, texts, finishes, prompt_tokens, tokens)
+
+
+class _Disconnect:
+    """Nothing is written to a client waiting for a whole reply, so only asking its connection tells
+    that it is gone; asked every `every_s` while events keep coming, and whenever none comes."""
+
+    def __init__(self, request, every_s: float = 0.25):
+        self.request, self.every_s, self.asked = request, every_s, time.monotonic()
+
+    async def gone(self) -> bool:
+        self.asked = time.monotonic()
+        return await self.request.is_disconnected()
+
+    async def next(self, events):
+        """The next event, or None once the client has disconnected."""
+        while True:
+            if time.monotonic() - self.asked >= self.every_s and await self.gone():
+                return None
+            try:
+                return await asyncio.wait_for(events.get(), self.every_s)
+            except asyncio.TimeoutError:
+                if await self.gone():
+                    return None
 
 
 def _sse(obj) -> str:
