@@ -1,0 +1,81 @@
+"""Domain-expert MoE (Hallee et al., 2024; methods.md §15): the MLP of every chosen layer becomes N
+copies of itself, one per domain, with enforced routing (no learned gate; `models.moe`).
+
+The model computes exactly what the dense one did until the experts diverge in training. Routing comes
+from the data: a contrastive batch's `domain_ids` (the index of each pair's domain in `domains`) route
+its texts sentence-wise; token-wise routing passes (B, T) ids, e.g. token-type ids.
+
+What trains: `experts` (default) trains the MLP experts only — attention, embeddings and norms stay
+shared and frozen, each domain gets its own FFN; `all` also trains the shared weights, as the paper
+does. Either way the saved delta holds every expert, so the folder reloads on the base model with
+the same vectors (it is a whole-model copy with `all`). The experts cannot be merged into one MLP.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from ..config import Config
+from ..models.moe import MoEError, moe_modules, upcycle
+from .base import MethodBase, MethodError
+
+
+class MoeConfig(Config):
+    experts: int = Field(2, ge=1)
+    "Experts per MLP, one per domain (routing id k selects expert k)."
+    domains: list[str] = Field(default_factory=list)
+    "Domain names in routing-id order (a pair tagged with domains[k] goes to expert k); empty: ids 0..experts-1."
+    layers: Literal["all"] | list[int] = "all"
+    "Layers whose MLP is upcycled: `all`, or indices such as [0, 5] (the paper: all; one layer keeps ~85% of the gain)."
+    train: Literal["experts", "all"] = "experts"
+    "`experts`: only the MLP experts train; `all`: the shared attention, embeddings and norms train too (the paper)."
+
+
+def domain_names(cfg) -> list[str]:
+    """The domain name of each expert, in routing-id order."""
+    return list(cfg.domains) if cfg.domains else [str(k) for k in range(cfg.experts)]
+
+
+class MoE(MethodBase):
+    """The `moe` method: upcycle MLPs into per-domain experts with enforced routing."""
+
+    name = "moe"
+    output = "adapter"
+    mergeable = False
+    Options = MoeConfig
+    paper = "Hallee et al., 2024 (contrastive MoE embeddings)"
+    when = "one embedding model for several domains: an MLP expert per domain, routed by the data's domain"
+    tiny = {"experts": 2}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.domains and len(cfg.domains) != cfg.experts:
+            raise MethodError(f"moe.domains names {len(cfg.domains)} domains but moe.experts={cfg.experts}; "
+                              "give one name per expert")
+        if len(set(domain_names(cfg))) != len(domain_names(cfg)):
+            raise MethodError(f"moe.domains: names must be distinct, got {cfg.domains}")
+        self._expert_ids: set[int] = set()
+
+    def apply(self, model: nn.Module) -> None:
+        try:
+            layers = upcycle(model, self.cfg.experts, self.cfg.layers)
+        except MoEError as e:
+            raise MethodError(str(e)) from None
+        self._expert_ids = {id(p) for m in layers for p in m.parameters()}
+
+    def is_trainable(self, name: str, param) -> bool:
+        return self.cfg.train == "all" or id(param) in self._expert_ids
+
+    def describe(self, model: nn.Module) -> str:
+        layers = moe_modules(model)
+        names = ", ".join(domain_names(self.cfg))
+        return f"{len(layers)} MLPs upcycled into {self.cfg.experts} experts ({names}); trains {self.cfg.train}"
+
+    def domain_id(self, domain: str) -> int:
+        """The routing id of a domain name; a clear error for one the model has no expert for."""
+        names = domain_names(self.cfg)
+        if domain not in names:
+            raise MethodError(f"domain `{domain}` has no expert: this model's domains are {', '.join(names)}")
+        return names.index(domain)
