@@ -76,3 +76,56 @@ def load_embedder(model: str | None = None, adapter: str | None = None, dtype: s
     m.eval()
     m.requires_grad_(False)
     return m, tokenizer, spec
+
+
+def read_texts(path) -> list[str]:
+    """The texts of a file: JSONL with {"text": ...} per line, or plain text (.txt) one per line.
+    Blank lines are skipped; a bad line raises InferError naming `file:line`."""
+    from ..jsonl import read_jsonl
+    from .generate import InferError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InferError(f"input file not found: {path}")
+    if path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise InferError(f"{path}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
+        return [line for line in lines if line.strip()]
+    texts = []
+    for where, rec in read_jsonl(path, InferError):
+        if not isinstance(rec, dict) or "text" not in rec:
+            raise InferError(f"{where}: expected a JSON object with `text` (a string)")
+        if not isinstance(rec["text"], str):
+            raise InferError(f"{where}: `text` must be a string, got {type(rec['text']).__name__}")
+        texts.append(rec["text"])
+    return texts
+
+
+def embed_file(model, tokenizer, spec: EmbeddingSpec, in_path, out_path, *, kind: str = "document",
+               batch_size: int = 32) -> Path:
+    """Embed every text of `in_path` (see `read_texts`) into a float32 (n, d) .npy at `out_path`,
+    row i for the file's i-th text. The whole file is read (and checked) before any encoding; the
+    .npy appears all at once (written aside, then renamed)."""
+    import os
+
+    import numpy as np
+
+    from ..models.embedding import embed_texts
+    from .generate import InferError
+
+    texts = read_texts(in_path)
+    if not texts:
+        raise InferError(f"{in_path}: no texts")
+    vectors = embed_texts(model, tokenizer, texts, spec, batch_size=batch_size, kind=kind, progress=True)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, vectors.numpy().astype(np.float32))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
