@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import recipe as rcp
 from ..methods import count_parameters
+from ..models.embedding import model_folder
 from ..models.load import load_tokenizer
 from ..objectives import build_objective, objective_class
 from . import checkpoint as ckpt
@@ -124,7 +125,7 @@ def open_run(run: Run, model, tokenizer, objective) -> None:
                          "or start a new run with name=<new name>")
     threads = set_threads(cfg.threads) if run.device.type == "cpu" else torch.get_num_threads()
     seed_everything(cfg.seed)
-    run.tokenizer = tokenizer or load_tokenizer(recipe.model.name)
+    run.tokenizer = tokenizer or load_tokenizer(str(model_folder(recipe.model.name)))  # names an encoder too
     kind = objective or objective_class(recipe.objective.name)
     if not kind.multi_process and (dist.active or recipe.nproc > 1):
         raise TrainError(f"{kind.name} runs in one process: set nproc=1")
@@ -344,7 +345,7 @@ def close_run(run: Run, status: str) -> RunResult:
     output, eval_result = None, None
     if status == "completed":
         eval_result = _final_eval(run, summary)
-        output = save_output(recipe, run.model, run.tokenizer, run.method, dist)
+        output = save_output(recipe, run.model, run.tokenizer, run.method, dist, run.objective)
         run.print_main(f"[tunesmith] done: step {run.step}/{run.total_steps} ({run.step - run.start_step} in this session, "
                 f"{elapsed:.0f} s), {summary['tokens_per_s']:,.0f} tokens/s, peak memory "
                 f"{summary['peak_mem_gb']:.2f} GB → {output}")

@@ -30,7 +30,7 @@ def seed_everything(seed: int) -> None:
 def prepare_model(recipe, model=None, tokenizer=None):
     """Load the model, apply the method, mark trainable parameters; returns (model, tokenizer, method)."""
     if model is None:
-        model, loaded_tokenizer = load_model(recipe.model.name, recipe.model.dtype)
+        model, loaded_tokenizer = _load(recipe)
         tokenizer = tokenizer or loaded_tokenizer
     if recipe.model.attention == "packed":
         use_packed_attention(model)
@@ -63,10 +63,28 @@ def prepare_model(recipe, model=None, tokenizer=None):
     return model, tokenizer, method
 
 
+def _load(recipe):
+    """(model, tokenizer): the causal LM, or for an objective that trains embeddings (`loads =
+    "embedder"`) an encoder as transformers' AutoModel or a decoder as its causal LM."""
+    from ..objectives import objective_class
+
+    if getattr(objective_class(recipe.objective.name), "loads", None) == "embedder":
+        from ..models.embedding import load_any
+
+        return load_any(recipe.model.name, recipe.model.dtype)
+    return load_model(recipe.model.name, recipe.model.dtype)
+
+
 def decoder_layers(model) -> list:
-    """The transformer blocks (each becomes its own FSDP group)."""
-    body = getattr(model, model.base_model_prefix)
-    return list(getattr(body, "layers", []))
+    """The transformer blocks (each becomes its own FSDP group): a decoder's `layers`, a BERT-like
+    encoder's `encoder.layer`."""
+    from ..models.embedding import body
+
+    inner = body(model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(inner, "encoder", None), "layer", [])
+    return list(layers)
 
 
 def training_mode(model, cfg) -> None:
@@ -103,10 +121,12 @@ def evaluate_task(model, tokenizer, recipe):
         model.train()
 
 
-def save_output(recipe, model, tokenizer, method, dist=None) -> Path | None:
+def save_output(recipe, model, tokenizer, method, dist=None, objective=None) -> Path | None:
     """An adapter method → `<run>/adapter` (its delta, plus PEFT's layout where PEFT has the method);
     a method that trains base weights (full, freeze, hft) → a transformers folder in `<run>/model`.
-    Under FSDP the ranks gather the full weights into rank 0's model, which writes them."""
+    Under FSDP the ranks gather the full weights into rank 0's model, which writes them. An
+    objective with `save_beside(folder, model)` (embeddings: the spec and the projector) writes its
+    files into that folder; what it adds to the model (`held_out`) stays out of the weights."""
     run_dir = recipe.run_dir
     if dist is not None and dist.strategy == "fsdp" and dist.active:
         ckpt.unshard_in_place(model, dist)
@@ -114,6 +134,16 @@ def save_output(recipe, model, tokenizer, method, dist=None) -> Path | None:
         return None
     model = model.to("cpu") if model.device.type != "cpu" else model
     use_attention(model, "sdpa")  # what a saved model should run with
+    if not hasattr(objective, "save_beside"):
+        return _write_output(recipe, model, tokenizer, method)
+    with objective.held_out(model):
+        folder = _write_output(recipe, model, tokenizer, method)
+    objective.save_beside(folder, model)
+    return folder
+
+
+def _write_output(recipe, model, tokenizer, method) -> Path:
+    run_dir = recipe.run_dir
     if method.output == "adapter":
         from ..export.tuned import save_tuned
 
