@@ -235,3 +235,40 @@ def test_cli_trains_the_packaged_encoder_name_resolves(tmp_path):
     model, _, method = prepare_model(recipe, None, tokenizer)
     assert type(model).__name__ == "BertModel"
     assert any(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# several processes
+
+
+def test_two_processes_gather_negatives_and_equal_one(tmp_path, tiny_model_dir):
+    """DDP, 2 × 4 queries (with GradCache) == 1 process × 8 queries: the all-gather gives every query
+    the other rank's documents, and gradients flow back across ranks. Same losses, same weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).parent.parent
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = [f"model.name={tiny_model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'runs'}",
+              "data.shuffle=false", "train.steps=3", "train.precision=fp32", "train.lr=1e-3", "train.warmup=0",
+              "train.threads=1", "method.lora.dropout=0", "objective.contrastive.symmetric=true",
+              "objective.contrastive.max_length=24"]
+    one = train(load_recipe(root / "recipes" / "contrastive.yaml", [*common, "name=one", "train.batch_size=8"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tunesmith",
+           "train", str(root / "recipes" / "contrastive.yaml"), *common, "name=two", "train.batch_size=4",
+           "train.strategy=ddp", "objective.contrastive.cache_chunk=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    two = tmp_path / "runs" / "two"
+    a, b = train_losses(one.run_dir), train_losses(two)
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, abs=1e-5)
+    wa = load_file(one.run_dir / "checkpoints" / "step-3" / "trainable.safetensors")
+    wb = load_file(two / "checkpoints" / "step-3" / "trainable.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:  # (Adam turns an entry's tiny gradient into a whole step: float noise shows there first)
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4)

@@ -148,8 +148,7 @@ def domain_ids(records: list[PairRecord]) -> list[str]:
 
 def read_pair_records(cfg: DataConfig, seed: int) -> tuple[list[PairRecord], list[PairRecord] | None, str | None]:
     """(train records, validation records or None, validation source name), checked. A built-in
-    task (`task:NAME/SPLIT`) gives its contrastive records; its `validation` split is the default
-    validation set."""
+    task (`task:NAME/SPLIT`) gives its contrastive records (`task.records(split)`)."""
     if cfg.train.startswith("task:"):
         train = _task_records(cfg.train, cfg.limit)
         val, name = None, None
@@ -177,7 +176,8 @@ def _read_checked(path: str) -> list[PairRecord]:
 
 
 def _task_records(spec: str, limit: int | None) -> list[PairRecord]:
-    """The contrastive records of a built-in task's split (`task.pair_records(split)`)."""
+    """The contrastive records of a built-in task's split (`task.records(split)`: query, positive,
+    negatives, domain)."""
     from .tasks import get_task
 
     name, _, split = spec[len("task:"):].partition("/")
@@ -185,9 +185,12 @@ def _task_records(spec: str, limit: int | None) -> list[PairRecord]:
         task = get_task(name)
     except ValueError as e:
         raise PairDataError(f"{spec}: {e}") from None
-    if not hasattr(task, "pair_records"):
+    if not hasattr(task, "records"):
         raise PairDataError(f"{spec}: the task `{name}` has no contrastive records (a retrieval task has)")
-    raw = task.pair_records(split or "train")
+    try:
+        raw = task.records(split or "train")
+    except ValueError as e:
+        raise PairDataError(f"{spec}: {e}") from None
     records = [pair_record(Record(f"{spec}[#{i}]", r)) for i, r in enumerate(raw[:limit] if limit else raw)]
     if not records:
         raise PairDataError(f"{spec}: no records")
