@@ -140,8 +140,8 @@ def test_bad_routing_is_a_clear_error(tokenizer):
         upcycle(make_tiny_model(tokenizer), experts=2, layers=[5])
     with pytest.raises(MoEError, match="already upcycled"):
         upcycle(model, experts=2, layers=[1])
-    with pytest.raises(MethodError, match="one name per expert"):
-        build_method(method_from_dict("moe", {"experts": 3, "domains": ["a", "b"]}))
+    with pytest.raises(MethodError, match="not a layer"):
+        attach(make_tiny_model(tokenizer), build_method(method_from_dict("moe", {"layers": [7]})))
 
 
 def test_dispatch_does_one_dense_pass_of_work():
@@ -164,11 +164,10 @@ def test_method_trains_experts_and_reloads_with_the_same_vectors(tmp_path):
     from tunesmith.export.tuned import load_tuned, save_tuned
 
     model = tiny_bert()
-    cfg = method_from_dict("moe", {"experts": 2, "domains": ["bio", "law"], "layers": [1]})
+    cfg = method_from_dict("moe", {"experts": 2, "layers": [1]})
     method = build_method(cfg)
     trained = attach(model, method)
     assert trained and all(".layer.1." in n and ("intermediate" in n or "output.dense" in n) for n in trained)
-    assert method.domain_id("law") == 1
     perturb_expert(model, 1)
     route = torch.tensor([1, 0, 1, 0])
     expected = bert_out(model, route)
@@ -176,15 +175,94 @@ def test_method_trains_experts_and_reloads_with_the_same_vectors(tmp_path):
     fresh = tiny_bert()
     base = bert_out(fresh, None)
     loaded, saved_cfg = load_tuned(fresh, tmp_path)
-    assert saved_cfg.moe.domains == ["bio", "law"] and saved_cfg.moe.layers == [1]
+    assert saved_cfg.moe.layers == [1] and isinstance(fresh.encoder.layer[1].intermediate, MoEMLP)
     got = bert_out(fresh, route)
     assert torch.equal(got, expected)
     assert (got - base).abs().max() > 1e-3
-    with pytest.raises(MethodError, match="has no expert"):
-        loaded.domain_id("tax")
+    # a text without a domain (-1) runs through expert 0
+    torch.testing.assert_close(bert_out(fresh, torch.tensor([-1, 0, -1, 0])), bert_out(fresh, torch.tensor([0, 0, 0, 0])))
 
 
 def test_train_all_trains_the_shared_weights_too():
     model = tiny_bert()
     attach(model, build_method(method_from_dict("moe", {"experts": 2, "train": "all"})))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_int_route_sends_everything_to_one_expert():
+    model = tiny_bert()
+    upcycle(model, experts=3)
+    perturb_expert(model, 2)
+    torch.testing.assert_close(bert_out(model, 2), bert_out(model, torch.tensor([2, 2, 2, 2])))
+    assert (bert_out(model, 2) - bert_out(model, 0)).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: domain-tagged pairs route each text to its domain's expert
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT on MiniLM's WordPiece tokenizer, saved as a transformers folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tunesmith.models.embedding import encoder_folder
+
+    tok = AutoTokenizer.from_pretrained(str(encoder_folder()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+FRUITS = ["apple", "pear", "plum", "cherry", "mango", "grape", "lemon", "melon"]
+PLACES = ["river", "castle", "desert", "forest", "harbour", "valley", "island", "canyon"]
+
+
+def write_domain_pairs(path):
+    import json
+
+    rows = [{"query": f"tell me about the {w}", "positive": f"the {w} is described here", "domain": d}
+            for d, words in (("fruit", FRUITS), ("place", PLACES)) for w in words]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_contrastive_run_trains_each_domain_expert_and_reloads(tmp_path, tiny_bert_dir):
+    import json
+
+    from tunesmith.infer.embed import load_embedder
+    from tunesmith.models.embedding import embed_texts
+    from tunesmith.recipe import load_recipe
+    from tunesmith.train.loop import train
+
+    recipe = load_recipe(None, [
+        f"model.name={tiny_bert_dir}", f"data.train={write_domain_pairs(tmp_path / 'pairs.jsonl')}",
+        "objective.name=contrastive", "method.name=moe", "method.moe.experts=2", "method.moe.layers=[1]",
+        f"output_dir={tmp_path / 'runs'}", "name=m", "train.steps=6", "train.batch_size=8", "train.precision=fp32",
+        "train.lr=5e-3", "train.warmup=0", "data.val_fraction=0", "objective.contrastive.max_length=16"])
+    result = train(recipe)
+    assert result.status == "completed" and result.output.name == "adapter"
+    assert json.loads((result.output / "tunesmith_domains.json").read_text()) == ["fruit", "place"]
+    model, tokenizer, spec = load_embedder(str(result.run_dir))
+    layer = model.encoder.layer[1].intermediate
+    assert isinstance(layer, MoEMLP) and not isinstance(model.encoder.layer[0].intermediate, MoEMLP)
+    base = tiny_bert_dir_model(tiny_bert_dir).encoder.layer[1].intermediate.dense.weight
+    for k in (0, 1):  # each expert trained on its own domain's texts: both moved, differently
+        assert (layer.expert(k).dense.weight - base).abs().max() > 1e-4
+    assert (layer.expert(0).dense.weight - layer.expert(1).dense.weight).abs().max() > 1e-4
+    texts = ["tell me about the apple", "the canyon is described here"]
+    with routing(model, 0):
+        fruit = embed_texts(model, tokenizer, texts, spec)
+    with routing(model, 1):
+        place = embed_texts(model, tokenizer, texts, spec)
+    assert (fruit - place).abs().max() > 1e-4
+
+
+def tiny_bert_dir_model(folder):
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(str(folder))

@@ -2,8 +2,10 @@
 copies of itself, one per domain, with enforced routing (no learned gate; `models.moe`).
 
 The model computes exactly what the dense one did until the experts diverge in training. Routing comes
-from the data: a contrastive batch's `domain_ids` (the index of each pair's domain in `domains`) route
-its texts sentence-wise; token-wise routing passes (B, T) ids, e.g. token-type ids.
+from the data: contrastive records carry a `domain`; the data's domains are numbered 0..N-1 in sorted
+order (saved with the run as `tunesmith_domains.json`) and a text of domain k runs through expert k
+(sentence-wise). Token-wise routing passes (B, T) ids, e.g. token-type ids, to `models.moe.routing`.
+Text without a domain runs through expert 0.
 
 What trains: `experts` (default) trains the MLP experts only — attention, embeddings and norms stay
 shared and frozen, each domain gets its own FFN; `all` also trains the shared weights, as the paper
@@ -24,18 +26,11 @@ from .base import MethodBase, MethodError
 
 class MoeConfig(Config):
     experts: int = Field(2, ge=1)
-    "Experts per MLP, one per domain (routing id k selects expert k)."
-    domains: list[str] = Field(default_factory=list)
-    "Domain names in routing-id order (a pair tagged with domains[k] goes to expert k); empty: ids 0..experts-1."
+    "Experts per MLP, one per domain: the data's k-th domain in sorted order runs through expert k."
     layers: Literal["all"] | list[int] = "all"
     "Layers whose MLP is upcycled: `all`, or indices such as [0, 5] (the paper: all; one layer keeps ~85% of the gain)."
     train: Literal["experts", "all"] = "experts"
     "`experts`: only the MLP experts train; `all`: the shared attention, embeddings and norms train too (the paper)."
-
-
-def domain_names(cfg) -> list[str]:
-    """The domain name of each expert, in routing-id order."""
-    return list(cfg.domains) if cfg.domains else [str(k) for k in range(cfg.experts)]
 
 
 class MoE(MethodBase):
@@ -51,11 +46,6 @@ class MoE(MethodBase):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.domains and len(cfg.domains) != cfg.experts:
-            raise MethodError(f"moe.domains names {len(cfg.domains)} domains but moe.experts={cfg.experts}; "
-                              "give one name per expert")
-        if len(set(domain_names(cfg))) != len(domain_names(cfg)):
-            raise MethodError(f"moe.domains: names must be distinct, got {cfg.domains}")
         self._expert_ids: set[int] = set()
 
     def apply(self, model: nn.Module) -> None:
@@ -69,13 +59,4 @@ class MoE(MethodBase):
         return self.cfg.train == "all" or id(param) in self._expert_ids
 
     def describe(self, model: nn.Module) -> str:
-        layers = moe_modules(model)
-        names = ", ".join(domain_names(self.cfg))
-        return f"{len(layers)} MLPs upcycled into {self.cfg.experts} experts ({names}); trains {self.cfg.train}"
-
-    def domain_id(self, domain: str) -> int:
-        """The routing id of a domain name; a clear error for one the model has no expert for."""
-        names = domain_names(self.cfg)
-        if domain not in names:
-            raise MethodError(f"domain `{domain}` has no expert: this model's domains are {', '.join(names)}")
-        return names.index(domain)
+        return f"{len(moe_modules(model))} MLPs upcycled into {self.cfg.experts} experts each; trains {self.cfg.train}"

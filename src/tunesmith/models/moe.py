@@ -82,6 +82,8 @@ class MoEMLP(nn.Module):
         if route is None:
             return None
         lead = x.shape[:-1]  # (B, T) or (n,)
+        if route.dim() == 0:  # one expert for everything (e.g. embedding texts of one domain)
+            route = route.expand(lead)
         if route.dim() == 1 and len(lead) == 2 and route.shape[0] == lead[0]:
             route = route[:, None].expand(lead)  # one expert per row: every token of the row
         if tuple(route.shape) != tuple(lead):
@@ -108,7 +110,8 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, expert, n_experts: int) -> torc
     ids = ids.long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
         raise MoEError(f"routing id {int(ids.max()) if int(ids.max()) >= n_experts else int(ids.min())} is out "
-                       f"of range: this model has experts 0..{n_experts - 1}")
+                       f"of range: this model has experts 0..{n_experts - 1} (one per domain: set method.moe.experts "
+                       "to the number of domains in the data)")
     used = torch.unique(ids).tolist()
     if len(used) == 1:
         return expert(used[0])(x)
@@ -193,18 +196,23 @@ def _checkpointing(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, ids: torch.Tensor | None):
-    """Route the forwards inside this block: `ids` (B,) sends every token of row b to expert ids[b]
-    (sentence-wise, e.g. a domain id); (B, T) sends token t of row b to ids[b, t] (token-wise, e.g.
-    token-type ids). None, or a model without MoE layers: no change.
+def routing(model: nn.Module, ids: torch.Tensor | int | None):
+    """Route the forwards inside this block: an int sends every token to that expert (e.g. texts of
+    one domain); `ids` (B,) sends every token of row b to expert ids[b] (sentence-wise, e.g. a
+    domain id); (B, T) sends token t of row b to ids[b, t] (token-wise, e.g. token-type ids). A
+    negative id (a text without a domain) means expert 0. None, or a model without MoE layers: no change.
 
-    The route is read when a layer runs: a backward that recomputes layers (activation
-    checkpointing) must run inside the same block, or the recomputed layers use expert 0."""
+    The route is read when a layer runs. Activation checkpointing recomputes layers in the backward
+    pass, after this block has ended, so a routed forward under it is refused."""
     layers = moe_modules(model) if ids is not None else []
+    if layers and not torch.is_tensor(ids):
+        ids = torch.tensor(ids)
     if layers and torch.is_grad_enabled() and _checkpointing(model):
         raise MoEError("routed MoE layers with activation checkpointing: the backward pass recomputes the layers "
                        "after the routing is gone; set train.activation_checkpointing=false")
     previous = [m.route for m in layers]
+    if layers:
+        ids = ids.long().clamp(min=0)
     try:
         for m in layers:
             m.route = ids
