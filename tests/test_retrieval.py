@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tunesmith.data.beir import BeirError, load_beir, write_beir
-from tunesmith.data.mining import (MiningError, bm25_search, bm25_tokens, mine_hard_negatives, pairs_corpus,
+from tunesmith.data.mining import (Bm25Index, MiningError, bm25_search, bm25_tokens, mine_hard_negatives, pairs_corpus,
                                    read_pairs)
 from tunesmith.data.tasks import get_task, task_records
 from tunesmith.data.tasks.retrieval import RetrievalTask
@@ -89,8 +89,10 @@ def test_metrics_match_sentence_transformers(seed):
 
 def _beir(tmp_path, corpus=None, queries=None, qrels=None):
     corpus = corpus or {"d1": {"title": "Oslo", "text": "The capital of Norway."},
-                        "d2": {"title": "", "text": "Cats sleep a lot."}}
-    queries = queries or {"q1": "Norwegian capital", "q2": "sleepy pets"}
+                        "d2": {"title": "", "text": "Cats sleep a lot."},
+                        "d3": {"title": "", "text": "Dogs bark."}, "d4": {"title": "", "text": "Fish swim."},
+                        "d5": {"title": "", "text": "Birds of Norway fly south."}}
+    queries = queries or {"q1": "Norwegian capital", "q2": "how much do cats sleep"}
     qrels = qrels or {"q1": {"d1": 1}, "q2": {"d2": 2}}
     return write_beir(tmp_path / "beir", corpus, queries, qrels)
 
@@ -99,7 +101,7 @@ def test_beir_round_trip_and_bm25_eval(tmp_path):
     folder = _beir(tmp_path)
     corpus, queries, qrels = load_beir(folder)
     assert corpus["d1"] == {"title": "Oslo", "text": "The capital of Norway."}
-    assert queries == {"q1": "Norwegian capital", "q2": "sleepy pets"} and qrels["q2"] == {"d2": 2}
+    assert queries["q2"] == "how much do cats sleep" and qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
     result = evaluate_retrieval("bm25", corpus, queries, qrels, k=10)
     assert result.metrics["queries"] == 2 and set(result.timing) >= {"index", "search", "total"}
 
@@ -141,6 +143,16 @@ def test_bm25_finds_the_exact_document_and_keeps_k():
     assert bm25_tokens("Hello, World-42!") == ["hello", "world", "42"]
     # Asking for more than the corpus returns the whole corpus.
     assert len(bm25_search(corpus, {"q": "apples"}, k=100)["q"]) == 5
+
+
+def test_bm25_index_equals_rank_bm25(task):
+    corpus, queries, _ = task.beir("validation")
+    texts = [f"{d['title']} {d['text']}" for d in corpus.values()]
+    index = Bm25Index(texts)
+    for query in list(queries.values())[:10] + ["the the unknownword", ""]:
+        reference = index.okapi.get_scores(bm25_tokens(query))
+        assert index.scores(query) == pytest.approx(reference, rel=1e-12, abs=1e-12)
+    assert index.scores(list(queries.values())[0]).max() > 0
 
 
 # ----------------------------------------------------------------------------- the built-in task
@@ -242,13 +254,99 @@ def test_mining_never_returns_a_positive_and_skips_the_top(tmp_path):
         mine_hard_negatives(rows, corpus, _bm25, negatives=0)
 
 
-def test_read_pairs_errors(tmp_path):
+def test_read_pairs_uses_the_contrastive_formats(tmp_path):
+    from tunesmith.data import DataError
+
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"anchor": "q", "positive": "p"}) + "\n" + json.dumps({"query": "q2"}) + "\n")
-    with pytest.raises(MiningError, match=r"pairs.jsonl:2: field `positive`"):
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: .*'positive'"):
         read_pairs(path)
-    path.write_text(json.dumps({"anchor": "q", "positive": "p", "negatives": "n"}) + "\n")
-    with pytest.raises(MiningError, match=r"pairs.jsonl:1: field `negatives`"):
+    path.write_text(json.dumps({"anchor": "q", "positive": "p", "negatives": 3}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'negatives'"):
         read_pairs(path)
-    path.write_text(json.dumps({"anchor": "q", "positive": "p"}) + "\n")
-    assert read_pairs(path) == [{"anchor": "q", "positive": "p", "query": "q"}]
+    path.write_text(json.dumps({"anchor": "q", "positive": "p", "negative": "n", "domain": "x"}) + "\n")
+    assert read_pairs(path) == [{"query": "q", "positive": "p", "negatives": ["n"], "domain": "x"}]
+
+
+# ----------------------------------------------------------------------------- dense search and the CLI
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with MiniLM's tokenizer, saved as a model folder load_embedder reads."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tunesmith.models.embedding import encoder_folder
+
+    tok = AutoTokenizer.from_pretrained(str(encoder_folder()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=512))
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_dense_search_blocks_do_not_change_the_result(tiny_bert_dir, task):
+    import torch
+
+    from tunesmith.eval.retrieval import dense_search
+    from tunesmith.infer.embed import load_embedder
+    from tunesmith.models.embedding import embed_texts
+
+    model, tok, spec = load_embedder(str(tiny_bert_dir))
+    corpus, queries, _ = task.beir("validation")
+    queries = dict(list(queries.items())[:7])
+    whole = dense_search(model, tok, spec, corpus, queries, k=15)
+    blocked = dense_search(model, tok, spec, corpus, queries, k=15, query_block=3, corpus_block=11)
+    assert {q: ranked(s) for q, s in whole.items()} == {q: ranked(s) for q, s in blocked.items()}
+    # Against brute-force cosine over the whole corpus.
+    ids = list(corpus)
+    d = torch.nn.functional.normalize(embed_texts(model, tok, [f"{corpus[i]['title']} {corpus[i]['text']}" for i in ids],
+                                                  spec, kind="document"), dim=-1)
+    q = torch.nn.functional.normalize(embed_texts(model, tok, list(queries.values()), spec, kind="query"), dim=-1)
+    sims = q @ d.T
+    for row, qid in enumerate(queries):
+        assert ranked(whole[qid]) == [ids[j] for j in sims[row].argsort(descending=True)[:15].tolist()]
+        assert whole[qid][ranked(whole[qid])[0]] == pytest.approx(float(sims[row].max()), abs=1e-5)
+
+
+def test_cli_eval_retrieval_end_to_end(tiny_bert_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "res.json"
+    assert main(["eval", "--task", "retrieval:builtin", "--split", "validation", "--model", str(tiny_bert_dir),
+                 "--limit", "12", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed and "recall@100" in printed
+    saved = json.loads(out.read_text())
+    assert saved["metrics"]["queries"] == 12 and saved["metrics"]["corpus"] == 500
+    assert len(saved["records"]) == 12 and len(saved["records"][0]["top"]) == 10
+    # A BEIR folder with BM25; a broken one is one line on stderr, exit code 2.
+    folder = _beir(tmp_path)
+    assert main(["eval", "--task", f"retrieval:{folder}", "--model", "bm25", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["mrr@10"] == 1.0
+    (folder / "queries.jsonl").write_text('{"_id": "q1"}\n')
+    assert main(["eval", "--task", f"retrieval:{folder}", "--model", "bm25"]) == 2
+    err = capsys.readouterr().err
+    assert "queries.jsonl:1: field `text` is missing" in err and "Traceback" not in err
+
+
+def test_cli_mine(tiny_bert_dir, tmp_path, task):
+    from tunesmith.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{k: r[k] for k in ("query", "positive", "domain")} for r in task.records("validation")]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mined.jsonl"
+    assert main(["mine", "--input", str(pairs), "--from-pairs", "--negatives", "3", "--output", str(out)]) == 0
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(mined) == len(rows) and all(len(m["negatives"]) == 3 and m["positive"] not in m["negatives"]
+                                           for m in mined)
+    assert mined[0]["domain"] == rows[0]["domain"]
+    corpus_folder = write_beir(tmp_path / "b", *task.beir("validation"))
+    assert main(["mine", "--input", str(pairs), "--corpus", str(corpus_folder / "corpus.jsonl"), "--method", "model",
+                 "--model", str(tiny_bert_dir), "--negatives", "2", "--skip-top", "1", "--output", str(out)]) == 0
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(len(m["negatives"]) == 2 and m["positive"] not in m["negatives"] for m in mined)

@@ -26,7 +26,7 @@ from ..data.beir import Corpus, load_beir, BeirError
 from ..data.mining import bm25_search, dense_search, doc_text
 
 __all__ = ["BeirError", "RetrievalResult", "bm25_search", "dense_search", "doc_text", "evaluate_retrieval",
-           "format_retrieval", "load_beir", "ranked", "retrieval_metrics", "save_retrieval"]
+           "format_retrieval", "load_beir", "load_retrieval", "ranked", "retrieval_metrics", "save_retrieval"]
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
@@ -85,6 +85,24 @@ def retrieval_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[st
     return out
 
 
+def load_retrieval(spec: str, split: str = "test", seed: int = 0, limit: int | None = None):
+    """(name, corpus, queries, qrels) for `tunesmith eval --task`: `retrieval` or `retrieval:builtin`
+    (the generated task's split) or `retrieval:FOLDER` (a BEIR folder, qrels/<split>.tsv). `limit`
+    keeps the first N judged queries (the corpus stays whole)."""
+    source = spec.partition(":")[2] or "builtin"
+    if source == "builtin":
+        from ..data.tasks.retrieval import RetrievalTask
+
+        corpus, queries, qrels = RetrievalTask(seed=seed).beir(split)
+        name = f"retrieval:builtin (seed {seed})"
+    else:
+        corpus, queries, qrels = load_beir(source, split)
+        name = f"retrieval:{source}"
+    if limit:
+        qrels = dict(list(qrels.items())[:limit])
+    return name, corpus, queries, qrels
+
+
 @dataclass
 class RetrievalResult:
     task: str
@@ -110,7 +128,9 @@ def evaluate_retrieval(searcher, corpus: Corpus, queries: dict[str, str], qrels:
     """
     asked = {q: queries[q] for q in qrels if q in queries and any(g > 0 for g in qrels[q].values())}
     if not asked:
-        raise ValueError("none of the judged queries has a text in the queries file")
+        from .runner import EvalError
+
+        raise EvalError("none of the judged queries has a text in the queries file")
     t0 = time.perf_counter()
     timing: dict = {}
     if searcher == "bm25":
