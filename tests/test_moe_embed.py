@@ -266,3 +266,21 @@ def tiny_bert_dir_model(folder):
     from transformers import BertModel
 
     return BertModel.from_pretrained(str(folder))
+
+
+def test_embed_routed_embeds_each_text_with_its_domain_expert(tokenizer):
+    from tunesmith.models.embedding import EmbeddingSpec, embed_texts
+    from tunesmith.models.moe import embed_routed
+
+    model = make_tiny_model(tokenizer)
+    upcycle(model, experts=3)
+    perturb_expert(model, 1)
+    perturb_expert(model, 2)
+    spec = EmbeddingSpec()
+    texts = ["a short one", "a somewhat longer text here", "mid text", "x", "the last of them"]
+    domains = [2, 0, 1, 2, -1]
+    got = embed_routed(model, tokenizer, texts, domains, spec, batch_size=2)
+    for i, (t, d) in enumerate(zip(texts, domains)):
+        with routing(model, max(d, 0)):
+            torch.testing.assert_close(got[i], embed_texts(model, tokenizer, [t], spec)[0], atol=1e-5, rtol=1e-5)
+    assert (got[0] - embed_texts(model, tokenizer, texts[:1], spec)[0]).abs().max() > 1e-4  # not expert 0

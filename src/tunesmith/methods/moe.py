@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Config
-from ..models.moe import MoEError, moe_modules, upcycle
+from ..models.moe import MoEError, choose_layers, mlp_slots, upcycle
 from .base import MethodBase, MethodError
 
 
@@ -47,10 +47,12 @@ class MoE(MethodBase):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._expert_ids: set[int] = set()
+        self._layers: list[int] = []
 
     def apply(self, model: nn.Module) -> None:
         try:
-            layers = upcycle(model, self.cfg.experts, self.cfg.layers)
+            self._layers = choose_layers(len(mlp_slots(model)), self.cfg.layers)
+            layers = upcycle(model, self.cfg.experts, self._layers)
         except MoEError as e:
             raise MethodError(str(e)) from None
         self._expert_ids = {id(p) for m in layers for p in m.parameters()}
@@ -59,4 +61,5 @@ class MoE(MethodBase):
         return self.cfg.train == "all" or id(param) in self._expert_ids
 
     def describe(self, model: nn.Module) -> str:
-        return f"{len(moe_modules(model))} MLPs upcycled into {self.cfg.experts} experts each; trains {self.cfg.train}"
+        return (f"the MLPs of {len(self._layers)} layers upcycled into {self.cfg.experts} experts each; "
+                f"trains {self.cfg.train}")

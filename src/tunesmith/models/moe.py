@@ -220,3 +220,21 @@ def routing(model: nn.Module, ids: torch.Tensor | int | None):
     finally:
         for m, r in zip(layers, previous):
             m.route = r
+
+
+def embed_routed(model: nn.Module, tokenizer, texts: list[str], domains: list[int], spec, **options) -> torch.Tensor:
+    """`models.embedding.embed_texts` with each text run through its domain's expert (`domains[i]`,
+    -1: none, expert 0): texts are embedded domain by domain and returned in their own order."""
+    from .embedding import embed_texts
+
+    if len(domains) != len(texts):
+        raise MoEError(f"embed_routed: {len(texts)} texts but {len(domains)} domain ids")
+    out: torch.Tensor | None = None
+    for k in sorted(set(domains)):
+        rows = [i for i, d in enumerate(domains) if d == k]
+        with routing(model, k):
+            vectors = embed_texts(model, tokenizer, [texts[i] for i in rows], spec, **options)
+        if out is None:
+            out = torch.empty(len(texts), vectors.shape[1], dtype=vectors.dtype)
+        out[torch.tensor(rows)] = vectors
+    return out if out is not None else torch.zeros(0, 0)
