@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .base import SPLITS, Task
 from .extract import ExtractTask
+from .retrieval import RetrievalTask
 from .sql import SqlTask
 
-BUILTIN = {"sql": SqlTask, "json": ExtractTask}
+BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask}
 
 
 def get_task(name: str, **options) -> Task:
@@ -23,13 +24,16 @@ def get_task(name: str, **options) -> Task:
 
 
 def task_records(task: Task, split: str) -> list[dict]:
-    """The examples of `split` as chat records: system prompt (if any), question, gold answer."""
+    """The examples of `split` as chat records: system prompt (if any), question, gold answer; a task
+    with records of its own shape (retrieval: query, positive, negatives) gives those."""
     if split not in SPLITS:
         raise ValueError(f"unknown split `{split}`; choose one of {', '.join(SPLITS)}")
+    if hasattr(task, "records"):
+        return task.records(split)
     system = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
     return [{"messages": system + [{"role": "user", "content": ex.prompt},
                                    {"role": "assistant", "content": ex.reference}]}
             for ex in task.examples(split)]
 
 
-__all__ = ["BUILTIN", "ExtractTask", "SqlTask", "get_task", "task_records"]
+__all__ = ["BUILTIN", "ExtractTask", "RetrievalTask", "SqlTask", "get_task", "task_records"]
