@@ -14,6 +14,7 @@ from tunesmith.data.pairs import PairRecord, tokenize_items
 from tunesmith.objectives.contrastive import Contrastive, ContrastiveConfig, info_nce
 from tunesmith.recipe import load_recipe
 from tunesmith.train.loop import train
+from tunesmith.train.metrics import read_metrics
 
 WORDS = ["apple", "river", "castle", "violin", "desert", "falcon", "copper", "tulip", "glacier", "lantern",
          "harbor", "meadow", "comet", "pepper", "saddle", "walnut"]
@@ -120,6 +121,41 @@ def test_gradcache_replays_dropout(tokenizer):
     assert max(float((plain[k] - still[k]).abs().max()) for k in plain) > 1e-4
 
 
+def test_minilm_loss_and_gradients_match_sentence_transformers(tokenizer):
+    """The packaged MiniLM: tunesmith's loss and gradients on a batch == sentence-transformers' own
+    MultipleNegativesRankingLoss on the same model and texts (its tokenizer, pooling, normalisation)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from tunesmith.infer.embed import st_pooling
+    from tunesmith.models.embedding import ENCODER_NAME, encoder_folder, load_any
+
+    queries = ["what is a cat", "river in egypt", "fast car brands", "how to bake bread"]
+    positives = ["cats are small pets", "the nile flows north", "ferrari and porsche", "flour, water and yeast"]
+    negatives = ["dogs bark", "the amazon is long", "bicycles", "cake recipes"]
+    st = SentenceTransformer(str(encoder_folder()), device="cpu").eval()  # eval: no dropout on either side
+    st_loss = MultipleNegativesRankingLoss(st)([st.preprocess(x) for x in (queries, positives, negatives)], None)
+    st_loss.backward()
+    expected = {n: p.grad for n, p in st[0].auto_model.named_parameters() if p.grad is not None}
+
+    model, tok = load_any(ENCODER_NAME)
+    spec = st_pooling(encoder_folder())
+    cfg = ContrastiveConfig(pooling=spec.pooling, normalize=spec.normalize, max_length=spec.max_length)
+    records = [PairRecord("x", q, p, [n], None) for q, p, n in zip(queries, positives, negatives)]
+    items = tokenize_items(records, tok, [], max_length=cfg.max_length)[0]
+    obj = Contrastive(cfg)
+    obj.ready(model)
+    batch = obj.finish(items, collate(obj.rows(items), packing=False, pad_id=tok.pad_token_id))
+    loss, n, _ = obj(model.eval(), batch)
+    (loss / n).backward()
+    got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert abs(float(loss) / n - float(st_loss)) < 1e-6
+    assert got.keys() == expected.keys() and len(got) > 90
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for k in got:  # (key biases get a gradient that is 0 in exact arithmetic: compared on the global scale)
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5 * scale, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end
 
@@ -154,7 +190,7 @@ TEXTS = ["tell me about the apple", "the river is described here", "castle", "a 
 @pytest.mark.parametrize("kind,method,extra", [
     ("decoder", "lora", ["objective.contrastive.bidirectional=true", "objective.contrastive.pooling=last"]),
     ("decoder", "full", ["objective.contrastive.projector=true", "objective.contrastive.cache_chunk=8"]),
-    ("bert", "lora", []),
+    ("bert", "lora", ["data.val_fraction=0.25", "train.eval_every=6"]),
     ("bert", "full", ["objective.contrastive.symmetric=true", "objective.contrastive.projector=true"]),
 ])
 def test_train_end_to_end_and_reload(tmp_path, tiny_model_dir, tiny_bert_dir, kind, method, extra):
@@ -174,6 +210,9 @@ def test_train_end_to_end_and_reload(tmp_path, tiny_model_dir, tiny_bert_dir, ki
     assert resolved.data.packing is False and resolved.model.attention == "sdpa"
     losses = train_losses(result.run_dir)
     assert len(losses) == 12
+    if resolved.data.val_fraction:
+        val = [r["val_loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "val_loss" in r]
+        assert len(val) == 2 and val[1] < val[0]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses  # learnable: the loss falls
     assert (result.output / "tunesmith_embedding.json").is_file()
 

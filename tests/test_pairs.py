@@ -123,3 +123,14 @@ def test_the_built_in_retrieval_task(tokenizer):
     assert first["query"] == ids_of(tokenizer, records[0]["query"])
     assert len(first["negatives"]) == len(records[0]["negatives"]) > 0
     assert splits.domains[first["domain"]] == records[0]["domain"]
+
+
+def test_data_inspect_shows_items_as_the_model_reads_them(capsys, tmp_path, tiny_model_dir):
+    rows = [{"query": "where is it", "positive": "over there", "negatives": ["nowhere", "here"], "domain": "maps"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    code = main(["data", "inspect", "recipes/contrastive.yaml", f"model.name={tiny_model_dir}", f"data.train={path}",
+                 "objective.contrastive.query_prefix='query: '"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "item 1 of 1: 2 hard negatives · domain maps" in out and "'query: where is it'" in out
+    assert "negative 2: 'here'" in out and "domains: 0 maps" in out

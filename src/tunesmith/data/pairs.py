@@ -273,3 +273,24 @@ def _announce(stats: dict, max_length: int) -> None:
 def item_texts(item: PairItem) -> list[list[int]]:
     """Query, positive, negatives: the token lists of one item."""
     return [item["query"], item["positive"], *item["negatives"]]
+
+
+def format_contrastive_inspection(splits: PairSplits, tokenizer, n: int = 3) -> str:
+    """`tunesmith data inspect` for contrastive data: the first items' texts as the model reads them
+    (prefix included, cut to max_length), then the split statistics."""
+    parts = []
+    for k, item in enumerate(splits.train[:n]):
+        domain = f" · domain {splits.domains[item['domain']]}" if item["domain"] >= 0 else ""
+        m = len(item["negatives"])
+        parts.append(f"── item {k + 1} of {len(splits.train)}: {m} hard negative{'' if m == 1 else 's'}{domain} ──")
+        for label, ids in [("query", item["query"]), ("positive", item["positive"]),
+                           *((f"negative {i + 1}", t) for i, t in enumerate(item["negatives"]))]:
+            parts.append(f"{label + ':':12}{tokenizer.decode(ids)!r} ({len(ids)} tokens)")
+        parts.append("")
+    for split, st in splits.stats.items():
+        parts.append(f"{split}: {st['items']:,} items · {st['texts']:,} texts · {st['negatives']:,} hard negatives · "
+                     f"{st['tokens']:,} tokens · longest text {st['length_max']} tokens · "
+                     f"{st['truncated']:,} items with a text cut")
+    if splits.domains:
+        parts.append(f"domains: {', '.join(f'{i} {d}' for i, d in enumerate(splits.domains))}")
+    return "\n".join(parts)

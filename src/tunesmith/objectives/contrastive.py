@@ -43,6 +43,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..models.embedding import POOLINGS, EmbeddingSpec, embed
+from ..models.moe import routing
 from .base import ObjectiveBase, ObjectiveError
 
 PROJECTOR_FILE = "tunesmith_projector.safetensors"
@@ -148,9 +149,12 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def similarities(a: torch.Tensor, b: torch.Tensor, similarity: str) -> torch.Tensor:
-    if similarity == "cos":
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    return a @ b.T
+    """(n, m) similarities in the vectors' own precision: autocast off, since at τ = 0.05 a bf16
+    matmul's rounding (~0.4% of a logit of 20) would move the loss visibly."""
+    with torch.autocast(a.device.type, enabled=False):
+        if similarity == "cos":
+            a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        return a @ b.T
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, *, temperature: float = 0.05,
@@ -330,8 +334,10 @@ class Contrastive(ObjectiveBase):
         """(n, d) embeddings of rows `rows` of the batch, trimmed to their longest text."""
         mask = batch["attention_mask"][rows]
         width = max(int(mask.sum(1).max()), 1)
-        return embed(model, {"input_ids": batch["input_ids"][rows, :width], "attention_mask": mask[:, :width]},
-                     self.spec)
+        domains = batch["text_domain"][rows] if "text_domain" in batch else None
+        with routing(model, domains):  # domain-expert MoE layers (method moe) pick each text's expert; else no-op
+            return embed(model, {"input_ids": batch["input_ids"][rows, :width], "attention_mask": mask[:, :width]},
+                         self.spec)
 
     def loss_from_embeddings(self, emb: torch.Tensor, batch: dict, gather: bool):
         b = batch["n_queries"]
