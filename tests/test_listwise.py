@@ -258,7 +258,10 @@ def test_sliding_window_batches_queries_like_one_at_a_time():
     scores = {p: rng.random() for _, ps in lists for p in ps}
     together = sliding_window(oracle(scores), lists, window=10, step=5)
     alone = [sliding_window(oracle(scores), [x], window=10, step=5)[0] for x in lists]
-    assert [r.order for r in together] == [r.order for r in alone]
+    calls = []
+    one_by_one = sliding_window(oracle(scores, calls), lists, window=10, step=5, batch_size=1)
+    assert [r.order for r in together] == [r.order for r in alone] == [r.order for r in one_by_one]
+    assert all(len(c) == 1 for c in calls) and len(calls) == sum(r.windows for r in together)
     assert [r.windows for r in together] == [len(window_starts(len(p), 10, 5)) for _, p in lists]
 
 
@@ -315,6 +318,25 @@ def test_rerank_eval_before_and_after(monkeypatch, tokenizer):
     assert result.after["recall@5"] == result.before["recall@5"]  # reranking cannot find more
     assert result.latency["mean_s"] == 0.5 and result.latency["tokens"] == 7 and result.complete == 1
     assert "ndcg@10" in ev.format_rerank(result)
+
+
+def test_eval_rerank_cli(tmp_path, tiny_model_dir, capsys):
+    from tunesmith.cli import main
+    from tunesmith.data.beir import write_beir
+
+    corpus = {f"d{i}": {"title": "", "text": f"document {i} about {w}"} for i, w in
+              enumerate(["cats", "dogs", "birds", "fish", "cats and dogs"])}
+    folder = write_beir(tmp_path / "beir", corpus, {"q1": "cats", "q2": "fish"}, {"q1": {"d0": 1}, "q2": {"d3": 1}})
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--task", f"rerank:{folder}", "--model", str(tiny_model_dir), "--top-k", "3", "--mode",
+                 "window", "--window", "2", "--step", "1", "--batch-size", "1", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "window" and saved["before"]["queries"] == 2 and "ndcg@10" in saved["after"]
+    assert all(len(r["answers"]) == 2 for r in saved["records"])  # windows [1, 3) then [0, 2)
+    code = main(["eval", "--task", f"rerank:{tmp_path / 'nope'}", "--model", str(tiny_model_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope" in err and "Traceback" not in err
 
 
 # ---- end to end

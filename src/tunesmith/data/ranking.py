@@ -346,13 +346,17 @@ def candidate_order(scores: dict[str, float]) -> list[str]:
 
 
 def ranking_records(corpus: dict, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                    run: dict[str, dict[str, float]], *, k: int = 20, require_relevant: bool = True) -> list[dict]:
+                    run: dict[str, dict[str, float]], *, k: int = 20, require_relevant: bool = True,
+                    add_relevant: bool = False) -> list[dict]:
     """Raw ranking records from a first-stage run (e.g. `data.mining.bm25_search`): each judged
     query's top `k` candidates in run order, with their qrels grades as `relevance` (unjudged: 0),
     so the gold order is relevant first, then the rest in run order.
 
-    `require_relevant` leaves out queries whose top k holds no relevant document: their gold order
-    would only be the run's own order, which a shuffled prompt cannot reveal."""
+    `add_relevant` (for training lists) puts the query's best judged document in place of the k-th
+    candidate when the run missed every relevant one: the model then learns from hard negatives
+    around a known positive, as rerankers are usually trained. Otherwise `require_relevant` leaves
+    such queries out: their gold order would only be the run's own order, which a shuffled prompt
+    cannot reveal."""
     from .mining import doc_text
 
     records = []
@@ -361,6 +365,11 @@ def ranking_records(corpus: dict, queries: dict[str, str], qrels: dict[str, dict
             continue
         top = candidate_order(run[qid])[:k]
         grades = {d: judged[d] for d in top if judged.get(d, 0) > 0}
+        if not grades and add_relevant:
+            best = max((d for d in judged if judged[d] > 0 and d in corpus), key=lambda d: judged[d], default=None)
+            if best is not None:
+                top = top[:k - 1] + [best]
+                grades = {best: judged[best]}
         if require_relevant and not grades:
             continue
         records.append({"qid": qid, "query": queries[qid],

@@ -1,6 +1,6 @@
 """Rerank evaluation: NDCG@10 of BM25's top k before and after a listwise LLM reranker.
 
-    corpus, queries, qrels = rerank_data("builtin", "test")     # or a BEIR folder
+    name, corpus, queries, qrels = load_retrieval("retrieval:builtin", "test")   # or retrieval:BEIR_FOLDER
     result = evaluate_rerank(model, tokenizer, corpus, queries, qrels, top_k=20, mode="full")
     print(format_rerank(result))
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..data.ranking import PASSAGE_TOKENS, candidate_order
 from ..infer.rerank import MODES, rerank
-from .retrieval import bm25_search, doc_text, load_beir, retrieval_metrics
+from .retrieval import bm25_search, doc_text, retrieval_metrics
 
 
 class RerankEvalError(ValueError):
@@ -47,25 +47,17 @@ class RerankEvalResult:
         return self.after["ndcg@10"]
 
 
-def rerank_data(source: str, split: str = "test"):
-    """(corpus, queries, qrels) of "builtin" (the built-in retrieval task) or a BEIR folder."""
-    if source == "builtin":
-        from ..data.tasks.retrieval import RetrievalTask
-
-        return RetrievalTask().beir(split)
-    if not Path(source).is_dir():
-        raise RerankEvalError(f"rerank:{source}: expected rerank:builtin or rerank:FOLDER (a BEIR folder)")
-    return load_beir(source, split)
-
-
 def evaluate_rerank(model, tokenizer, corpus: dict, queries: dict[str, str], qrels: dict[str, dict[str, int]], *,
                     top_k: int = 20, mode: str = "full", window: int = 20, step: int = 10,
                     passage_tokens: int = PASSAGE_TOKENS, limit: int | None = None, batch_size: int = 1,
-                    task: str = "rerank", run: dict | None = None) -> RerankEvalResult:
+                    task: str = "rerank", run: dict | None = None, skip_unfound: bool = False) -> RerankEvalResult:
     """BM25 top `top_k` of each judged query (first `limit` in qrels order), reranked by the model.
 
     `run` replaces the BM25 search (any first-stage {qid: {doc: score}}). Latency is wall time per
-    query with `batch_size` queries decoding together (1: one query at a time)."""
+    query with `batch_size` queries decoding together (1: one query at a time). `skip_unfound` keeps
+    BM25's order, without asking the model, for queries whose top k holds no relevant document:
+    any order of those scores 0, so the metrics are the same and the time goes where it can count
+    (latency is then measured on the reranked queries)."""
     if mode not in MODES:
         raise RerankEvalError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if top_k < 1:
@@ -76,23 +68,25 @@ def evaluate_rerank(model, tokenizer, corpus: dict, queries: dict[str, str], qre
     if run is None:
         run = bm25_search(corpus, {q: queries[q] for q in judged}, k=top_k)
     tops = {q: candidate_order(run.get(q, {}))[:top_k] for q in judged}
-    lists = [(queries[q], [doc_text(corpus[d]) for d in tops[q]]) for q in judged]
+    asked = [q for q in judged if not skip_unfound or any(qrels[q].get(d, 0) > 0 for d in tops[q])]
+    lists = [(queries[q], [doc_text(corpus[d]) for d in tops[q]]) for q in asked]
     t0 = time.perf_counter()
     results = rerank(model, tokenizer, lists, mode=mode, window=window, step=step, passage_tokens=passage_tokens,
-                     batch_size=batch_size)
+                     batch_size=batch_size) if lists else []
     wall = time.perf_counter() - t0
-    reranked = {q: [tops[q][i] for i in r.order] for q, r in zip(judged, results)}
+    reranked = {**tops, **{q: [tops[q][i] for i in r.order] for q, r in zip(asked, results)}}
     sub = {q: qrels[q] for q in judged}
     ks = tuple(sorted({1, 10, top_k}))
     before = retrieval_metrics({q: _scores(tops[q]) for q in judged}, sub, ks=ks)
     after = retrieval_metrics({q: _scores(reranked[q]) for q in judged}, sub, ks=ks)
-    seconds = sorted(r.seconds for r in results)
+    seconds = sorted(r.seconds for r in results) or [0.0]
+    n = max(len(results), 1)
     latency = {"mean_s": sum(seconds) / len(seconds), "median_s": seconds[len(seconds) // 2], "max_s": seconds[-1],
-               "wall_s": wall, "tokens": sum(r.generated_tokens for r in results) / len(results),
-               "prompts": sum(r.windows for r in results) / len(results)}
+               "wall_s": wall, "tokens": sum(r.generated_tokens for r in results) / n,
+               "prompts": sum(r.windows for r in results) / n, "reranked_queries": len(results)}
     prompts = sum(r.windows for r in results)
     records = [{"query": q, "bm25": tops[q], "reranked": reranked[q], "answers": r.answers,
-                "seconds": round(r.seconds, 4)} for q, r in zip(judged, results)]
+                "seconds": round(r.seconds, 4)} for q, r in zip(asked, results)]
     return RerankEvalResult(task=task, mode=mode, top_k=top_k, before=before, after=after, latency=latency,
                             complete=sum(r.complete for r in results) / max(prompts, 1), records=records)
 
@@ -105,7 +99,8 @@ def _scores(order: list[str]) -> dict[str, float]:
 def format_rerank(result: RerankEvalResult) -> str:
     """The table printed by `tunesmith eval --task rerank:...`."""
     k = result.top_k
-    rows = [("task", result.task), ("mode", result.mode), ("queries", str(result.after["queries"])),
+    rows = [("task", result.task), ("mode", result.mode),
+            ("queries", f"{result.after['queries']} ({result.latency['reranked_queries']} reranked)"),
             ("candidates", f"BM25 top {k}")]
     for name in ("ndcg@10", "mrr@10", f"recall@{k}"):
         if name in result.after:

@@ -7,7 +7,7 @@ Full list (Liu et al., 2025): every candidate in one RankGPT prompt, one greedy 
 "[a] > [b] > ...". Sliding window (Sun et al., 2023, RankGPT): windows of `window` candidates,
 `step` apart, from the back of the list to the front; each window is reordered in place, so a
 strong candidate is carried forward window after window and the top `window - step` are settled by the
-last one. Windows of different queries run batched, in lockstep.
+last one. Windows of different queries can run batched, in lockstep (`batch_size`).
 
 Answers are parsed leniently (`parse_ranking`): ids out of range and repeats are dropped, and ids the
 model left out follow in their input order, so a weak model degrades towards the input ranking
@@ -106,39 +106,49 @@ def window_starts(n: int, window: int, step: int) -> list[int]:
 
 
 def sliding_window(ranker: Ranker, lists: list[tuple[str, list[str]]], *, window: int = 20,
-                   step: int = 10) -> list[RerankResult]:
+                   step: int = 10, batch_size: int | None = None) -> list[RerankResult]:
     """Rerank each (query, passages) by windows, back to front, reordering each window in place.
-    Round j ranks the j-th window of every query in one call of `ranker` (queries with fewer windows
-    drop out); a window as large as the list is the full-list mode."""
+    Round j ranks the j-th window of every query (queries with fewer windows drop out), `batch_size`
+    queries per call of `ranker` (None: all at once); a window as large as the list is the full-list
+    mode. A query's seconds are its share of the calls it was in."""
     results = [RerankResult(order=list(range(len(p)))) for _, p in lists]
     plans = [window_starts(len(p), window, step) for _, p in lists]
     for j in range(max((len(s) for s in plans), default=0)):
         active = [q for q in range(len(lists)) if j < len(plans[q])]
-        spans = {q: (plans[q][j], min(plans[q][j] + window, len(lists[q][1]))) for q in active}
-        batch = [(lists[q][0], [lists[q][1][i] for i in results[q].order[a:b]]) for q, (a, b) in spans.items()]
-        start = time.perf_counter()
-        answers = ranker(batch)
-        share = (time.perf_counter() - start) / max(len(active), 1)
-        for q, answer in zip(active, answers):
-            a, b = spans[q]
-            current, r = results[q].order[a:b], results[q]
-            if sorted(answer.order) != list(range(b - a)):
-                raise InferError(f"the ranker returned {answer.order} for a window of {b - a} candidates")
-            r.order[a:b] = [current[i] for i in answer.order]
-            r.seconds += share
-            r.generated_tokens += answer.tokens
-            r.windows += 1
-            r.complete += answer.complete
-            r.answers.append(answer.text)
+        size = batch_size or len(active)
+        for g in range(0, len(active), size):
+            _rank_round(ranker, lists, results, active[g:g + size], {q: plans[q][j] for q in active[g:g + size]},
+                        window)
     return results
+
+
+def _rank_round(ranker: Ranker, lists, results: list[RerankResult], group: list[int], starts: dict[int, int],
+                window: int) -> None:
+    """One ranker call: the window at `starts[q]` of each query q in `group`, reordered in place."""
+    spans = {q: (starts[q], min(starts[q] + window, len(lists[q][1]))) for q in group}
+    batch = [(lists[q][0], [lists[q][1][i] for i in results[q].order[a:b]]) for q, (a, b) in spans.items()]
+    start = time.perf_counter()
+    answers = ranker(batch)
+    share = (time.perf_counter() - start) / len(group)
+    for q, answer in zip(group, answers):
+        a, b = spans[q]
+        current, r = results[q].order[a:b], results[q]
+        if sorted(answer.order) != list(range(b - a)):
+            raise InferError(f"the ranker returned {answer.order} for a window of {b - a} candidates")
+        r.order[a:b] = [current[i] for i in answer.order]
+        r.seconds += share
+        r.generated_tokens += answer.tokens
+        r.windows += 1
+        r.complete += answer.complete
+        r.answers.append(answer.text)
 
 
 class LLMRanker:
     """A `Ranker` backed by a causal LM: RankGPT prompts, greedy answers, lenient parsing."""
 
-    def __init__(self, model, tokenizer, *, passage_tokens: int = PASSAGE_TOKENS, batch_size: int = 1):
+    def __init__(self, model, tokenizer, *, passage_tokens: int = PASSAGE_TOKENS):
         self.model, self.tokenizer = model, tokenizer
-        self.passage_tokens, self.batch_size = passage_tokens, batch_size
+        self.passage_tokens = passage_tokens
 
     def __call__(self, batch: list[tuple[str, list[str]]]) -> list[WindowAnswer]:
         prompts = [ranking_messages(self.tokenizer, q, p, self.passage_tokens) for q, p in batch]
@@ -146,7 +156,7 @@ class LLMRanker:
         # so an untuned model that rambles costs bounded time
         longest = max(len(p) for _, p in batch)
         texts = generate(self.model, self.tokenizer, prompts, max_new_tokens=6 * longest + 16,
-                         batch_size=self.batch_size)
+                         batch_size=len(prompts))
         out = []
         for text, (_, passages) in zip(texts, batch):
             parsed = parse_ranking(text, len(passages))
@@ -164,7 +174,7 @@ def rerank(model, tokenizer, lists: list[tuple[str, list[str]]], *, mode: str = 
     answers and the raw answers."""
     if mode not in MODES:
         raise InferError(f"rerank mode must be one of {', '.join(MODES)}, got {mode!r}")
-    ranker = LLMRanker(model, tokenizer, passage_tokens=passage_tokens, batch_size=batch_size)
+    ranker = LLMRanker(model, tokenizer, passage_tokens=passage_tokens)
     if mode == "full":
         window = max((len(p) for _, p in lists), default=1)
-    return sliding_window(ranker, lists, window=window, step=step)
+    return sliding_window(ranker, lists, window=window, step=step, batch_size=batch_size)
