@@ -280,9 +280,11 @@ def test_cli_trains_the_packaged_encoder_name_resolves(tmp_path):
 # several processes
 
 
-def test_two_processes_gather_negatives_and_equal_one(tmp_path, tiny_model_dir):
-    """DDP, 2 × 4 queries (with GradCache) == 1 process × 8 queries: the all-gather gives every query
-    the other rank's documents, and gradients flow back across ranks. Same losses, same weights."""
+@pytest.mark.parametrize("cache_chunk", [0, 4])
+def test_two_processes_gather_negatives_and_equal_one(tmp_path, tiny_model_dir, cache_chunk):
+    """DDP, 2 × 4 queries (plain, or with GradCache) == 1 process × 8 queries: the all-gather gives
+    every query the other rank's documents, and gradients flow back across ranks. Same losses, same
+    weights (with each rank's own negatives only, the losses would differ)."""
     import os
     import subprocess
     import sys
@@ -299,7 +301,7 @@ def test_two_processes_gather_negatives_and_equal_one(tmp_path, tiny_model_dir):
     one = train(load_recipe(root / "recipes" / "contrastive.yaml", [*common, "name=one", "train.batch_size=8"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tunesmith",
            "train", str(root / "recipes" / "contrastive.yaml"), *common, "name=two", "train.batch_size=4",
-           "train.strategy=ddp", "objective.contrastive.cache_chunk=4"]
+           "train.strategy=ddp", f"objective.contrastive.cache_chunk={cache_chunk}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     two = tmp_path / "runs" / "two"
@@ -311,3 +313,29 @@ def test_two_processes_gather_negatives_and_equal_one(tmp_path, tiny_model_dir):
     assert wa.keys() == wb.keys()
     for k in wa:  # (Adam turns an entry's tiny gradient into a whole step: float noise shows there first)
         torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4)
+
+
+def test_batches_are_random_draws_not_grouped_by_length(tmp_path, tiny_model_dir):
+    """Padded SFT batches are grouped by length; contrastive batches are not (in-batch negatives are a
+    random sample, as sentence-transformers draws them)."""
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.train.batches import MicroBatches
+
+    rows = [{"query": "q " * (1 + i % 5), "positive": f"the {w} " * (1 + i % 7)} for i, w in enumerate(WORDS)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(None, [f"model.name={tiny_model_dir}", f"data.train={path}", "objective.name=contrastive",
+                                "train.batch_size=4"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    items = Contrastive.load(recipe, tokenizer).train
+    obj = Contrastive(recipe.objective.contrastive)
+    plan = MicroBatches(items, obj, recipe.data, recipe.train, 0, tokenizer.pad_token_id).plan(0)
+
+    class ByLength(Contrastive):
+        group_by_length = True
+
+    grouped = MicroBatches(items, ByLength(recipe.objective.contrastive), recipe.data, recipe.train, 0,
+                           tokenizer.pad_token_id).plan(0)
+    assert sorted(i for b in plan for i in b) == list(range(len(items)))
+    spread = lambda p: sum(max(obj.length(items[i]) for i in b) - min(obj.length(items[i]) for i in b) for b in p)
+    assert spread(grouped) < spread(plan)  # grouping by length would have made tight batches

@@ -17,7 +17,9 @@ The objective returns the SUM over queries (one loss unit per query); the harnes
 **Batches.** In-batch negatives live inside one micro-batch, so a micro-batch holds whole items:
 `load` turns packing off (`data.packing=false`, attention `sdpa`; the resolved recipe shows both),
 and `train.batch_size` items make one micro-batch, its texts in padded rows: the queries, then the
-positives, then every hard negative. `train.grad_accum` adds micro-batches, not negatives.
+positives, then every hard negative. Items are drawn at random (`group_by_length = False`: not
+grouped by length, which would make the in-batch negatives a biased sample). `train.grad_accum`
+adds micro-batches, not negatives.
 
 **GradCache** (Gao et al., 2021; `cache_chunk` > 0): every text is embedded without a graph,
 `cache_chunk` texts at a time; the loss and its gradient with respect to the embeddings are
@@ -237,6 +239,8 @@ class Contrastive(ObjectiveBase):
     block_doc = "Options of contrastive: temperature, pooling, bidirectional attention, projector, GradCache."
     loads = "embedder"
     "prepare_model loads the model with `models.embedding.load_any` (encoders as AutoModel, decoders as causal LMs)."
+    group_by_length = False
+    "Batches are random draws, as sentence-transformers draws them: grouped by length, the in-batch negatives would be too."
 
     def __init__(self, cfg: ContrastiveConfig | None = None):
         self.cfg = cfg or ContrastiveConfig()

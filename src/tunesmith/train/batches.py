@@ -25,6 +25,8 @@ class MicroBatches:
         self.shuffle = data_cfg.shuffle if shuffle is None else shuffle
         self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
         self.lengths = [objective.length(x) for x in items]
+        if not getattr(objective, "group_by_length", True):  # padded batches drawn at random, not by length
+            self.lengths = [0] * len(items)  # (contrastive: the in-batch negatives stay a random sample)
         self.unit_counts = [objective.units(x) for x in items]
         self._plans: dict[int, list[list[int]]] = {}
 
