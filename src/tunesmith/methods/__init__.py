@@ -26,6 +26,7 @@ REGISTRY = {
     "ia3": "ia3:IA3",
     "mam": "compose:MAM",
     "longlora": "compose:LongLoRA",
+    "moe": "moe:MoE",
 }
 
 

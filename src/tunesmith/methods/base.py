@@ -192,12 +192,13 @@ class Compose(MethodBase):
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear inside the transformer blocks (not the lm_head, not embeddings)."""
+    """Every nn.Linear inside the transformer blocks (not the lm_head, not embeddings): a decoder's
+    `layers.N` (`h.N`, `blocks.N`), a BERT-like encoder's `encoder.layer.N` (the bare body has no prefix)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and mod is not head and re.search(r"\.(layers|h|blocks)\.\d+\.", name + ".")
+        if isinstance(mod, nn.Linear) and mod is not head and re.search(r"(^|\.)(layers|layer|h|blocks)\.\d+\.", name + ".")
     ]
 
 

@@ -22,6 +22,9 @@ REGISTRY = {
     "orpo": "preference:Preference",
     "grpo": "grpo:GRPO",
     "distill": "distill:Distill",
+    "contrastive": "contrastive:Contrastive",
+    "grl": "grl:GRL",
+    "listwise": "listwise:Listwise",
 }
 
 
