@@ -192,3 +192,16 @@ def test_cli_export_st(tokenizer, tiny_model_dir, tmp_path, capsys):
     assert main(["export", "--model", str(tiny_model_dir), "--format", "st", "--quant", "q8_0",
                  "--output", str(out)]) == 2
     assert "--quant is for" in capsys.readouterr().err
+
+
+def test_sliding_window_longer_than_max_length_only(tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    model = MistralForCausalLM(config).eval()
+    with pytest.raises(ExportError, match="sliding window"):
+        export_sentence_transformers(model, tokenizer, EmbeddingSpec(bidirectional=True, max_length=16), tmp_path / "a")
+    export_sentence_transformers(model, tokenizer, EmbeddingSpec(bidirectional=False, max_length=16), tmp_path / "b")
+    export_sentence_transformers(model, tokenizer, EmbeddingSpec(bidirectional=True, max_length=8), tmp_path / "c")
+    assert (tmp_path / "c" / "modules.json").is_file() and not (tmp_path / "a").exists()

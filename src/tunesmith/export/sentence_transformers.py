@@ -23,6 +23,8 @@ transformers >= 5.2 reads `is_causal: false` in a decoder's config and then buil
 and `requirements` asks for transformers >= 5.2 (an older one would silently attend causally;
 sentence-transformers refuses to load instead). The folder holds the body only (no LM head): with
 the flag set, the weights no longer generate text, so they are not offered as a causal LM.
+A sliding-window decoder (Mistral-style) keeps its window in transformers' bidirectional mask, so
+an export whose max_length exceeds the window is refused.
 """
 from __future__ import annotations
 
@@ -83,6 +85,11 @@ def _save_body(net, tokenizer, spec: EmbeddingSpec, folder: Path) -> bool:
     """The transformer and tokenizer at the folder's root; True if the body was made bidirectional."""
     bidirectional = spec.bidirectional and is_decoder(net)
     config = net.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if bidirectional and window and spec.max_length > window:
+        # transformers' bidirectional mask keeps the sliding window; tunesmith's padding-only mask does not
+        raise ExportError(f"max_length {spec.max_length} exceeds the model's sliding window ({window}): "
+                          "sentence-transformers would attend within the window, tunesmith across the whole text")
     if bidirectional:
         net.config = copy.deepcopy(config)
         net.config.is_causal = False  # transformers >= 5.2: a padding-only mask instead of the causal one
