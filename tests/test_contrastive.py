@@ -339,3 +339,30 @@ def test_batches_are_random_draws_not_grouped_by_length(tmp_path, tiny_model_dir
     assert sorted(i for b in plan for i in b) == list(range(len(items)))
     spread = lambda p: sum(max(obj.length(items[i]) for i in b) - min(obj.length(items[i]) for i in b) for b in p)
     assert spread(grouped) < spread(plan)  # grouping by length would have made tight batches
+
+
+def test_resume_continues_on_the_same_curve_with_the_projector(tmp_path, tiny_bert_dir):
+    """The projector is part of every checkpoint: a run stopped after step 2 and resumed ends where an
+    uninterrupted run ends."""
+    from tunesmith.train.loop import stopping_after
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+
+    def recipe(name, *extra):
+        return load_recipe(None, [f"model.name={tiny_bert_dir}", f"data.train={data}", "objective.name=contrastive",
+                                  f"output_dir={tmp_path / 'runs'}", f"name={name}", "train.steps=4",
+                                  "train.batch_size=8", "train.precision=fp32", "train.lr=5e-3", "train.warmup=0",
+                                  "train.save_every=2", "objective.contrastive.projector=true", *extra])
+
+    whole = train(recipe("whole"))
+    with stopping_after(2):
+        assert train(recipe("cut")).status == "interrupted"
+    train(recipe("cut", "resume=true"))
+    assert train_losses(whole.run_dir) == pytest.approx(train_losses(tmp_path / "runs" / "cut"), abs=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(whole.run_dir / "adapter" / "tunesmith_projector.safetensors")
+    b = load_file(tmp_path / "runs" / "cut" / "adapter" / "tunesmith_projector.safetensors")
+    assert a.keys() == b.keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
