@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models.embedding import SPEC_FILE, EmbeddingSpec, load_any, model_folder
+from ..models.embedding import SPEC_FILE, EmbeddingSpec, load_any, load_projector, model_folder
 from ..models.load import DEFAULT_MODEL, ModelError
 
 
@@ -65,7 +65,7 @@ def load_embedder(model: str | None = None, adapter: str | None = None, dtype: s
         run = None
     m, tokenizer = load_any(model, dtype)
     folder = model_folder(model)
-    spec = None
+    spec, afolder = None, None
     if adapter is not None:
         afolder = adapter_folder(adapter)
         method, _ = load_tuned(m, adapter)
@@ -73,6 +73,9 @@ def load_embedder(model: str | None = None, adapter: str | None = None, dtype: s
             method.merge(m)
         spec = _spec_near(afolder, afolder.parent)
     spec = spec or _spec_near(folder, run) or st_pooling(folder) or EmbeddingSpec()
+    for place in ([afolder] if adapter is not None else []) + [folder, run]:  # a trained projector, if any
+        if place is not None and load_projector(m, place):
+            break
     m.eval()
     m.requires_grad_(False)
     return m, tokenizer, spec

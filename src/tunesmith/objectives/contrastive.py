@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Config
-from ..models.embedding import POOLINGS, EmbeddingSpec, embed
+from ..models.embedding import POOLINGS, EmbeddingSpec, attach_projector, embed, load_projector, save_projector
 from ..models.moe import routing
 from .base import ObjectiveBase, ObjectiveError
 
-PROJECTOR_FILE = "tunesmith_projector.safetensors"
 DOMAINS_FILE = "tunesmith_domains.json"
 
 
@@ -86,46 +85,6 @@ def spec_of(cfg: ContrastiveConfig) -> EmbeddingSpec:
 
 # --------------------------------------------------------------------------------------------------
 # the projector
-
-
-def make_projector(dim: int) -> torch.nn.Module:
-    """Linear(d, d) → ReLU → Linear(d, d), on the pooled vector."""
-    return torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
-
-
-def attach_projector(model, seed: int = 0) -> torch.nn.Module:
-    """`model.tunesmith_projector` (made if absent, seeded): a submodule, so the optimizer,
-    checkpoints and `embed` see it."""
-    if getattr(model, "tunesmith_projector", None) is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            projector = make_projector(model.config.hidden_size)
-        device = next(model.parameters()).device
-        model.tunesmith_projector = projector.to(device=device, dtype=torch.float32)
-    return model.tunesmith_projector
-
-
-def save_projector(model, folder) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.tunesmith_projector.state_dict().items()}
-    save_file(state, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
-
-
-def load_projector(model, folder) -> bool:
-    """Attach the projector saved in `folder` to `model` (False when the folder has none)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    path = Path(folder) / PROJECTOR_FILE
-    if not path.is_file():
-        return False
-    state = load_file(str(path))
-    projector = make_projector(state["0.weight"].shape[1])
-    projector.load_state_dict(state)
-    model.tunesmith_projector = projector.to(next(model.parameters()).device)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
