@@ -369,3 +369,17 @@ def test_train_listwise_end_to_end(tmp_path, tiny_model_dir, capsys):
     model, tok = load_for_inference(str(tiny_model_dir), str(run))
     [res] = rerank(model, tok, [("topic 1", ["a", "b", "c"])], mode="full")
     assert sorted(res.order) == [0, 1, 2]
+
+
+def test_sub_lists_keep_the_gold_first_and_its_order():
+    from tunesmith.data.ranking import sub_list
+
+    item = RankingItem("q", [f"p{i}" for i in range(10)], order=[7, 2, 9, 0, 1, 3, 4, 5, 6, 8])
+    sizes = set()
+    for seed in range(30):
+        part = sub_list(item, random.Random(seed), 4)
+        sizes.add(len(part.passages))
+        gold = [part.passages[i] for i in part.order]
+        assert gold[0] == "p7" and sorted(part.order) == list(range(len(part.passages)))
+        assert gold == [p for p in (item.passages[i] for i in item.order) if p in part.passages]
+    assert min(sizes) == 4 and max(sizes) == 10

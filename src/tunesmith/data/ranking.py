@@ -109,6 +109,18 @@ def shuffled_prompt(item: RankingItem, rng: random.Random | None) -> tuple[list[
     return [item.passages[i] for i in shown], [label[i] for i in item.order]
 
 
+def sub_list(item: RankingItem, rng: random.Random, min_passages: int) -> RankingItem:
+    """A random part of the list, from `min_passages` candidates to all of them, always holding the gold
+    first: the paper trains on lists of varying length (methods.md §9), and a model that only ever saw
+    k candidates keeps writing k ids for a sliding window of fewer."""
+    n = len(item.passages)
+    m = rng.randint(min(min_passages, n), n)
+    keep = {item.order[0], *rng.sample(item.order[1:], m - 1)}
+    kept = sorted(keep)  # given order: the tie order of the gold ranking stays
+    index = {src: j for j, src in enumerate(kept)}
+    return RankingItem(item.query, [item.passages[i] for i in kept], [index[i] for i in item.order if i in keep])
+
+
 # --------------------------------------------------------------------------------------------------
 # importance weights
 
@@ -216,8 +228,8 @@ def _passages(passages: list, where: str) -> tuple[list, list[str]]:
             ids.append(p["id"])
             texts.append(p["text"])
         else:
-            raise DataError(f"{where}: passages[{i}] is {type(p).__name__}{'' if not isinstance(p, dict) else ' without id/text'}; "
-                            "expected a string or {\"id\": ..., \"text\": str}")
+            what = "an object without a string 'text' and an 'id'" if isinstance(p, dict) else type(p).__name__
+            raise DataError(f"{where}: passages[{i}] is {what}; expected a string or {{\"id\": ..., \"text\": str}}")
     first: dict[str, int] = {}
     for k, x in enumerate(ids):  # ids compare as text: 1 and "1" are one id, as in a JSON object's keys
         j = first.setdefault(str(x), k)
@@ -271,8 +283,10 @@ def _relevance(relevance: Any, ids: list, where: str) -> list[int]:
 
 
 def load_rankings(cfg: DataConfig, tokenizer, *, passage_tokens: int = PASSAGE_TOKENS, shuffle: bool = True,
-                  importance: bool = True, seed: int = 0, report: bool = True) -> RankingSplits:
+                  importance: bool = True, min_passages: int | None = None, seed: int = 0,
+                  report: bool = True) -> RankingSplits:
     """Read, split and render ranking records into weighted Samples; the split rules of `load_data`.
+    With `min_passages`, each training record shows a random part of its list (`sub_list`).
 
     Record i of a split is shown in a prompt order drawn from (`seed`, split, i): the same order on
     every run and rank. `importance=False` weighs every answer token 1 (plain SFT on the answer).
@@ -287,10 +301,10 @@ def load_rankings(cfg: DataConfig, tokenizer, *, passage_tokens: int = PASSAGE_T
     records, val_records, val_name = read_splits(cfg, seed)
     renderer = Renderer(tokenizer, assistant_turns="last")
     opts = dict(passage_tokens=passage_tokens, shuffle=shuffle, importance=importance, seed=seed)
-    train, train_stats = _build(records, cfg, renderer, cfg.train, "train", **opts)
+    train, train_stats = _build(records, cfg, renderer, cfg.train, "train", min_passages=min_passages, **opts)
     stats, val = {"train": train_stats}, None
-    if val_records is not None:
-        val, stats["val"] = _build(val_records, cfg, renderer, val_name, "val", **opts)
+    if val_records is not None:  # validation lists stay whole
+        val, stats["val"] = _build(val_records, cfg, renderer, val_name, "val", min_passages=None, **opts)
     if report:
         announce(stats, cfg.max_length)
     return RankingSplits(train=train, val=val, stats=stats)
@@ -308,12 +322,14 @@ def ranking_sample(renderer: Renderer, item: RankingItem, *, passage_tokens: int
 
 
 def _build(records, cfg: DataConfig, renderer: Renderer, name: str, split: str, *, passage_tokens: int,
-           shuffle: bool, importance: bool, seed: int):
+           shuffle: bool, importance: bool, seed: int, min_passages: int | None):
     samples: list[Sample] = []
     skipped = Skipped()
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
     for i, record in enumerate(bar):
         item = ranking_item(record.fields, record.where)
+        if min_passages:
+            item = sub_list(item, random.Random(f"tunesmith-sublist:{seed}:{split}:{i}"), min_passages)
         rng = random.Random(f"tunesmith-rank:{seed}:{split}:{i}") if shuffle else None
         try:
             sample = ranking_sample(renderer, item, passage_tokens=passage_tokens, rng=rng, importance=importance)

@@ -30,9 +30,11 @@ class ListwiseConfig(Config):
     passage_tokens: int = Field(100, gt=0)
     "Each passage is cut to this many tokens in the prompt (the paper's 100)."
     shuffle: bool = True
-    "Show the candidates in a seeded random order, so the input order gives the answer away nowhere."
+    "Show the candidates in a seeded random order, so the model cannot learn to keep the input (e.g. BM25) order."
     importance: bool = True
     "Weigh the tokens of the id ranked r by 1 + 1/log2(r+1) (false: every answer token weighs 1, plain SFT)."
+    min_passages: int | None = Field(None, gt=0)
+    "Show each training list cut to a random length from this many candidates to all (the gold first kept), so sliding windows shorter than the lists are in distribution; null: whole lists."
 
 
 class Listwise(ObjectiveBase):
@@ -56,7 +58,7 @@ class Listwise(ObjectiveBase):
 
         opts = recipe.objective.listwise
         return load_rankings(recipe.data, tokenizer, passage_tokens=opts.passage_tokens, shuffle=opts.shuffle,
-                             importance=opts.importance, seed=recipe.train.seed)
+                             importance=opts.importance, min_passages=opts.min_passages, seed=recipe.train.seed)
 
     def __call__(self, model, batch):
         return causal_lm_loss(model, batch, self.chunk)
