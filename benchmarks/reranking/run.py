@@ -77,7 +77,7 @@ def evaluate_rows(args) -> dict:
     common = dict(top_k=args.top_k, passage_tokens=args.passage_tokens, run=run, skip_unfound=True)
     plan = {"untuned, full list": (None, "full"), "tuned, full list": (OUT / args.name, "full"),
             f"tuned, window {args.window}/{args.step}": (OUT / args.name, "window")}
-    out, loaded, wanted = {}, {}, set(args.rows.split(","))
+    out, loaded, wanted = {"random order": random_order(run, qrels, args.top_k)}, {}, set(args.rows.split(","))
     for row, (adapter, mode) in plan.items():
         if row.split(",")[0] not in wanted or mode not in args.modes.split(","):
             continue
@@ -91,6 +91,24 @@ def evaluate_rows(args) -> dict:
         out.setdefault("bm25", r.before)
         out[row] = {"metrics": r.after, "latency": r.latency, "complete": r.complete}
     return out
+
+
+def random_order(run: dict, qrels: dict, k: int, draws: int = 300) -> dict:
+    """Mean metrics of the BM25 top k shuffled: what a reranker that ignores the text scores."""
+    import random
+
+    from tunesmith.data.ranking import candidate_order
+
+    rng, sums = random.Random(0), {}
+    for _ in range(draws):
+        shuffled = {}
+        for q, scores in run.items():
+            top = candidate_order(scores)[:k]
+            rng.shuffle(top)
+            shuffled[q] = {d: float(len(top) - i) for i, d in enumerate(top)}
+        for name, value in retrieval_metrics(shuffled, qrels, ks=(1, k)).items():
+            sums[name] = sums.get(name, 0.0) + value / draws
+    return sums
 
 
 def main() -> None:
