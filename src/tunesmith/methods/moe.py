@@ -61,5 +61,6 @@ class MoE(MethodBase):
         return self.cfg.train == "all" or id(param) in self._expert_ids
 
     def describe(self, model: nn.Module) -> str:
-        return (f"the MLPs of {len(self._layers)} layers upcycled into {self.cfg.experts} experts each; "
+        n = len(self._layers)
+        return (f"the MLP of {n} layer{'s' if n != 1 else ''} upcycled into {self.cfg.experts} experts each; "
                 f"trains {self.cfg.train}")
