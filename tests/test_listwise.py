@@ -383,3 +383,14 @@ def test_sub_lists_keep_the_gold_first_and_its_order():
         assert gold[0] == "p7" and sorted(part.order) == list(range(len(part.passages)))
         assert gold == [p for p in (item.passages[i] for i in item.order) if p in part.passages]
     assert min(sizes) == 4 and max(sizes) == 10
+
+
+def test_data_inspect_shows_ranking_samples(tmp_path, tiny_model_dir, capsys):
+    from tunesmith.cli import main
+
+    data = tmp_path / "rank.jsonl"
+    data.write_text(json.dumps({"query": "q", "passages": ["alpha", "beta", "gamma"], "ranking": [2, 3, 1]}) + "\n")
+    code = main(["data", "inspect", "recipes/lora-sft.yaml", f"model.name={tiny_model_dir}", f"data.train={data}",
+                 "objective.name=listwise", "objective.listwise.shuffle=false", "data.val_fraction=0", "-n", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "⟦[2] > [3] > [1]<|im_end|>⟧" in out and "[1] alpha" in out
