@@ -17,8 +17,9 @@ text "{instruction}. Query:\\n{query}\\n\\n{passage}\\n" for the positive and ea
 
 Every token of a generation text is predicted (labels on all non-pad tokens, as in ULLME). The KL
 and DPO terms need hard negatives in every record; SFT without KL needs none. With GradCache
-(`cache_chunk`) the InfoNCE and KL terms replay chunk by chunk (both depend on the embeddings
-only through the loss on them); the generation term backpropagates as usual.
+(`cache_chunk`) both paths replay chunk by chunk: the InfoNCE and KL terms through the embeddings
+(the contrastive objective's GradCache), the generation term through the log-probs of its rows
+(`cache_chunk` generation texts at a time), so memory is one chunk's activations either way.
 
     objective:
       name: grl
@@ -236,12 +237,52 @@ class GRL(Contrastive):
     def generation_terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(generation loss per query (B,), s_gen (B, C) mean token log-probs, valid (B, C))."""
         logp_rows, n_rows = sequence_logps(model, batch["gen_input_ids"], batch["gen_attention_mask"])
+        return self._gen_from_rows(logp_rows, n_rows, batch)
+
+    def _gen_from_rows(self, logp_rows: torch.Tensor, n_rows: torch.Tensor, batch: dict):
         index = batch["gen_index"]
         valid = index >= 0
         safe = index.clamp(min=0)
         logp, n_tokens = logp_rows[safe] * valid, n_rows[safe] * valid
         loss = generation_loss(logp, n_tokens, valid, self.cfg.gen_loss, self.cfg.beta)
         return loss, logp / n_tokens.clamp(min=1), valid
+
+    def _cached_generation(self, model, batch: dict):
+        """GradCache for the generation rows (`cache_chunk` rows at a time): log-probs without a graph,
+        the loss's gradient with respect to them, then a backward that replays each chunk with a graph
+        (dropout replayed) — as the contrastive objective does for its embeddings. Returns (the
+        λ_gen-weighted loss tensor, generation loss per query (detached), s_gen, valid)."""
+        from .contrastive import _autocast_state, _chunks, _Replay, _RngState
+
+        ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"]
+        chunks = _chunks(ids.shape[0], self.cfg.cache_chunk)
+        states, sums, counts = [], [], []
+        with torch.no_grad():
+            for sl in chunks:
+                states.append(_RngState(ids.device))
+                total, n = sequence_logps(model, ids[sl], mask[sl])
+                sums.append(total)
+                counts.append(n)
+        logp_rows = torch.cat(sums).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, s_gen, valid = self._gen_from_rows(logp_rows, torch.cat(counts), batch)
+            weighted = self.cfg.gen_weight * loss.sum()
+            (grad,) = torch.autograd.grad(weighted, logp_rows)
+        params = [p for p in model.parameters() if p.requires_grad]
+        autocast = _autocast_state(ids.device)
+
+        def replay(grad_output):
+            out = [torch.zeros_like(p) for p in params]
+            for sl, state in zip(chunks, states):
+                with state.restored(), torch.enable_grad(), torch.autocast(**autocast):
+                    part, _ = sequence_logps(model, ids[sl], mask[sl])
+                got = torch.autograd.grad(part, params, grad[sl] * grad_output, allow_unused=True)
+                for acc, g in zip(out, got):
+                    if g is not None:
+                        acc += g
+            return out
+
+        return _Replay.apply(weighted.detach(), replay, *params), loss.detach(), s_gen.detach(), valid
 
     def loss_from_embeddings(self, emb: torch.Tensor, batch: dict, gather: bool):
         """λ_CL·InfoNCE + λ_KL·KL(P_gen ‖ P_rt) per query; P_gen comes in the batch (`s_gen`), fixed."""
@@ -258,13 +299,16 @@ class GRL(Contrastive):
         return self.cfg.cl_weight * cl + self.cfg.kl_weight * kl, correct
 
     def __call__(self, model, batch):
-        gen_loss, s_gen, valid = self.generation_terms(model, batch)
+        if torch.is_grad_enabled() and self.cfg.cache_chunk:
+            weighted, gen_loss, s_gen, valid = self._cached_generation(model, batch)
+        else:
+            gen_loss, s_gen, valid = self.generation_terms(model, batch)
+            weighted = self.cfg.gen_weight * gen_loss.sum()
         batch = {**batch, "s_gen": s_gen.detach(), "s_gen_valid": valid}
         total, units, metrics = super().__call__(model, batch)
-        total = total + self.cfg.gen_weight * gen_loss.sum()
         metrics = {**metrics, "loss_cl": self._parts["cl"], "loss_kl": self._parts["kl"],
                    "loss_gen": float(gen_loss.detach().sum())}
-        return total, units, metrics
+        return total + weighted, units, metrics
 
 
 def _generation_ids(tokenizer, cfg: GrlConfig, record) -> list[list[int]]:
