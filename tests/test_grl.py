@@ -262,3 +262,19 @@ def test_kl_or_dpo_without_negatives_is_a_clear_error(tmp_path, tiny_model_dir):
         "objective.name=grl", f"output_dir={tmp_path / 'runs'}", "name=g", "train.steps=1"])
     with pytest.raises(DataError, match="needs hard negatives"):
         train(recipe)
+
+
+def test_contrastive_objective_trains_with_mnr_plus_when_asked():
+    """`objective.contrastive.loss=mnr_plus` routes the objective's loss to mnr_plus (pairs only:
+    the hard negatives of the batch are left out)."""
+    from tunesmith.objectives.contrastive import Contrastive, ContrastiveConfig
+
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(7, 4, generator=g, dtype=torch.float64)  # 3 queries, 3 positives, 1 hard negative
+    batch = {"n_queries": 3}
+    plus = Contrastive(ContrastiveConfig(loss="mnr_plus", similarity="dot", temperature=0.5))
+    got, _ = plus.loss_from_embeddings(emb, batch, gather=False)
+    want, _ = mnr_plus(emb[:3], emb[3:6], temperature=0.5, similarity="dot")
+    torch.testing.assert_close(got, want)
+    plain, _ = Contrastive(ContrastiveConfig(similarity="dot", temperature=0.5)).loss_from_embeddings(emb, batch, gather=False)
+    assert (plain - got).abs().max() > 1e-3

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Config
-from ..models.embedding import POOLINGS, EmbeddingSpec, attach_projector, embed, load_projector, save_projector
+from ..models.embedding import POOLINGS, EmbeddingSpec, attach_projector, embed, save_projector
 from ..models.moe import routing
 from .base import ObjectiveBase, ObjectiveError
 
@@ -72,6 +72,8 @@ class ContrastiveConfig(Config):
     "Text put before every query, e.g. `query: ` (E5) or an instruction."
     document_prefix: str = ""
     "Text put before every document (positives, negatives, corpus), e.g. `passage: `."
+    loss: Literal["mnr", "mnr_plus"] = "mnr"
+    "`mnr`: InfoNCE over in-batch and hard negatives; `mnr_plus` (Hallee et al., 2024): soft in-batch targets, pairs only (equals symmetric mnr under cosine)."
     cache_chunk: int = Field(0, ge=0)
     "GradCache: embed this many texts at a time and cache the embeddings' gradients (0 = the whole batch at once)."
 
@@ -184,6 +186,31 @@ class _RngState:
 def _autocast_state(device: torch.device) -> dict:
     kind = device.type
     return {"device_type": kind, "enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
+
+
+# --------------------------------------------------------------------------------------------------
+# mnr_plus (methods.md §15)
+
+
+def mnr_plus(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.05,
+             similarity: str = "cos") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair mnr_plus losses (B,) and whether a ranks its own b first (B,) bool.
+
+    Soft in-batch targets T = softmax((a·aᵀ + b·bᵀ)/2) (similarities within each side); the target
+    of row i is argmax_j T[i, j] — its own pair unless another pair is closer on both sides, so a
+    near-duplicate pair is not pushed apart — and the loss is ½[CE(a·bᵀ/τ, argmax_row T) +
+    CE(b·aᵀ/τ, argmax_row Tᵀ)]. The mean over pairs is the paper's loss; this returns each pair's share.
+    """
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(dtype), b.to(dtype)
+    logits = similarities(a, b, similarity) / temperature  # (B, B)
+    with torch.no_grad():
+        soft = torch.softmax((similarities(a, a, similarity) + similarities(b, b, similarity)) / 2, dim=-1)
+        rows, cols = soft.argmax(dim=1), soft.T.argmax(dim=1)
+    forward = F.cross_entropy(logits, rows, reduction="none")
+    backward = F.cross_entropy(logits.T, cols, reduction="none")
+    correct = logits.argmax(dim=1) == torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (forward + backward), correct
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +331,8 @@ class Contrastive(ObjectiveBase):
 
     def loss_from_embeddings(self, emb: torch.Tensor, batch: dict, gather: bool):
         b = batch["n_queries"]
+        if self.cfg.loss == "mnr_plus":  # this rank's pairs; hard negatives are not used
+            return mnr_plus(emb[:b], emb[b:2 * b], temperature=self.cfg.temperature, similarity=self.cfg.similarity)
         return info_nce(emb[:b], emb[b:2 * b], emb[2 * b:], temperature=self.cfg.temperature,
                         symmetric=self.cfg.symmetric, similarity=self.cfg.similarity, gather=gather)
 

@@ -36,34 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.embedding import hidden_states, is_decoder
 from .base import ObjectiveError
-from .contrastive import Contrastive, ContrastiveConfig, attach_projector, similarities
+from .contrastive import Contrastive, ContrastiveConfig, attach_projector, mnr_plus, similarities
 
 GENERATION_FORMAT = "{instruction}. Query:\n{query}\n\n{passage}\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# mnr_plus (methods.md §15)
-
-
-def mnr_plus(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.05,
-             similarity: str = "cos") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair mnr_plus losses (B,) and whether a ranks its own b first (B,) bool.
-
-    Soft in-batch targets T = softmax((a·aᵀ + b·bᵀ)/2) (similarities within each side); the target
-    of row i is argmax_j T[i, j] — its own pair unless another pair is closer on both sides, so a
-    near-duplicate pair is not pushed apart — and the loss is ½[CE(a·bᵀ/τ, argmax_row T) +
-    CE(b·aᵀ/τ, argmax_row Tᵀ)]. The mean over pairs is the paper's loss; this returns each pair's share.
-    """
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    a, b = a.to(dtype), b.to(dtype)
-    logits = similarities(a, b, similarity) / temperature  # (B, B)
-    with torch.no_grad():
-        soft = torch.softmax((similarities(a, a, similarity) + similarities(b, b, similarity)) / 2, dim=-1)
-        rows, cols = soft.argmax(dim=1), soft.T.argmax(dim=1)
-    forward = F.cross_entropy(logits, rows, reduction="none")
-    backward = F.cross_entropy(logits.T, cols, reduction="none")
-    correct = logits.argmax(dim=1) == torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (forward + backward), correct
 
 
 # --------------------------------------------------------------------------------------------------
