@@ -5,6 +5,7 @@
     tunesmith chat --adapter runs/lora-sft
     tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
     tunesmith export --adapter runs/lora-sft/adapter --output merged/
+    tunesmith embed --adapter runs/emb --input texts.jsonl --output vectors.npy
     tunesmith serve --adapter sql=runs/lora-sft   # OpenAI-compatible server on 127.0.0.1:8000
     tunesmith bench recipes/lora-sft.yaml steps=8   # tokens/s, memory, MFU, time per part
     tunesmith methods           # every tuning method with its size on a model
@@ -33,9 +34,10 @@ def _user_errors():
     from .infer.generate import InferError
 
     from .eval.files import FileTaskError
+    from .eval.rerank import RerankEvalError
     from .eval.runner import EvalError
 
-    return tuple(errors + [ExportError, InferError, EvalError, FileTaskError])
+    return tuple(errors + [ExportError, InferError, EvalError, FileTaskError, RerankEvalError])
 
 
 def cmd_train(args) -> int:
@@ -64,6 +66,17 @@ def cmd_data(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    kind = objective_class(recipe.objective.name)
+    if getattr(kind, "loads", None) == "embedder":  # query/positive/negatives items (contrastive, grl)
+        from .data.pairs import format_contrastive_inspection, load_contrastive
+        from .models.embedding import model_folder
+
+        options, tokenizer = getattr(recipe.objective, kind.block), load_tokenizer(str(model_folder(recipe.model.name)))
+        splits = load_contrastive(recipe.data, tokenizer, max_length=options.max_length, seed=recipe.train.seed,
+                                  query_prefix=options.query_prefix, document_prefix=options.document_prefix,
+                                  report=False)
+        print(format_contrastive_inspection(splits, tokenizer, n=args.n))
+        return 0
     tokenizer = load_tokenizer(recipe.model.name)
     max_length = recipe.data.max_length
     if objective_class(recipe.objective.name) is Preference:  # the data it trains on: chosen/rejected pairs
@@ -73,7 +86,10 @@ def cmd_data(args) -> int:
         pairs = load_pairs(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
         print(format_pair_inspection(pairs.train, tokenizer, pairs.stats, n=args.n, max_length=max_length))
         return 0
-    splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
+    if recipe.objective.name == "listwise":  # ranking records: prompts and importance-weighted answers
+        splits = kind.load(recipe, tokenizer)
+    else:
+        splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
     print(format_inspection(splits.train, tokenizer, splits.stats, n=args.n, max_length=max_length))
     return 0
 
@@ -121,6 +137,8 @@ def cmd_export(args) -> int:
     from .infer.generate import base_model_for
     from .models.load import DEFAULT_MODEL
 
+    if args.format == "st":
+        return _export_st(args)
     if args.format != "hf":
         return _export_gguf(args)
     if args.quant is not None:
@@ -129,6 +147,29 @@ def cmd_export(args) -> int:
         args.model = base_model_for(args.adapter) if args.adapter else DEFAULT_MODEL
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
     print(f"[tunesmith] merged model written to {out}")
+    return 0
+
+
+def _export_st(args) -> int:
+    from .export.atomic import ExportError
+    from .export.sentence_transformers import export_sentence_transformers
+    from .infer.embed import load_embedder
+
+    if args.quant is not None:
+        raise ExportError("--quant is for --format gguf / gguf-lora; a sentence-transformers folder takes --dtype")
+    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
+    out = export_sentence_transformers(model, tokenizer, spec, args.output)
+    print(f"[tunesmith] sentence-transformers folder written to {out} (pooling {spec.pooling}"
+          f"{', bidirectional' if spec.bidirectional else ''})")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .infer.embed import embed_file, load_embedder
+
+    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
+    out = embed_file(model, tokenizer, spec, args.input, args.output, kind=args.kind, batch_size=args.batch_size)
+    print(f"[tunesmith] {args.kind} vectors written to {out}")
     return 0
 
 
@@ -161,6 +202,10 @@ def _export_gguf(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.runner import evaluate, format_summary, get_eval_task, save_result
 
+    if args.task == "retrieval" or args.task.startswith("retrieval:"):
+        return _eval_retrieval(args)
+    if args.task == "rerank" or args.task.startswith("rerank:"):
+        return _eval_rerank(args)
     if args.task.startswith("text:"):
         from .objectives.sft import perplexity
 
@@ -180,6 +225,67 @@ def cmd_eval(args) -> int:
     print(format_summary(result))
     _fusion_report(model)
     print(f"[tunesmith] per-example records: {out}")
+    return 0
+
+
+def _searcher(args):
+    """`--model bm25`, or an embedder (any model, run or adapter folder load_embedder reads)."""
+    if args.model == "bm25":
+        return "bm25", "bm25"
+    from .infer.embed import load_embedder
+
+    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
+    return (model, tokenizer, spec), args.adapter or args.model
+
+
+def _eval_retrieval(args) -> int:
+    from .eval.retrieval import evaluate_retrieval, format_retrieval, load_retrieval, save_retrieval
+
+    name, corpus, queries, qrels = load_retrieval(args.task, args.split, seed=args.seed, limit=args.limit)
+    searcher, label = _searcher(args)
+    result = evaluate_retrieval(searcher, corpus, queries, qrels, task=name, model_name=label,
+                                batch_size=args.batch_size, progress=True)
+    out = args.output or f"eval-retrieval-{args.split}.json"
+    save_retrieval(result, out, split=args.split, adapter=args.adapter)
+    print(format_retrieval(result))
+    print(f"[tunesmith] metrics and each query's top 10: {out}")
+    return 0
+
+
+def _eval_rerank(args) -> int:
+    from .eval.rerank import evaluate_rerank, format_rerank, save_rerank
+    from .eval.retrieval import load_retrieval
+
+    source = args.task.partition(":")[2] or "builtin"
+    name, corpus, queries, qrels = load_retrieval(f"retrieval:{source}", args.split, seed=args.seed, limit=args.limit)
+    model, tok = _load(args)
+    result = evaluate_rerank(model, tok, corpus, queries, qrels, top_k=args.top_k, mode=args.mode, window=args.window,
+                             step=args.step, passage_tokens=args.passage_tokens, batch_size=args.batch_size,
+                             task=name.replace("retrieval", "rerank", 1))
+    out = args.output or f"eval-rerank-{args.split}.json"
+    save_rerank(result, out, model=args.model, adapter=args.adapter, split=args.split)
+    print(format_rerank(result))
+    print(f"[tunesmith] per-query orders and answers: {out}")
+    return 0
+
+
+def cmd_mine(args) -> int:
+    from .data.beir import read_corpus
+    from .data.mining import bm25_search, dense_search, mine_hard_negatives, pairs_corpus, read_pairs, write_jsonl
+
+    rows = read_pairs(args.input)
+    corpus = read_corpus(args.corpus) if args.corpus else pairs_corpus(rows)
+    if args.method == "bm25":
+        search = bm25_search
+    else:
+        (model, tokenizer, spec), _ = _searcher(args)
+        def search(c, q, k):
+            return dense_search(model, tokenizer, spec, c, q, k, batch_size=args.batch_size, progress=True)
+    mined, stats = mine_hard_negatives(rows, corpus, search, negatives=args.negatives, skip_top=args.skip_top)
+    write_jsonl(mined, args.output)
+    print(f"[tunesmith] {stats['rows']} rows ({stats['queries']} distinct queries) mined against {stats['corpus']} "
+          f"documents with {args.method}; {stats['short']} got fewer than {args.negatives} negatives")
+    print(f"[tunesmith] written to {args.output}")
     return 0
 
 
@@ -350,17 +456,29 @@ def _add_model_verbs(sub) -> None:
                                       "or write a GGUF for llama.cpp / Ollama")
     _model_args(p)
     p.add_argument("--output", required=True, help="the folder (hf) or the .gguf file (gguf, gguf-lora) to write")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf", "gguf-lora"],
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "gguf-lora", "st"],
                    help="hf: a transformers folder; gguf: one .gguf (+ <name>.Modelfile for Ollama), an adapter "
-                        "merged in; gguf-lora: a LoRA adapter as a GGUF LoRA (llama.cpp --lora)")
+                        "merged in; gguf-lora: a LoRA adapter as a GGUF LoRA (llama.cpp --lora); st: an embedder "
+                        "as a sentence-transformers folder (SentenceTransformer(path) loads it)")
     p.add_argument("--quant", default=None, choices=["f32", "f16", "bf16", "q8_0"],
                    help="GGUF weight type (default f16; f32 for gguf-lora, which takes f32/f16/bf16)")
     p.set_defaults(fn=cmd_export)
 
+    p = sub.add_parser("embed", help="embed the texts of a file ({\"text\": ...} JSONL or .txt) into a .npy")
+    _model_args(p)
+    p.add_argument("--input", required=True, help="JSONL with a `text` per line, or a .txt with one text per line")
+    p.add_argument("--output", required=True, help="the .npy to write: float32 (n, d), row i = text i")
+    p.add_argument("--kind", default="document", choices=["query", "document"],
+                   help="which of the embedder's prefixes to add (its query or document prefix)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(fn=cmd_embed)
+
     p = sub.add_parser("eval", help="measure a model (with an adapter) on a task")
     _model_args(p)
     p.add_argument("--task", required=True,
-                   help="sql, json, humaneval, a JSONL task file, or text:FILE for loss/perplexity")
+                   help="sql, json, humaneval, a JSONL task file, text:FILE for loss/perplexity, or "
+                        "retrieval:builtin / retrieval:BEIR_FOLDER (with --model bm25 or an embedder), or "
+                        "rerank:builtin / rerank:BEIR_FOLDER (BM25 top --top-k reranked by the model)")
     p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, sql, python")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -372,8 +490,28 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="where the per-example JSON goes")
+    p.add_argument("--top-k", type=int, default=20, help="rerank: BM25 candidates per query")
+    p.add_argument("--mode", default="full", choices=["full", "window"],
+                   help="rerank: all candidates in one prompt, or sliding windows back to front")
+    p.add_argument("--window", type=int, default=20, help="rerank --mode window: candidates per window")
+    p.add_argument("--step", type=int, default=10, help="rerank --mode window: how far each window moves")
+    p.add_argument("--passage-tokens", type=int, default=100, help="rerank: each passage cut to this many tokens")
     _fuse_args(p)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("mine", help="add hard negatives to (query, positive) pairs by searching a corpus")
+    _model_args(p)
+    p.add_argument("--input", required=True, help="pairs: query (or anchor) and positive per record, or task:NAME/SPLIT")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--corpus", default=None, help="a BEIR corpus.jsonl (_id, title, text) to mine from")
+    where.add_argument("--from-pairs", action="store_true", help="mine from the positives of the input itself")
+    p.add_argument("--method", default="bm25", choices=["bm25", "model"], help="bm25, or the --model/--adapter embedder")
+    p.add_argument("--negatives", type=int, default=5, help="hard negatives per row")
+    p.add_argument("--skip-top", type=int, default=0,
+                   help="skip this many best candidates after the positives (likely unlabelled positives)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", required=True, help="the JSONL to write: each row with its `negatives`")
+    p.set_defaults(fn=cmd_mine)
 
 
 def build_parser() -> argparse.ArgumentParser:
