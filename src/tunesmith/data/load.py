@@ -98,18 +98,28 @@ def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer,
             sample = renderer(example)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
-        sample, was_truncated = fit_length(sample, cfg.max_length, cfg.overflow)
-        if sample is None:
-            skipped.add("too_long", record.where)
-        elif not any(sample["weights"]):
-            skipped.add("cut_off" if was_truncated else "no_trained", record.where)
-        else:
-            if was_truncated:
-                skipped.add_truncated(record.where)
-            samples.append(sample)
+        admit(sample, record.where, cfg, skipped, samples)
+    return finish_split(samples, len(records), skipped, cfg, name, "samples")
+
+
+def admit(sample: Sample, where: str, cfg: DataConfig, skipped: Skipped, samples: list[Sample]) -> None:
+    """Fit a rendered sample to max_length/overflow and keep it, or count why it is skipped."""
+    sample, was_truncated = fit_length(sample, cfg.max_length, cfg.overflow)
+    if sample is None:
+        skipped.add("too_long", where)
+    elif not any(sample["weights"]):
+        skipped.add("cut_off" if was_truncated else "no_trained", where)
+    else:
+        if was_truncated:
+            skipped.add_truncated(where)
+        samples.append(sample)
+
+
+def finish_split(samples: list[Sample], n_records: int, skipped: Skipped, cfg: DataConfig, name: str, what: str):
+    """(samples, stats) of a built split; no usable sample is an error that says why."""
     if not samples:
-        raise DataError(no_usable(name, skipped, cfg, "samples"))
-    return samples, split_stats(samples, records=len(records), dropped_too_long=skipped.count("too_long"),
+        raise DataError(no_usable(name, skipped, cfg, what))
+    return samples, split_stats(samples, records=n_records, dropped_too_long=skipped.count("too_long"),
                                 truncated=skipped.truncated, truncated_first=skipped.first_truncated,
                                 no_trained_token=skipped.count(*NOTHING_TO_TRAIN), skipped=skipped.as_stats())
 

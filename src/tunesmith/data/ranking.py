@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from .errors import DataError
 from .formats import Message
-from .load import PROGRESS_MIN_RECORDS, no_usable, read_splits, split_stats
-from .render import Renderer, Sample, chat_template, fit_length
-from .skipped import NOTHING_TO_TRAIN, Skipped, announce
+from .load import PROGRESS_MIN_RECORDS, admit, finish_split, read_splits
+from .render import Renderer, Sample, chat_template
+from .skipped import Skipped, announce
 
 SYSTEM_PROMPT = ("You are RankGPT, an intelligent assistant that can rank passages based on their "
                  "relevancy to the query.")
@@ -335,20 +335,8 @@ def _build(records, cfg: DataConfig, renderer: Renderer, name: str, split: str, 
             sample = ranking_sample(renderer, item, passage_tokens=passage_tokens, rng=rng, importance=importance)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
-        sample, was_truncated = fit_length(sample, cfg.max_length, cfg.overflow)
-        if sample is None:
-            skipped.add("too_long", record.where)
-        elif not any(sample["weights"]):
-            skipped.add("cut_off" if was_truncated else "no_trained", record.where)
-        else:
-            if was_truncated:
-                skipped.add_truncated(record.where)
-            samples.append(sample)
-    if not samples:
-        raise DataError(no_usable(name, skipped, cfg, "ranking samples"))
-    return samples, split_stats(samples, records=len(records), dropped_too_long=skipped.count("too_long"),
-                                truncated=skipped.truncated, truncated_first=skipped.first_truncated,
-                                no_trained_token=skipped.count(*NOTHING_TO_TRAIN), skipped=skipped.as_stats())
+        admit(sample, record.where, cfg, skipped, samples)
+    return finish_split(samples, len(records), skipped, cfg, name, "ranking samples")
 
 
 # --------------------------------------------------------------------------------------------------
