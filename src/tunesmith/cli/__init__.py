@@ -20,31 +20,31 @@ import sys
 
 def _user_errors():
     """Exceptions that are the user's to fix: printed as one line, no traceback."""
-    from .data import DataError
-    from .methods import MethodError
-    from .models.load import ModelError
-    from .recipe import RecipeError
-    from .train.checkpoint import CheckpointError
-    from .objectives import ObjectiveError
-    from .train.loop import TrainError
+    from ..data import DataError
+    from ..methods import MethodError
+    from ..models.load import ModelError
+    from ..recipe import RecipeError
+    from ..train.checkpoint import CheckpointError
+    from ..objectives import ObjectiveError
+    from ..train.loop import TrainError
 
     errors = [RecipeError, DataError, ModelError, MethodError, ObjectiveError, TrainError, CheckpointError,
               FileNotFoundError]
-    from .export.atomic import ExportError
-    from .infer.generate import InferError
+    from ..export.atomic import ExportError
+    from ..infer.generate import InferError
 
-    from .eval.files import FileTaskError
-    from .eval.rerank import RerankEvalError
-    from .eval.runner import EvalError
+    from ..eval.files import FileTaskError
+    from ..eval.rerank import RerankEvalError
+    from ..eval.runner import EvalError
 
     return tuple(errors + [ExportError, InferError, EvalError, FileTaskError, RerankEvalError])
 
 
 def cmd_train(args) -> int:
-    from .recipe import load_recipe
-    from .train import distributed
-    from .objectives import objective_class
-    from .train.loop import TrainError, train
+    from ..recipe import load_recipe
+    from ..train import distributed
+    from ..objectives import objective_class
+    from ..train.loop import TrainError, train
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.nproc > 1 and not objective_class(recipe.objective.name).multi_process:
@@ -59,17 +59,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import format_inspection, load_data
-    from .models.load import load_tokenizer
-    from .objectives import objective_class
-    from .objectives.preference import Preference
-    from .recipe import load_recipe
+    from ..data import format_inspection, load_data
+    from ..models.load import load_tokenizer
+    from ..objectives import objective_class
+    from ..objectives.preference import Preference
+    from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     kind = objective_class(recipe.objective.name)
     if getattr(kind, "loads", None) == "embedder":  # query/positive/negatives items (contrastive, grl)
-        from .data.pairs import format_contrastive_inspection, load_contrastive
-        from .models.embedding import model_folder
+        from ..data.pairs import format_contrastive_inspection, load_contrastive
+        from ..models.embedding import model_folder
 
         options, tokenizer = getattr(recipe.objective, kind.block), load_tokenizer(str(model_folder(recipe.model.name)))
         splits = load_contrastive(recipe.data, tokenizer, max_length=options.max_length, seed=recipe.train.seed,
@@ -80,8 +80,8 @@ def cmd_data(args) -> int:
     tokenizer = load_tokenizer(recipe.model.name)
     max_length = recipe.data.max_length
     if objective_class(recipe.objective.name) is Preference:  # the data it trains on: chosen/rejected pairs
-        from .data.preference import load_pairs
-        from .data.report import format_pair_inspection
+        from ..data.preference import load_pairs
+        from ..data.report import format_pair_inspection
 
         pairs = load_pairs(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
         print(format_pair_inspection(pairs.train, tokenizer, pairs.stats, n=args.n, max_length=max_length))
@@ -95,10 +95,10 @@ def cmd_data(args) -> int:
 
 
 def _load(args):
-    from .infer.generate import load_for_inference
+    from ..infer.generate import load_for_inference
 
     if getattr(args, "fuse_small", None) or getattr(args, "fuse_expert", None):
-        from .infer.fuse import load_fused_args
+        from ..infer.fuse import load_fused_args
 
         return load_fused_args(args.model, args.adapter, args.fuse_small, args.fuse_expert, args.fuse_mode,
                                args.fuse_alpha, args.dtype)
@@ -107,13 +107,13 @@ def _load(args):
 
 def _fusion_report(model) -> None:
     if hasattr(model, "stats"):  # a fused model: what α it used
-        from .infer.fuse import format_stats
+        from ..infer.fuse import format_stats
 
         print(f"[tunesmith] {format_stats(model)}")
 
 
 def cmd_generate(args) -> int:
-    from .infer.generate import generate_file
+    from ..infer.generate import generate_file
 
     model, tok = _load(args)
     generate_file(model, tok, args.input, args.output, max_new_tokens=args.max_new_tokens,
@@ -124,7 +124,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .infer.generate import chat
+    from ..infer.generate import chat
 
     model, tok = _load(args)
     chat(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -132,13 +132,15 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.atomic import ExportError
-    from .export.merged import export_merged
-    from .infer.generate import base_model_for
-    from .models.load import DEFAULT_MODEL
+    from ..export.atomic import ExportError
+    from ..export.merged import export_merged
+    from ..infer.generate import base_model_for
+    from ..models.load import DEFAULT_MODEL
 
     if args.format == "st":
-        return _export_st(args)
+        from .embeddings import export_st
+
+        return export_st(args)
     if args.format != "hf":
         return _export_gguf(args)
     if args.quant is not None:
@@ -150,36 +152,13 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _export_st(args) -> int:
-    from .export.atomic import ExportError
-    from .export.sentence_transformers import export_sentence_transformers
-    from .infer.embed import load_embedder
-
-    if args.quant is not None:
-        raise ExportError("--quant is for --format gguf / gguf-lora; a sentence-transformers folder takes --dtype")
-    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
-    out = export_sentence_transformers(model, tokenizer, spec, args.output)
-    print(f"[tunesmith] sentence-transformers folder written to {out} (pooling {spec.pooling}"
-          f"{', bidirectional' if spec.bidirectional else ''})")
-    return 0
-
-
-def cmd_embed(args) -> int:
-    from .infer.embed import embed_file, load_embedder
-
-    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
-    out = embed_file(model, tokenizer, spec, args.input, args.output, kind=args.kind, batch_size=args.batch_size)
-    print(f"[tunesmith] {args.kind} vectors written to {out}")
-    return 0
-
-
 def _export_gguf(args) -> int:
     """`--format gguf`: the model (an adapter merged in first) as one .gguf plus an Ollama Modelfile;
     `--format gguf-lora`: a LoRA adapter as a GGUF LoRA for llama.cpp's --lora."""
-    from .export.atomic import ExportError
-    from .export.gguf import export_gguf, export_gguf_lora, export_merged_gguf, usage
-    from .infer.generate import base_model_for
-    from .models.load import DEFAULT_MODEL
+    from ..export.atomic import ExportError
+    from ..export.gguf import export_gguf, export_gguf_lora, export_merged_gguf, usage
+    from ..infer.generate import base_model_for
+    from ..models.load import DEFAULT_MODEL
 
     if args.format == "gguf-lora":
         if args.adapter is None:
@@ -200,14 +179,14 @@ def _export_gguf(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.runner import evaluate, format_summary, get_eval_task, save_result
+    from ..eval.runner import evaluate, format_summary, get_eval_task, save_result
 
-    if args.task == "retrieval" or args.task.startswith("retrieval:"):
-        return _eval_retrieval(args)
-    if args.task == "rerank" or args.task.startswith("rerank:"):
-        return _eval_rerank(args)
+    if args.task.partition(":")[0] in ("retrieval", "rerank"):
+        from .embeddings import eval_rerank, eval_retrieval
+
+        return (eval_retrieval if args.task.startswith("retrieval") else eval_rerank)(args)
     if args.task.startswith("text:"):
-        from .objectives.sft import perplexity
+        from ..objectives.sft import perplexity
 
         model, tok = _load(args)
         result = perplexity(model, tok, args.task[len("text:"):], limit=args.limit)
@@ -228,76 +207,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _searcher(args):
-    """`--model bm25`, or an embedder (any model, run or adapter folder load_embedder reads)."""
-    if args.model == "bm25":
-        return "bm25", "bm25"
-    from .infer.embed import load_embedder
-
-    model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
-    return (model, tokenizer, spec), args.adapter or args.model
-
-
-def _eval_retrieval(args) -> int:
-    from .eval.retrieval import evaluate_retrieval, format_retrieval, load_retrieval, save_retrieval
-
-    name, corpus, queries, qrels = load_retrieval(args.task, args.split, seed=args.seed, limit=args.limit)
-    searcher, label = _searcher(args)
-    result = evaluate_retrieval(searcher, corpus, queries, qrels, task=name, model_name=label,
-                                batch_size=args.batch_size, progress=True)
-    out = args.output or f"eval-retrieval-{args.split}.json"
-    save_retrieval(result, out, split=args.split, adapter=args.adapter)
-    print(format_retrieval(result))
-    print(f"[tunesmith] metrics and each query's top 10: {out}")
-    return 0
-
-
-def _eval_rerank(args) -> int:
-    from .eval.rerank import evaluate_rerank, format_rerank, save_rerank
-    from .eval.retrieval import load_retrieval
-
-    source = args.task.partition(":")[2] or "builtin"
-    name, corpus, queries, qrels = load_retrieval(f"retrieval:{source}", args.split, seed=args.seed, limit=args.limit)
-    model, tok = _load(args)
-    result = evaluate_rerank(model, tok, corpus, queries, qrels, top_k=args.top_k, mode=args.mode, window=args.window,
-                             step=args.step, passage_tokens=args.passage_tokens, batch_size=args.batch_size,
-                             task=name.replace("retrieval", "rerank", 1))
-    out = args.output or f"eval-rerank-{args.split}.json"
-    save_rerank(result, out, model=args.model, adapter=args.adapter, split=args.split)
-    print(format_rerank(result))
-    print(f"[tunesmith] per-query orders and answers: {out}")
-    return 0
-
-
-def cmd_mine(args) -> int:
-    from .data.beir import read_corpus
-    from .data.mining import bm25_search, dense_search, mine_hard_negatives, pairs_corpus, read_pairs, write_jsonl
-
-    rows = read_pairs(args.input)
-    corpus = read_corpus(args.corpus) if args.corpus else pairs_corpus(rows)
-    if args.method == "bm25":
-        search = bm25_search
-    else:
-        (model, tokenizer, spec), _ = _searcher(args)
-        def search(c, q, k):
-            return dense_search(model, tokenizer, spec, c, q, k, batch_size=args.batch_size, progress=True)
-    mined, stats = mine_hard_negatives(rows, corpus, search, negatives=args.negatives, skip_top=args.skip_top)
-    write_jsonl(mined, args.output)
-    print(f"[tunesmith] {stats['rows']} rows ({stats['queries']} distinct queries) mined against {stats['corpus']} "
-          f"documents with {args.method}; {stats['short']} got fewer than {args.negatives} negatives")
-    print(f"[tunesmith] written to {args.output}")
-    return 0
-
-
 def cmd_quickstart(args) -> int:
-    from .quickstart import quickstart
+    from ..quickstart import quickstart
 
     quickstart(args.recipe, args.overrides)
     return 0
 
 
 def cmd_recipe(args) -> int:
-    from .recipe import reference
+    from ..recipe import reference
 
     if args.markdown:
         print("| key | default | meaning |\n|---|---|---|")
@@ -310,9 +228,9 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, format_bench, matmul_peak
-    from .recipe import RecipeError, load_recipe
-    from .runtime import allocator_in_use, pick_device, set_threads
+    from ..bench import bench, format_bench, matmul_peak
+    from ..recipe import RecipeError, load_recipe
+    from ..runtime import allocator_in_use, pick_device, set_threads
 
     overrides = []
     for item in args.overrides:  # `steps=N` / `warmup=N` belong to the bench, the rest to the recipe
@@ -347,8 +265,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .bench.estimate import estimate, format_estimate
-    from .recipe import load_recipe
+    from ..bench.estimate import estimate, format_estimate
+    from ..recipe import load_recipe
 
     result = estimate(load_recipe(args.recipe, args.overrides), mfu=args.mfu)
     print(format_estimate(result))
@@ -362,7 +280,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .models.prune import prune_model
+    from ..models.prune import prune_model
 
     out = prune_model(args.model, args.keep, args.output, dtype=args.dtype)
     print(f"[tunesmith] pruned model ({args.keep} layers) written to {out}")
@@ -370,8 +288,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods.catalog import format_table, method_table
-    from .models.load import DEFAULT_MODEL, load_model
+    from ..methods.catalog import format_table, method_table
+    from ..models.load import DEFAULT_MODEL, load_model
 
     model, _ = load_model(args.model or DEFAULT_MODEL, "fp32")
     rows = method_table(model)
@@ -382,7 +300,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import Limits, parse_adapters, serve
+    from ..serve import Limits, parse_adapters, serve
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_queue=args.max_queue,
                     request_timeout_s=args.request_timeout)
@@ -431,7 +349,7 @@ def _fuse_args(p):
 
 
 def _add_model_verbs(sub) -> None:
-    """The verbs that use a trained model: generate, chat, export, eval."""
+    """The verbs that use a trained model: generate, chat, export, eval (embed and mine: `cli/embeddings.py`)."""
     p = sub.add_parser("generate", help="complete JSONL prompts (`prompt` or `messages` per line)")
     _model_args(p)
     p.add_argument("--input", required=True)
@@ -464,15 +382,6 @@ def _add_model_verbs(sub) -> None:
                    help="GGUF weight type (default f16; f32 for gguf-lora, which takes f32/f16/bf16)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("embed", help="embed the texts of a file ({\"text\": ...} JSONL or .txt) into a .npy")
-    _model_args(p)
-    p.add_argument("--input", required=True, help="JSONL with a `text` per line, or a .txt with one text per line")
-    p.add_argument("--output", required=True, help="the .npy to write: float32 (n, d), row i = text i")
-    p.add_argument("--kind", default="document", choices=["query", "document"],
-                   help="which of the embedder's prefixes to add (its query or document prefix)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(fn=cmd_embed)
-
     p = sub.add_parser("eval", help="measure a model (with an adapter) on a task")
     _model_args(p)
     p.add_argument("--task", required=True,
@@ -499,21 +408,6 @@ def _add_model_verbs(sub) -> None:
     _fuse_args(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("mine", help="add hard negatives to (query, positive) pairs by searching a corpus")
-    _model_args(p)
-    p.add_argument("--input", required=True, help="pairs: query (or anchor) and positive per record, or task:NAME/SPLIT")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--corpus", default=None, help="a BEIR corpus.jsonl (_id, title, text) to mine from")
-    where.add_argument("--from-pairs", action="store_true", help="mine from the positives of the input itself")
-    p.add_argument("--method", default="bm25", choices=["bm25", "model"], help="bm25, or the --model/--adapter embedder")
-    p.add_argument("--negatives", type=int, default=5, help="hard negatives per row")
-    p.add_argument("--skip-top", type=int, default=0,
-                   help="skip this many best candidates after the positives (likely unlabelled positives)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", required=True, help="the JSONL to write: each row with its `negatives`")
-    p.set_defaults(fn=cmd_mine)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune, evaluate and export open LLMs.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -532,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data)
 
     _add_model_verbs(sub)
+    from .embeddings import add_embedding_verbs
+
+    add_embedding_verbs(sub, _model_args)
     _add_serve(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
@@ -577,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line (not a call from Python): train and measure on jemalloc if present
-        from .runtime import reexec_with_allocator
+        from ..runtime import reexec_with_allocator
 
         reexec_with_allocator(sys.argv[1:])
     args = build_parser().parse_args(argv)
@@ -590,6 +487,3 @@ def main(argv: list[str] | None = None) -> int:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
