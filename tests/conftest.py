@@ -144,3 +144,20 @@ def perturb(model, seed=2, std=0.05):
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT on MiniLM's WordPiece tokenizer, saved as a transformers folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tunesmith.models.embedding import encoder_folder
+
+    tok = AutoTokenizer.from_pretrained(str(encoder_folder()))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

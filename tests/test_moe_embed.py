@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import make_tiny_model
 from tunesmith.methods import attach, build_method
@@ -199,23 +198,6 @@ def test_int_route_sends_everything_to_one_expert():
 
 # --------------------------------------------------------------------------------------------------
 # end to end: domain-tagged pairs route each text to its domain's expert
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny random BERT on MiniLM's WordPiece tokenizer, saved as a transformers folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from tunesmith.models.embedding import encoder_folder
-
-    tok = AutoTokenizer.from_pretrained(str(encoder_folder()))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
-    path = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 FRUITS = ["apple", "pear", "plum", "cherry", "mango", "grape", "lemon", "melon"]
