@@ -242,6 +242,21 @@ def test_contrastive_run_trains_each_domain_expert_and_reloads(tmp_path, tiny_be
     with routing(model, 1):
         place = embed_texts(model, tokenizer, texts, spec)
     assert (fruit - place).abs().max() > 1e-4
+    assert model.tunesmith_domains == ["fruit", "place"]
+    # the command line: --domain NAME runs every text through that domain's expert
+    import numpy as np
+
+    from tunesmith.cli import main
+
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    for name, want in (("place", place), ("fruit", fruit)):
+        out = tmp_path / f"{name}.npy"
+        assert main(["embed", "--model", str(result.run_dir), "--input", str(tmp_path / "texts.txt"),
+                     "--output", str(out), "--domain", name]) == 0
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), want, atol=1e-5, rtol=1e-5)
+    assert main(["embed", "--model", str(result.run_dir), "--input", str(tmp_path / "texts.txt"),
+                 "--output", str(tmp_path / "x.npy"), "--domain", "sea"]) == 2
+    assert not (tmp_path / "x.npy").exists()
 
 
 def tiny_bert_dir_model(folder):

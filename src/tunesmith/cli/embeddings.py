@@ -16,6 +16,8 @@ def add_embedding_verbs(sub, model_args) -> None:
     p.add_argument("--kind", default="document", choices=["query", "document"],
                    help="which of the embedder's prefixes to add (its query or document prefix)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--domain", default=None,
+                   help="a domain-expert (MoE) embedder: run every text through this domain's expert")
     p.set_defaults(fn=cmd_embed)
 
     p = sub.add_parser("mine", help="add hard negatives to (query, positive) pairs by searching a corpus")
@@ -52,7 +54,8 @@ def cmd_embed(args) -> int:
     from ..infer.embed import embed_file, load_embedder
 
     model, tokenizer, spec = load_embedder(args.model, args.adapter, dtype=args.dtype)
-    out = embed_file(model, tokenizer, spec, args.input, args.output, kind=args.kind, batch_size=args.batch_size)
+    out = embed_file(model, tokenizer, spec, args.input, args.output, kind=args.kind, batch_size=args.batch_size,
+                     domain=args.domain)
     print(f"[tunesmith] {args.kind} vectors written to {out}")
     return 0
 

