@@ -12,8 +12,8 @@ from tests.conftest import make_tiny_model, train_losses
 from tunesmith.data.batching import collate
 from tunesmith.data.pairs import PairRecord, tokenize_items
 from tunesmith.objectives.base import ObjectiveError
-from tunesmith.objectives.contrastive import info_nce
-from tunesmith.objectives.grl import (GENERATION_FORMAT, GRL, GrlConfig, generation_loss, kl_gen_retrieval, mnr_plus,
+from tunesmith.objectives.contrastive import info_nce, mnr_plus
+from tunesmith.objectives.grl import (GENERATION_FORMAT, GRL, GrlConfig, generation_loss, kl_gen_retrieval,
                                       sequence_logps, _generation_ids)
 from tunesmith.recipe import load_recipe
 from tunesmith.train.loop import train

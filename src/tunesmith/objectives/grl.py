@@ -32,11 +32,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
 from ..models.embedding import hidden_states, is_decoder
 from .base import ObjectiveError
-from .contrastive import Contrastive, ContrastiveConfig, attach_projector, mnr_plus, similarities
+from .contrastive import Contrastive, ContrastiveConfig, attach_projector, similarities
+from .preference import owned_logp_sums
 
 GENERATION_FORMAT = "{instruction}. Query:\n{query}\n\n{passage}\n"
 
@@ -54,23 +54,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     keep = attention_mask[:, 1:].bool()
     h, targets = hidden[:, :-1][keep], input_ids[:, 1:][keep]
     row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)[keep]
-    head = model.get_output_embeddings()
-    parts = []
-    for i in range(0, h.shape[0], chunk):
-        sl = slice(i, i + chunk)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logps, head, h[sl], targets[sl], use_reentrant=False))
-        else:
-            parts.append(_token_logps(head, h[sl], targets[sl]))
-    token = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    total = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row, token)
-    if not parts:  # keep the graph connected on rows of one token
-        total = total + 0.0 * hidden.sum()
+    total = owned_logp_sums(model.get_output_embeddings(), hidden, h, targets, row, input_ids.shape[0], chunk)
     return total, keep.sum(1)
-
-
-def _token_logps(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(head(h).float(), targets, reduction="none")
 
 
 def generation_loss(logp: torch.Tensor, n_tokens: torch.Tensor, valid: torch.Tensor, kind: str,

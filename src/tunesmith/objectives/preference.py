@@ -83,6 +83,25 @@ def _chunk_logps(head, h, targets):
     return logp.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
 
 
+def owned_logp_sums(head, hidden, h, targets, owner, n_owners: int, chunk: int = 1024) -> torch.Tensor:
+    """Σ log p(target) per owner [n_owners] fp32, from the selected hidden states `h` (n, d): the lm_head
+    runs `chunk` positions at a time (recomputed in backward), so (n, vocab) logits never pile up."""
+    n = targets.numel()
+    parts = []
+    chunk = chunk if chunk > 0 else max(n, 1)  # 0: one piece (no recompute)
+    for i in range(0, n, chunk):
+        sl = slice(i, i + chunk)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logps, head, h[sl], targets[sl], use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, h[sl], targets[sl]))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    total = hidden.new_zeros(n_owners, dtype=torch.float32).index_add(0, owner, token_logps)
+    if n == 0:  # keep the graph connected so backward() works
+        total = total + 0.0 * hidden.sum()
+    return total
+
+
 def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-segment (sum of log p(token) over trained target positions [S] fp32, their count [S] int64).
 
@@ -95,19 +114,7 @@ def sequence_logps(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor,
     h = hidden[:, :-1][keep]  # (n, d)
     targets = batch["input_ids"][:, 1:][keep]
     owner = seg[:, 1:][keep]  # the segment of each target token
-    n = targets.numel()
-    parts = []
-    chunk = chunk if chunk > 0 else max(n, 1)  # 0: one piece (no recompute)
-    for i in range(0, n, chunk):
-        sl = slice(i, i + chunk)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logps, head, h[sl], targets[sl], use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(head, h[sl], targets[sl]))
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    logp_sum = hidden.new_zeros(S, dtype=torch.float32).index_add(0, owner, token_logps)
-    if n == 0:  # keep the graph connected so backward() works
-        logp_sum = logp_sum + 0.0 * hidden.sum()
+    logp_sum = owned_logp_sums(head, hidden, h, targets, owner, S, chunk)
     counts = torch.zeros(S, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
     return logp_sum, counts
 
