@@ -25,7 +25,12 @@ Optional hooks (`MethodBase` gives each a no-op default), called by the loop in 
 - `export_delta(model)`: (tensors, options) to save, when the inference form differs from the
   training form (prefix tuning folds its MLP; PiSSA saves plain LoRA on the original base);
 - `make_optimizer(model, param_groups, train_cfg)`, probed with hasattr: a method with its own update
-  rule (SpIEL).
+  rule (SpIEL);
+- `aux_loss(model)`: (a loss tensor or None, metrics) read after each training forward, e.g. a learned
+  MoE router's load-balancing and z-losses and its expert shares. The loss is a per-step mean: the
+  harness's LossModule adds it times the micro-batch's loss units to the objective's loss sum (the
+  metrics the same way), so after the window's division it counts once per step whatever the
+  accumulation. It is not added to validation loss (no-grad forwards), which stays the objective's.
 
 A method keeps what it knows about the model on itself, never on the transformers model (no
 attributes set on it). It knows nothing of file formats: `tunesmith.export` writes our adapter
@@ -87,6 +92,10 @@ class Method(Protocol):
     def describe(self, model: nn.Module) -> str:
         """One line the loop prints after applying the method (e.g. HFT's exact trained fraction); may be ''."""
 
+    def aux_loss(self, model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(an auxiliary loss of the last forward, as a per-step mean, or None; metrics to log as
+        per-step means). E.g. a learned router's load balance; (None, {}) for most methods."""
+
     def export_delta(self, model: nn.Module) -> tuple[dict, object]:
         """(tensors, options block) to save as the adapter: by default the delta state and this
         method's options. A method whose training form differs from its inference form (prefix
@@ -133,6 +142,9 @@ class MethodBase:
 
     def describe(self, model: nn.Module) -> str:
         return ""
+
+    def aux_loss(self, model: nn.Module):
+        return None, {}
 
     def export_delta(self, model: nn.Module):
         return delta_state(model, self), self.cfg
@@ -189,6 +201,16 @@ class Compose(MethodBase):
 
     def describe(self, model: nn.Module) -> str:
         return " · ".join(d for d in (part.describe(model) for part in self.parts) if d)
+
+    def aux_loss(self, model: nn.Module):
+        """The parts' auxiliary losses summed (None if no part has one); their metrics together."""
+        total, metrics = None, {}
+        for part in self.parts:
+            loss, part_metrics = part.aux_loss(model)
+            if loss is not None:
+                total = loss if total is None else total + loss
+            metrics.update(part_metrics)
+        return total, metrics
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:

@@ -19,15 +19,30 @@ from ..runtime import autocast
 
 class LossModule(torch.nn.Module):
     """The model with its objective as `forward`, so DDP/FSDP wrap one module whose output is the
-    loss (the chunked lm_head never runs outside a wrapped forward)."""
+    loss (the chunked lm_head never runs outside a wrapped forward).
 
-    def __init__(self, model, objective=None):
+    With a `method`, its auxiliary loss (e.g. a learned MoE router's load balance) joins the loss of
+    training forwards: the objective's loss is a sum over units that the harness divides by the
+    window's units, so a per-step mean aux counts as aux · (this micro-batch's units) — over the
+    window that is the units-weighted mean of the micro-batches' aux values, whatever the
+    accumulation. Its metrics are scaled the same way (the harness averages metric sums over units).
+    Validation forwards (no grad) get the objective's loss only."""
+
+    def __init__(self, model, objective=None, method=None):
         super().__init__()
         self.model = model
         self.objective = objective or SFT()
+        self.method = method
 
     def forward(self, batch: dict):
-        loss_sum, _, metrics = self.objective(self.model, batch)
+        loss_sum, n_units, metrics = self.objective(self.model, batch)
+        if self.method is not None and torch.is_grad_enabled():
+            aux, aux_metrics = self.method.aux_loss(self.model)
+            units = float(n_units)
+            if aux is not None:
+                loss_sum = loss_sum + aux.to(loss_sum.dtype) * units
+            if aux_metrics:
+                metrics = {**metrics, **{k: float(v) * units for k, v in aux_metrics.items()}}
         return loss_sum, metrics
 
 
