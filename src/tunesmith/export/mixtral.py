@@ -57,10 +57,10 @@ def mixtral_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     layers = model.model.layers
     moes = [getattr(layer, "mlp", None) for layer in layers]
     if not all(isinstance(m, MoEMLP) and isinstance(m.router, TopKRouter) for m in moes):
-        have = sum(isinstance(m, MoEMLP) for m in moes)
-        raise ExportError(f"Mixtral needs a learned router in every layer; this model has {have} MoE layers of "
-                          f"{len(moes)}{' (enforced routing)' if have and not moes[0].router else ''}: "
-                          f"{KEEP_AS_ADAPTER}")
+        upcycled = [m for m in moes if isinstance(m, MoEMLP)]
+        enforced = " (enforced routing)" if upcycled and not any(m.router for m in upcycled) else ""
+        raise ExportError(f"Mixtral needs a learned router in every layer; this model has {len(upcycled)} MoE layers "
+                          f"of {len(moes)}{enforced}: {KEEP_AS_ADAPTER}")
     shapes = {(m.n_experts, m.router.k) for m in moes}
     if len(shapes) != 1:
         raise ExportError(f"Mixtral needs the same experts and top-k in every layer, found {sorted(shapes)}")
