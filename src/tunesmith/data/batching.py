@@ -91,6 +91,8 @@ def collate(samples: list[Sample], *, packing: bool, pad_id: int) -> dict[str, t
     Returns input_ids [B, T] int64, weights [B, T] float32 (0 on padding), position_ids [B, T] int64
     (restarting at 0 for every sample) and segment_ids [B, T] int64 (1, 2, ... per sample in a row,
     0 on padding). Packed gives B = 1; padded gives B = len(samples), right-padded to the longest.
+    Samples with a `domain` also give route_ids [B, T] int64: each token's sample's domain (-1 on
+    padding), the per-token expert of a domain-routed MoE (`models.moe.routing`).
     """
     rows = [samples] if packing else [[s] for s in samples]
     width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
@@ -99,6 +101,7 @@ def collate(samples: list[Sample], *, packing: bool, pad_id: int) -> dict[str, t
     weights = torch.zeros(shape, dtype=torch.float32)
     position_ids = torch.zeros(shape, dtype=torch.long)
     segment_ids = torch.zeros(shape, dtype=torch.long)
+    route_ids = torch.full(shape, -1, dtype=torch.long) if any("domain" in s for s in samples) else None
     for b, row in enumerate(rows):
         t = 0
         for seg, s in enumerate(row, start=1):
@@ -107,8 +110,11 @@ def collate(samples: list[Sample], *, packing: bool, pad_id: int) -> dict[str, t
             weights[b, t:t + n] = torch.tensor(s["weights"], dtype=torch.float32)
             position_ids[b, t:t + n] = torch.arange(n)
             segment_ids[b, t:t + n] = seg
+            if route_ids is not None:
+                route_ids[b, t:t + n] = s.get("domain", -1)
             t += n
-    return {"input_ids": input_ids, "weights": weights, "position_ids": position_ids, "segment_ids": segment_ids}
+    batch = {"input_ids": input_ids, "weights": weights, "position_ids": position_ids, "segment_ids": segment_ids}
+    return batch if route_ids is None else {**batch, "route_ids": route_ids}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

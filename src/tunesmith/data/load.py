@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ class DataSplits:
     val: list[Sample] | None
     stats: dict  # {"train": {...}, "val": {...}}: see `split_stats`
     format: str  # the format used (what `auto` resolved to)
+    domains: list[str] = field(default_factory=list)  # the records' `domain` names, sorted: sample["domain"] indexes it
 
 
 def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) -> DataSplits:
@@ -38,17 +39,35 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) ->
         with no usable sample.
     """
     records, val_records, val_name = read_splits(cfg, seed)
+    domains = domain_names(records + (val_records or []))
+    index = {name: k for k, name in enumerate(domains)}
 
     fmt = detect_format(records[0], cfg)
     renderer = Renderer(tokenizer, train_on_prompt=cfg.train_on_prompt, assistant_turns=cfg.assistant_turns)
-    train, train_stats = _build(records, fmt, cfg, renderer, cfg.train)
+    train, train_stats = _build(records, fmt, cfg, renderer, cfg.train, index)
     stats = {"train": train_stats}
     val = None
     if val_records is not None:
-        val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name)
+        val, stats["val"] = _build(val_records, fmt, cfg, renderer, val_name, index)
     if report:
         announce(stats, cfg.max_length)
-    return DataSplits(train=train, val=val, stats=stats, format=fmt)
+    return DataSplits(train=train, val=val, stats=stats, format=fmt, domains=domains)
+
+
+def domain_names(records: list[Record]) -> list[str]:
+    """The sorted names in the records' `domain` field (a domain-expert MoE routes a sample of the
+    k-th to expert k); every record has one or none has."""
+    have = [r for r in records if r.fields.get("domain") is not None]
+    if not have:
+        return []
+    if len(have) != len(records):
+        missing = next(r for r in records if r.fields.get("domain") is None)
+        raise DataError(f"{missing.where}: field 'domain' is missing, but {have[0].where} has one; give every "
+                        "record a domain or none")
+    bad = next((r for r in have if not isinstance(r.fields["domain"], str) or not r.fields["domain"]), None)
+    if bad is not None:
+        raise DataError(f"{bad.where}: field 'domain' must be a non-empty string, got {bad.fields['domain']!r}")
+    return sorted({r.fields["domain"] for r in have})
 
 
 def read_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record] | None, str | None]:
@@ -82,9 +101,11 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer, name: str):
+def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer, name: str,
+           domains: dict[str, int] | None = None):
     """Render records into samples, applying max_length/overflow; records with nothing to train are
-    skipped, counted by reason with the first one's location (see `skipped.py`)."""
+    skipped, counted by reason with the first one's location (see `skipped.py`). With `domains`, a
+    sample carries its record's domain number (`domain`)."""
     samples: list[Sample] = []
     skipped = Skipped()
     bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=len(records) < PROGRESS_MIN_RECORDS)
@@ -98,6 +119,8 @@ def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer,
             sample = renderer(example)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
+        if domains:
+            sample["domain"] = domains[record.fields["domain"]]
         admit(sample, record.where, cfg, skipped, samples)
     return finish_split(samples, len(records), skipped, cfg, name, "samples")
 

@@ -31,6 +31,8 @@ _warned_no_template = False
 
 
 class Sample(TypedDict):
+    """Token ids and loss weights; data with domains adds `domain` (int), the record's domain number."""
+
     input_ids: list[int]
     weights: list[float]
 
@@ -148,4 +150,4 @@ def fit_length(sample: Sample, max_length: int, overflow: str) -> tuple[Sample |
         return sample, False
     if overflow == "drop":
         return None, False
-    return {"input_ids": sample["input_ids"][:max_length], "weights": sample["weights"][:max_length]}, True
+    return {**sample, "input_ids": sample["input_ids"][:max_length], "weights": sample["weights"][:max_length]}, True

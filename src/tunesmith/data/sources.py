@@ -35,8 +35,11 @@ def read_records(path: str | Path) -> Iterator[Record]:
     """Yield the records of a data file or `save_to_disk` folder, in file order.
 
     `task:sql/train` (or `task:json`, split `train` by default) reads a split of a built-in
-    generated task as chat records.
+    generated task as chat records. Several sources joined by `+` are a mix (`mixed_sources`).
     """
+    sources = mixed_sources(str(path))
+    if sources is not None:
+        return _read_mix(sources)
     if str(path).startswith("task:"):
         return _read_task(str(path))
     path = Path(path)
@@ -51,6 +54,46 @@ def read_records(path: str | Path) -> Iterator[Record]:
     if reader is _read_parquet:
         return reader(path)
     return _utf8_checked(path, reader(path))
+
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # the NAME of a `NAME=source` in a mix
+
+
+def mixed_sources(spec: str) -> list[tuple[str, str]] | None:
+    """[(domain, source)] of a mix such as `task:sql/train+task:json/train` or `sql=a.jsonl+json=b.jsonl`,
+    None for one plain source. A source's domain is its `NAME=` prefix, else the task's name
+    (`task:sql/...` -> sql), else the file's name without extension. `NAME=` on a single source gives
+    its records that domain. A path that exists as written is never split (a file named `a+b.jsonl`)."""
+    if Path(spec).exists() or ("+" not in spec and "=" not in spec):
+        return None
+    parts, named = [], False
+    for part in spec.split("+"):
+        name, eq, source = part.strip().partition("=")
+        if not eq or not _DOMAIN_NAME.fullmatch(name):
+            name, source = "", part.strip()
+        if not source:
+            raise DataError(f"{spec}: an empty source in a mix; join sources with `+`, e.g. task:sql/train+task:json/train")
+        named = named or bool(name)
+        if not name:
+            name = source[len("task:"):].partition("/")[0] if source.startswith("task:") else Path(source).stem
+        parts.append((name, source))
+    return parts if len(parts) > 1 or named else None
+
+
+def _read_mix(sources: list[tuple[str, str]]) -> Iterator[Record]:
+    """The sources' records interleaved one by one (so `data.limit` draws from every source), each
+    given its source's domain unless the record names its own `domain`."""
+    readers = [(name, iter(read_records(source))) for name, source in sources]
+    while readers:
+        for entry in list(readers):
+            name, reader = entry
+            record = next(reader, None)
+            if record is None:
+                readers.remove(entry)
+            elif "domain" in record.fields and record.fields["domain"] is not None:
+                yield record
+            else:
+                yield Record(record.where, {**record.fields, "domain": name})
 
 
 def _utf8_checked(path: Path, records: Iterator[Record]) -> Iterator[Record]:

@@ -3,30 +3,44 @@
 Only positions that carry weight go through the lm_head, in chunks of `chunk` tokens, each chunk
 recomputed in backward: the full (T, vocab) fp32 logits never exist. For SFT, where only the
 answers train, this also skips most of the lm_head work.
+
+Domain routing: when the data's records carry a `domain` (or come from a mix of sources,
+`data.train=task:sql/train+task:json/train`), every token carries its record's domain number
+through packing (the batch's `route_ids`), and the forward runs under `models.moe.routing`, so a
+domain-expert MoE (method `moe` or `moe_lora` with enforced routing) sends each token through its
+domain's expert. The domain names are saved with the run and its adapter (`tunesmith_domains.json`),
+where `tunesmith generate|eval --domain NAME` finds them.
 """
 from __future__ import annotations
+
+import contextlib
+import json
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import PACKED, segments_from_ids
+from ..models.embedding import DOMAINS_FILE
 from ..models.masks import attention_mask
-from .base import ObjectiveBase
+from ..models.moe import moe_modules, routing
+from .base import ObjectiveBase, ObjectiveError
 
 
 def forward_hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states (B, T, d) of the decoder for a (possibly packed) batch.
 
     Samples never attend to each other: with per-sample attention (`models.attention`) each
-    sample's attention runs on its own; otherwise a block-causal mask isolates them."""
+    sample's attention runs on its own; otherwise a block-causal mask isolates them. A batch with
+    `route_ids` (data with domains) routes each token to its domain's expert in MoE layers."""
     body = getattr(model, model.base_model_prefix)
     if model.config._attn_implementation == PACKED:
         isolation = {"attention_mask": None, "tunesmith_segments": segments_from_ids(batch["segment_ids"])}
     else:
         eager = model.config._attn_implementation == "eager"
         isolation = {"attention_mask": attention_mask(batch["segment_ids"], additive=eager)}
-    out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **isolation)
+    with routing(model, batch.get("route_ids")):  # no-op without route ids or without MoE layers
+        out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **isolation)
     return out.last_hidden_state
 
 
@@ -72,6 +86,7 @@ class SFT(ObjectiveBase):
 
     def __init__(self, chunk: int = 1024):
         self.chunk = chunk
+        self.domains: list[str] = []
 
     @classmethod
     def build(cls, recipe, model=None, **extras):
@@ -79,6 +94,25 @@ class SFT(ObjectiveBase):
 
     def __call__(self, model, batch):
         return causal_lm_loss(model, batch, self.chunk)
+
+    def prepare(self, run) -> None:
+        """Data with domains: their names saved with the run; an MoE with fewer experts is refused now."""
+        self.domains = list(getattr(run.splits, "domains", []) or [])
+        experts = [m.n_experts for m in moe_modules(run.model)]
+        if self.domains and experts and len(self.domains) > min(experts):
+            raise ObjectiveError(f"the data has {len(self.domains)} domains ({', '.join(self.domains)}) but the MoE "
+                                 f"layers have {min(experts)} experts: set the method's `experts` to "
+                                 f"{len(self.domains)} (expert k serves the k-th domain in sorted order)")
+        if self.domains and run.dist.main:
+            (run.recipe.run_dir / DOMAINS_FILE).write_text(json.dumps(self.domains) + "\n")
+
+    def held_out(self, model):
+        return contextlib.nullcontext()
+
+    def save_beside(self, folder, model) -> None:
+        """The domain names beside the saved adapter or model, for `--domain NAME` at inference."""
+        if self.domains:
+            (folder / DOMAINS_FILE).write_text(json.dumps(self.domains) + "\n")
 
 
 @torch.no_grad()
