@@ -36,8 +36,27 @@ class DistillConfig(Config):
     "Weight of the ordinary next-token cross-entropy added to the KL (0 = pure distillation)."
 
 
-def _chunk_kl(head, h, teacher_logits, targets, weights, temperature: float, ce_weight: float):
+def head_chunks(fn, rows: tuple, fixed: tuple, chunk: int, anchor: torch.Tensor) -> torch.Tensor:
+    """Σ over chunks of `chunk` trained positions of `fn(*fixed, *(r[i:i + chunk] for r in rows))`, a
+    float32 scalar: the lm_head pass of distillation (and of `knowledge_fusion`). With gradients on,
+    each chunk is recomputed in backward (torch.utils.checkpoint) and `fn` makes the logits — the
+    student's and the teachers' — from hidden states, so no (chunk, vocab) logits outlive their
+    chunk. `anchor` (the student's hidden states) keeps the graph connected on an empty micro-batch."""
+    n = rows[0].shape[0]
+    total = anchor.new_zeros((), dtype=torch.float32)
+    chunk = chunk if chunk > 0 else max(n, 1)
+    for i in range(0, n, chunk):
+        args = (*fixed, *(r[i:i + chunk] for r in rows))
+        total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+    if n == 0:
+        total = total + 0.0 * anchor.sum()
+    return total
+
+
+def _chunk_kl(head, t_head, temperature: float, ce_weight: float, h, t_h, targets, weights):
     logits = head(h).float()
+    with torch.no_grad():
+        teacher_logits = t_head(t_h)
     log_student = F.log_softmax(logits / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1) * temperature ** 2
@@ -57,19 +76,8 @@ def distill_loss(student, teacher, batch: dict, temperature: float = 2.0, ce_wei
     targets = batch["input_ids"][:, 1:][keep]
     w = batch["weights"][:, 1:][keep].to(torch.float32)
     head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    n = int(keep.sum())
-    total = hidden.new_zeros((), dtype=torch.float32)
-    chunk = chunk if chunk > 0 else max(n, 1)
-    for i in range(0, n, chunk):
-        sl = slice(i, i + chunk)
-        with torch.no_grad():
-            t_logits = t_head(t_hidden[sl])
-        args = (head, h[sl], t_logits, targets[sl], w[sl], temperature, ce_weight)
-        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_kl(*args))
-    if n == 0:  # keep the graph connected so backward() works on an empty micro-batch
-        total = total + 0.0 * hidden.sum()
-    return total, n, {}
+    total = head_chunks(_chunk_kl, (h, t_hidden, targets, w), (head, t_head, temperature, ce_weight), chunk, hidden)
+    return total, int(keep.sum()), {}
 
 
 class Distill(ObjectiveBase):
