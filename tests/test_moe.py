@@ -223,6 +223,26 @@ def test_upcycled_with_a_learned_router_equals_dense_at_init(tokenizer):
     assert (logits(noisy) - dense).abs().max() > 1e-4, "noise on the copies changes the output"
 
 
+def test_router_gradients_are_the_same_under_activation_checkpointing(tokenizer):
+    """The aux losses read the router logits kept from the forward; recomputing a checkpointed layer
+    in the backward pass must not change what they contribute."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make_tiny_model(tokenizer)
+        method = learned(experts=3, top_k=2, balance_weight=1.0, z_weight=0.1)
+        torch.manual_seed(4)
+        attach(model, method)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        out = model(IDS, labels=IDS, use_cache=False)
+        aux, _ = method.aux_loss(model)
+        (out.loss + aux).backward()
+        grads.append(torch.cat([m.router.weight.grad.flatten() for m in moe_modules(model)]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_learned_method_trains_experts_and_routers_only(tokenizer):
     model = make_tiny_model(tokenizer)
     trained = attach(model, learned(experts=3, top_k=1))
@@ -320,6 +340,13 @@ def test_learned_moe_sft_run_trains_logs_utilisation_and_reloads(moe_run, tiny_m
     base, _ = load_for_inference(str(tiny_model_dir))
     assert (logits(model) - logits(base)).abs().max() > 1e-3, "training moved the model"
     assert len(moe_modules(model)) == 2 and all(isinstance(m.router, TopKRouter) for m in moe_modules(model))
+    # serve's batched engine (left padding, KV cache): each prompt's next-token logits as on its own
+    from tunesmith.serve.engine import Engine, Sequence
+
+    prompts = [IDS[0, :7].tolist(), IDS[1, :3].tolist()]
+    joined = Engine(model, pad_id=0).join([Sequence(p, max_tokens=1) for p in prompts])
+    for row, p in zip(joined, prompts):
+        torch.testing.assert_close(row, logits(model, torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_saved_adapter_reloads_with_equal_logits(tokenizer, tmp_path):
