@@ -242,3 +242,27 @@ def test_training_run_logs_the_router_and_saves_the_adapter(tmp_path, tiny_model
     assert rows and all("moe/balance" in r and "moe/share_e1" in r for r in rows)
     assert all(0.0 < r["moe/share_e0"] < 1.0 for r in rows)
     assert (result.output / "delta.safetensors").is_file()
+
+
+def test_expanded_moe_lora_is_a_transformers_mixtral_with_equal_logits(tokenizer, tmp_path):
+    """A learned-router MoE-LoRA in every layer, expanded into full experts, is Mixtral's computation:
+    the export's state dict, in the Hub's Mixtral layout, loads as a MixtralForCausalLM with the same logits."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from tunesmith.export.mixtral import mixtral_state
+
+    model = make_tiny_model(tokenizer)
+    moe_lora(model, top_k=2)
+    perturb(model, std=0.2)
+    ours = logits(model)
+    expand(model)
+    kwargs, state = mixtral_state(model)
+    save_torch_state_dict({n: t.contiguous() for n, t in state.items()}, tmp_path)
+    MixtralConfig(**kwargs, architectures=["MixtralForCausalLM"]).save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        got = theirs(IDS).logits
+    torch.testing.assert_close(got, ours, atol=1e-4, rtol=1e-4)
+    assert (ours - logits(make_tiny_model(tokenizer))).abs().max() > 1e-3
