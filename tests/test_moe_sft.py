@@ -225,3 +225,20 @@ def test_eval_domain_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "sql", "--limit", "1", "--domain", "sql"]) == 2
     err = capsys.readouterr().err
     assert "--domain sql: this model was not trained with domains" in err and "Traceback" not in err
+
+
+def test_eval_of_a_task_that_is_a_domain_uses_its_expert_by_default(tokenizer, tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    save_routed_adapter(tokenizer, tiny_model_dir, tmp_path / "adapter")
+    common = ["eval", "--adapter", str(tmp_path / "adapter"), "--task", "sql", "--limit", "3",
+              "--max-new-tokens", "5"]
+
+    def outputs(*extra, name):
+        assert main([*common, *extra, "--output", str(tmp_path / name)]) == 0
+        return [json.dumps(r, sort_keys=True) for r in json.loads((tmp_path / name).read_text())["records"]]
+
+    default = outputs(name="default.json")
+    assert "runs the `sql` expert" in capsys.readouterr().err
+    assert default == outputs("--domain", "sql", name="sql.json")
+    assert default != outputs("--domain", "json", name="json.json")

@@ -59,16 +59,23 @@ def domain_index(name: str, adapter=None, model=None) -> int:
 
 
 @contextlib.contextmanager
-def domain_route(model, name: str | None, adapter=None, model_path=None):
-    """Run the forwards inside this block through domain `name`'s expert. None: no change (a model
-    trained with domains and no router then runs every token through expert 0: said on stderr)."""
+def domain_route(model, name: str | None, adapter=None, model_path=None, default: str | None = None):
+    """Run the forwards inside this block through domain `name`'s expert. Without `name`, a model with
+    one expert per domain (no router) uses the domain called `default` if it has one (`eval --task
+    sql`: the sql expert), else expert 0; either is said on stderr. A learned router is left alone."""
     if name is None:
         names, _ = domain_names(adapter, model_path)
-        if names and any(m.router is None for m in moe_modules(model)):
-            print(f"[tunesmith] note: this model has one expert per domain ({', '.join(names)}); without --domain "
-                  f"every token runs expert 0 ({names[0]})", file=sys.stderr)
-        yield None
-        return
+        enforced = names and any(m.router is None for m in moe_modules(model))
+        if enforced and default in names:
+            print(f"[tunesmith] every token runs the `{default}` expert (the task's domain; --domain picks another)",
+                  file=sys.stderr)
+            name = default
+        else:
+            if enforced:
+                print(f"[tunesmith] note: this model has one expert per domain ({', '.join(names)}); without "
+                      f"--domain every token runs expert 0 ({names[0]})", file=sys.stderr)
+            yield None
+            return
     k = domain_index(name, adapter, model_path)
     layers = moe_modules(model)
     if not layers:
