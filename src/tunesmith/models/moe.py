@@ -261,18 +261,19 @@ def expert_stats(model: nn.Module) -> dict[str, float]:
     routed = _routed(model)
     if not routed:
         return {}
-    shares: dict[int, list[float]] = {}
+    shares: dict[int, list[torch.Tensor]] = {}
     load, router = [], []
-    for logits, ids, n_experts in routed:
+    for logits, ids, n_experts in routed:  # tensors first, one device sync at the end
         share = torch.bincount(ids.reshape(-1), minlength=n_experts).double() / ids.numel()
-        for e, v in enumerate(share.tolist()):
-            shares.setdefault(e, []).append(v)
-        load.append(float(-(share * share.clamp_min(1e-12).log()).sum()))
         logp = torch.log_softmax(logits.double(), dim=-1)
-        router.append(float(-(logp.exp() * logp).sum(-1).mean()))
-    stats = {f"moe/share_e{e}": sum(v) / len(v) for e, v in sorted(shares.items())}
-    stats["moe/load_entropy"] = sum(load) / len(load)
-    stats["moe/router_entropy"] = sum(router) / len(router)
+        load.append(-(share * share.clamp_min(1e-12).log()).sum())
+        router.append(-(logp.exp() * logp).sum(-1).mean())
+        for e in range(n_experts):
+            shares.setdefault(e, []).append(share[e])
+    values = torch.stack([torch.stack(v).mean() for _, v in sorted(shares.items())]
+                         + [torch.stack(load).mean(), torch.stack(router).mean()]).tolist()
+    stats = {f"moe/share_e{e}": v for e, v in zip(sorted(shares), values)}
+    stats["moe/load_entropy"], stats["moe/router_entropy"] = values[-2], values[-1]
     return stats
 
 
