@@ -235,3 +235,117 @@ def test_a_fusion_run_trains_saves_and_resumes_its_gate(tmp_path, tokenizer, tin
     again = load_file(resumed.output / GATE_FILE)
     for k in init:
         torch.testing.assert_close(again[k], saved[k], rtol=1e-5, atol=1e-7)
+
+
+# ---- a source of another family: its distributions mapped onto the student's vocabulary
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """MiniLM's WordPiece tokenizer (shipped with tunesmith): a tokenizer of another family."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.embedding import encoder_folder
+
+    return AutoTokenizer.from_pretrained(str(encoder_folder()))
+
+
+@pytest.fixture(scope="module")
+def other_family(wordpiece, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.objectives.vocab_map import CrossVocabSource
+
+    torch.manual_seed(9)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(wordpiece), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    with torch.no_grad():  # peaked distributions, so the top-k holds most of the mass
+        model.lm_head.weight.mul_(40)
+    return CrossVocabSource(model, wordpiece, tokenizer, top_k=5)
+
+
+def test_the_vocabulary_map_goes_by_string(other_family, wordpiece, tokenizer):
+    mapping = other_family.mapping
+    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    assert int(mapping[wordpiece.convert_tokens_to_ids("paris")]) == first(" paris")
+    assert int(mapping[wordpiece.convert_tokens_to_ids("##ing")]) == first("ing")
+    assert int(mapping[wordpiece.convert_tokens_to_ids("unbelievable")]) == first(" unbelievable")
+    assert all(int(mapping[i]) == -1 for i in wordpiece.all_special_ids)
+    assert int((mapping >= 0).sum()) > 0.9 * len(wordpiece)
+
+
+def test_positions_align_where_both_tokenizers_start_a_token(other_family, wordpiece, tokenizer):
+    """'the cat sat on the mat.' cuts alike (aligned positions: the source's mapped top-k);
+    'Unbelievably' does not everywhere (unaligned positions: the gold token)."""
+    text = "the cat sat on the mat. Unbelievably, things"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # the student: the Ġcat Ġsat Ġon Ġthe Ġmat . ĠUn belie v ably , Ġthings
+    # the source:  [CLS] the cat sat on the mat . un ##bel ##ie ##va ##bly , things [SEP]
+    # the source position predicting the same character as the student's token j (None: no such):
+    partner = [None, 1, 2, 3, 4, 5, 6, 7, 8, 10, None, 12, 13]
+    assert len(ids) == len(partner)
+    weights = [0.0] + [1.0] * (len(ids) - 1)
+    batch = collate([{"input_ids": ids, "weights": weights}], packing=True, pad_id=tokenizer.pad_token_id)
+    keep = batch["weights"][:, 1:] > 0
+    got_ids, got_p, rewards = other_family.targets(batch, keep)
+    src = wordpiece(text)["input_ids"]
+    with torch.no_grad():
+        logp = F.log_softmax(other_family.model(input_ids=torch.tensor([src])).logits[0].float(), -1)
+    for t in range(len(ids) - 1):
+        i = partner[t + 1]
+        if i is None:  # unaligned: the gold token, probability 1
+            assert got_ids[t, 0] == ids[t + 1] and got_p[t, 0] == 1.0 and got_p[t, 1:].sum() == 0
+            continue
+        top_p, top_i = logp[i].exp().topk(5)
+        mapped = other_family.mapping[top_i]
+        top_p = torch.where(mapped >= 0, top_p, 0.0)
+        want, got = {}, {}
+        for j, q in zip(mapped.tolist(), (top_p / top_p.sum()).tolist()):
+            want[j] = want.get(j, 0.0) + q
+        for j, q in zip(got_ids[t].tolist(), got_p[t].tolist()):
+            got[j] = got.get(j, 0.0) + q
+        assert {j: round(q, 5) for j, q in got.items() if q} == {j: round(q, 5) for j, q in want.items() if q}, t
+    # the reward: exp(-mean CE) of the source on its own tokens of the trained text (all but "the" at 0)
+    ce = [-float(logp[j - 1, src[j]]) for j in range(2, len(src) - 1)]
+    assert abs(float(rewards[0]) - float(torch.exp(-torch.tensor(sum(ce) / len(ce))))) < 1e-5
+
+
+def test_fusion_with_a_source_of_another_family(other_family, tokenizer):
+    student, same = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
+    data = samples(tokenizer)
+    batch = collate(data, packing=True, pad_id=tokenizer.pad_token_id)
+    keep = batch["weights"][:, 1:] > 0
+    logits = [[0.0, 0.0]] * 3  # both kept, half each
+    loss, n, metrics = fusion_loss(student, [same, other_family], FixedGate(logits), batch, lm_weight=0.0,
+                                   fuse_weight=1.0, balance_weight=0.0, chunk=5)
+    ids, probs, _ = other_family.targets(batch, keep)
+    from tunesmith.objectives.sft import forward_hidden
+
+    log_q = F.log_softmax(student.lm_head(forward_hidden(student, batch)[:, :-1][keep]).float(), -1)
+    with torch.no_grad():
+        d_same = F.softmax(same.lm_head(forward_hidden(same, batch)[:, :-1][keep]).float(), -1)
+    w = batch["weights"][:, 1:][keep]
+    want = ((0.5 * -(d_same * log_q).sum(-1) + 0.5 * -(probs * log_q.gather(-1, ids)).sum(-1)) * w).sum()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+    assert 0 < metrics["fusion/reward1"] / n < 1
+    loss.backward()
+    assert all(p.grad is None for p in other_family.model.parameters())
+
+
+def test_cross_vocab_is_opt_in_and_trains(tmp_path, tokenizer, tiny_model_dir, wordpiece):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.recipe import load_recipe
+    from tunesmith.train.loop import train
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(wordpiece), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    wordpiece.save_pretrained(other)
+    opts = ["objective.name=knowledge_fusion", f"objective.knowledge_fusion.sources=[{tiny_model_dir},{other}]"]
+    with pytest.raises(ObjectiveError, match="cross_vocab=true"):
+        KnowledgeFusion.build(load_recipe(None, opts), make_tiny_model(tokenizer))
+    result = train(tiny_recipe(tmp_path, tiny_model_dir, *opts, "objective.knowledge_fusion.cross_vocab=true",
+                               "train.steps=3", "data.val_fraction=0", "train.save_every=0"))
+    assert result.status == "completed" and len(train_losses(result.run_dir)) == 3
+    assert "| " + str(other) + " |" in (result.run_dir / "report.md").read_text()

@@ -31,12 +31,12 @@ input. It trains at the run's learning rate.
       knowledge_fusion: {sources: [runs/sql/adapter, runs/json/adapter]}
 
 Sources are model folders or names, or adapter folders tunesmith wrote (loaded as distillation's
-teacher is, `distill.load_teacher`), and must share the student's vocabulary. Sources of another
-family (another tokenizer) would need FuseLLM's token alignment first: tokenize each text with both
-tokenizers, align the two token sequences by minimum edit distance of the token strings (dynamic
-programming), and map each source distribution's top tokens onto the student's vocabulary by exact
-string match (else the closest string), renormalised; tunesmith does not do this (the only other
-family available offline, a Gemma 3 GGUF, does not load in transformers here).
+teacher is, `distill.load_teacher`). A source with another vocabulary is refused, unless
+`cross_vocab: true`: then its distributions are carried over to the student's vocabulary by text
+(`vocab_map`: positions aligned where both tokenizers start a token at the same character, each
+source token mapped to the student's first token of its string, top-10 renormalised, the gold token
+where unaligned; FuseLLM aligns by minimum edit distance instead) and its reward is its own
+cross-entropy on its own tokens of the trained text.
 
 The lm_head pass is distillation's (`distill.head_chunks`): only trained positions, `chunk` at a
 time, each chunk recomputed in backward; the sources' logits are made from their hidden states inside
@@ -53,9 +53,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Config
+from ..models.attention import use_attention
 from .base import ObjectiveBase, ObjectiveError
 from .distill import _same_attention, head_chunks, load_teacher
 from .sft import forward_hidden
+from .vocab_map import CrossVocabSource
 
 GATE = "tunesmith_fusion_gate"
 "The gate's attribute on the trained model."
@@ -73,6 +75,8 @@ class KnowledgeFusionConfig(Config):
     "Weight of the gate's load-balance term cv²(Σ p) (per micro-batch)."
     threshold: float = Field(0.15, ge=0, lt=1)
     "Sources whose gate probability is above this are fused (at least the most probable one)."
+    cross_vocab: bool = False
+    "Fuse sources of another tokenizer, mapped to the student's vocabulary by text (FuseLLM-style); off: refused."
 
 
 class FusionGate(torch.nn.Module):
@@ -144,38 +148,58 @@ def source_rewards(heads, hiddens, targets, weights, index, n_samples: int, chun
     return torch.exp(-totals / mass[:, None])
 
 
-def _chunk_fusion(head, heads, lm_weight: float, fuse_weight: float, h, targets, weights, p, *hiddens):
+def _chunk_fusion(head, heads, layout, lm_weight: float, fuse_weight: float, h, targets, weights, p, *per_source):
     """Σ_t w_t·(lm_weight·CE(y_t, z_S) + fuse_weight·Σ_k p_t,k·CE(D_k,t, z_S)) over one chunk;
-    Σ_k p_k·CE(D_k, z) = CE(Σ_k p_k·D_k, z): the fused target, without building it."""
+    Σ_k p_k·CE(D_k, z) = CE(Σ_k p_k·D_k, z): the fused target, without building it. `layout[k]` says
+    where source k's rows are: ("dense", j) its hidden states (its head `heads[j]` makes the logits),
+    ("sparse", j) ids and probabilities in the student's vocabulary (a source of another family)."""
     log_q = F.log_softmax(head(h).float(), dim=-1)
     loss = lm_weight * F.nll_loss(log_q, targets, reduction="none")
     if fuse_weight:
-        for k, (t_head, t_h) in enumerate(zip(heads, hiddens)):
-            with torch.no_grad():
-                d_k = F.softmax(t_head(t_h).float(), dim=-1)
-            loss = loss + fuse_weight * p[:, k] * -(d_k * log_q).sum(-1)
+        n_dense = sum(kind == "dense" for kind, _ in layout)
+        for k, (kind, j) in enumerate(layout):
+            if kind == "dense":
+                with torch.no_grad():
+                    d_k = F.softmax(heads[j](per_source[j]).float(), dim=-1)
+                ce = -(d_k * log_q).sum(-1)
+            else:
+                ids, probs = per_source[n_dense + 2 * j], per_source[n_dense + 2 * j + 1]
+                ce = -(probs * log_q.gather(-1, ids)).sum(-1)
+            loss = loss + fuse_weight * p[:, k] * ce
     return (loss * weights).sum()
 
 
 def fusion_loss(student, sources: list, gate, batch: dict, *, lm_weight: float = 0.9, fuse_weight: float = 0.1,
                 balance_weight: float = 0.5, threshold: float = 0.15, chunk: int = 1024):
-    """(loss_sum, n_trained_tokens, metric sums) for a batch from `tunesmith.data.collate`."""
+    """(loss_sum, n_trained_tokens, metric sums) for a batch from `tunesmith.data.collate`. A source is
+    a model with the student's vocabulary, or a `vocab_map.CrossVocabSource`."""
     keep = batch["weights"][:, 1:] > 0  # position t predicts token t+1
+    dense = [s for s in sources if not isinstance(s, CrossVocabSource)]
     with torch.no_grad():
-        t_hiddens = [forward_hidden(s, batch)[:, :-1][keep] for s in sources]
+        t_hiddens = [forward_hidden(s, batch)[:, :-1][keep] for s in dense]
+        sparse = [s.targets(batch, keep) for s in sources if isinstance(s, CrossVocabSource)]
     hidden = forward_hidden(student, batch)
     h = hidden[:, :-1][keep]
     targets = batch["input_ids"][:, 1:][keep]
     w = batch["weights"][:, 1:][keep].to(torch.float32)
     n = int(keep.sum())
-    heads = tuple(s.get_output_embeddings() for s in sources)
+    heads = tuple(s.get_output_embeddings() for s in dense)
     index, n_samples = sample_index(batch, keep)
-    rewards = source_rewards(heads, t_hiddens, targets, w, index, n_samples, chunk)  # (S, K)
+    dense_rewards = source_rewards(heads, t_hiddens, targets, w, index, n_samples, chunk)  # (S, K_dense)
+    layout, columns, counts = [], [], {"dense": 0, "sparse": 0}
+    for s in sources:
+        kind = "sparse" if isinstance(s, CrossVocabSource) else "dense"
+        j = counts[kind]
+        counts[kind] += 1
+        layout.append((kind, j))
+        columns.append(dense_rewards[:, j] if kind == "dense" else sparse[j][2])
+    rewards = torch.stack(columns, -1)  # (S, K)
     with torch.autocast(rewards.device.type, enabled=False):
         probs = select(F.softmax(gate(rewards), dim=-1), threshold)  # (S, K)
     balance = cv_squared(probs.sum(0))
-    total = head_chunks(_chunk_fusion, (h, targets, w, probs[index], *t_hiddens),
-                        (student.get_output_embeddings(), heads, lm_weight, fuse_weight), chunk, hidden)
+    rows = (h, targets, w, probs[index], *t_hiddens, *(t for ids, pr, _ in sparse for t in (ids, pr)))
+    total = head_chunks(_chunk_fusion, rows, (student.get_output_embeddings(), heads, tuple(layout), lm_weight,
+                                              fuse_weight), chunk, hidden)
     total = total + balance_weight * balance * n + 0.0 * probs.sum()  # the gate stays in the graph
     shares = probs.detach()[index]
     metrics = {"fusion/cv2": float(balance.detach()) * n, "fusion/kept": float((shares > 0).sum())}
@@ -199,8 +223,8 @@ class KnowledgeFusion(ObjectiveBase):
 
     @classmethod
     def build(cls, recipe, model=None, sources=None, **extras):
-        """`sources` (model objects) replace `objective.knowledge_fusion.sources`; the gate is attached
-        to `model` (seeded by train.seed)."""
+        """`sources` (models, or `CrossVocabSource`s) replace `objective.knowledge_fusion.sources`; the gate
+        is attached to `model` (seeded by train.seed)."""
         cfg = recipe.objective.knowledge_fusion
         names = list(cfg.sources) if sources is None else [f"source {k}" for k in range(len(sources))]
         if sources is None:
@@ -208,15 +232,7 @@ class KnowledgeFusion(ObjectiveBase):
                 raise ObjectiveError("objective.knowledge_fusion.sources is empty: list the source models "
                                      "(model folders or names, or adapter folders)")
             sources = [load_teacher(name, recipe.model.dtype) for name in cfg.sources]
-        for k, source in enumerate(sources):
-            _same_attention(source, recipe.model.attention)
-            if model is not None and source.config.vocab_size != model.config.vocab_size:
-                raise ObjectiveError(f"objective.knowledge_fusion.sources[{k}] ({names[k]}) has a vocabulary of "
-                                     f"{source.config.vocab_size} tokens, the student {model.config.vocab_size}: "
-                                     "fusion needs sources with the student's tokenizer")
-            if model is not None:
-                source.to(next(model.parameters()).device)
-            source.eval().requires_grad_(False)
+        sources = [_checked(k, s, names[k], model, recipe) for k, s in enumerate(sources)]
         self = cls(sources, names, cfg, recipe.train.loss_chunk)
         if model is not None:
             attach_gate(model, len(sources), seed=recipe.train.seed)
@@ -261,3 +277,40 @@ class KnowledgeFusion(ObjectiveBase):
             lines.append(f"| {name} | {reward:.3f} | {share:.3f} |")
         kept = sum(r["fusion/kept"] for r in logged) / len(logged)
         return ["\n".join(lines + ["", f"Sources kept per token on average: {kept:.2f}."])]
+
+
+def _checked(k: int, source, name: str, model, recipe):
+    """The source frozen, attending as the student does, on the student's device; one of another
+    vocabulary refused, or (cross_vocab) wrapped to map its distributions onto the student's."""
+    cfg = recipe.objective.knowledge_fusion
+    inner = source.model if isinstance(source, CrossVocabSource) else source
+    inner.eval().requires_grad_(False)
+    if isinstance(source, CrossVocabSource):
+        use_attention(inner, "sdpa")  # it runs on its own tokens, one sample at a time
+    else:
+        _same_attention(inner, recipe.model.attention)
+    if model is not None and not isinstance(source, CrossVocabSource) \
+            and source.config.vocab_size != model.config.vocab_size:
+        if not cfg.cross_vocab:
+            raise ObjectiveError(f"objective.knowledge_fusion.sources[{k}] ({name}) has a vocabulary of "
+                                 f"{source.config.vocab_size} tokens, the student {model.config.vocab_size}: "
+                                 "fusion needs sources with the student's tokenizer (or set "
+                                 "objective.knowledge_fusion.cross_vocab=true to map it by text)")
+        from ..models.load import load_tokenizer
+
+        use_attention(inner, "sdpa")  # it runs on its own tokens, one sample at a time
+        source = CrossVocabSource(inner, load_tokenizer(_tokenizer_name(name)), load_tokenizer(recipe.model.name))
+    if model is not None:
+        source.to(next(model.parameters()).device)
+    return source
+
+
+def _tokenizer_name(name: str) -> str:
+    """The model whose tokenizer a source uses: its base model for an adapter folder."""
+    from pathlib import Path
+
+    if (Path(name) / "tunesmith_method.json").is_file():
+        from ..export.tuned import read_method
+
+        return read_method(name)[1]["base_model_name_or_path"]
+    return name
