@@ -498,3 +498,16 @@ def test_a_concatenation_too_wide_for_one_lora_becomes_a_full_model(lively_dir, 
     assert all(torch.allclose(ours[n], (da[n] + db[n]) / 2, atol=1e-6) for n in da)
     with pytest.raises(ExportError, match=r"merge.space: the concatenated rank 40 exceeds min\(in, out\) = 32"):
         run(method="linear", space="adapter", models=[str(a), str(b)], output=str(tmp_path / "x"))
+
+
+def test_trim_keeps_exactly_k_with_tied_magnitudes_and_matches_topk():
+    t = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 2.0])
+    got = merging.trim(t, 0.5)  # k = 3: the 2.0 and the first two of the four tied 1.0s
+    assert torch.equal(got, torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0, 2.0]))
+    assert torch.equal(merging.trim(t, 0.1), torch.zeros(6))  # k = 0
+    x = torch.randn(37, 53, generator=torch.Generator().manual_seed(0))
+    for density in (0.01, 0.2, 0.5, 0.99):
+        k = int(density * x.numel())
+        top = torch.zeros(x.numel())
+        top[torch.topk(x.abs().flatten(), k).indices] = 1
+        assert torch.equal(merging.trim(x, density), x * top.view(x.shape))
