@@ -5,14 +5,18 @@ both skills into one model, measured side by side. Run from the repository root:
     nice -n 5 bash benchmarks/merging/train.sh   # every trained / merged / grown row (skips finished ones)
     nice -n 5 python benchmarks/merging/run.py eval            # every row without a result yet
     nice -n 5 python benchmarks/merging/run.py eval sql,json   # ...or these rows (measured again)
+    nice -n 5 python benchmarks/merging/run.py speed           # tokens/s, one row per architecture
     python benchmarks/merging/run.py table       # benchmarks/merging/results.json + the markdown table
 
 Per row, in its own process: execution accuracy on the first `LIMIT` sql test questions and exact
 match on the first `LIMIT` json test questions (greedy, at most `MAX_NEW` new tokens, the tasks' own
-system prompts); perplexity on held-out general text before/after (the module docstrings of the
-Python standard library: English prose about software that none of the rows trains on); parameters;
-tokens/s of a fixed-length greedy decode (no stop token ends it early); training time from the runs'
-own reports. Everything runs on 1 torch thread: the machine is 2 cores shared with other jobs.
+system prompts; an enforced-routing row answers each task through that task's expert); perplexity
+on held-out general text (the module docstrings of the Python standard library: English prose about
+software that no row trains on), against the base model's = forgetting; the answers' loss on
+held-out sql+json validation records; parameters; training time from the runs' own reports. Then,
+in one process and one sitting, tokens/s of a fixed-length greedy decode (no stop token ends it
+early) for each architecture. Everything runs on 1 torch thread: the machine is 2 cores shared with
+other jobs.
 """
 from __future__ import annotations
 
@@ -29,31 +33,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 WORK = Path("runs/merging")  # relative to the repository root: result files carry no machine paths
 OUT = Path("benchmarks/merging/results.json")
-LIMIT, MAX_NEW, SPEED_BATCH, SPEED_TOKENS, THREADS = 40, 56, 8, 32, 1
-GENERAL_DOCS, GENERAL_CHARS, VAL_RECORDS = 36, 1200, 60
+LIMIT, MAX_NEW, EVAL_BATCH, SPEED_BATCH, SPEED_TOKENS, THREADS = 40, 56, 20, 8, 32, 1
+GENERAL_DOCS, GENERAL_CHARS, VAL_RECORDS = 20, 1200, 30
 
 # row -> label, model (run folder with model/ or a model name; None = the embedded default),
 # adapter (run folder), runs whose training time counts, how it is routed at inference
 ROWS = {
     "base": dict(label="base SmolLM2-135M-Instruct", runs=[]),
-    "sql": dict(label="sql specialist (LoRA)", adapter="sql", runs=["sql"]),
-    "json": dict(label="json specialist (LoRA)", adapter="json", runs=["json"]),
-    "multitask": dict(label="multi-task SFT (LoRA, sql+json mixed)", adapter="multitask", runs=["multitask"]),
+    "sql": dict(label="sql specialist (LoRA, 30 steps)", adapter="sql", runs=["sql"]),
+    "json": dict(label="json specialist (LoRA, 30 steps)", adapter="json", runs=["json"]),
+    "multitask": dict(label="multi-task SFT (LoRA, sql+json mixed, 60 steps)", adapter="multitask", runs=["multitask"]),
     "merge-linear": dict(label="merge: linear (0.5/0.5)", adapter="merge-linear", runs=["sql", "json"], merge=True),
     "merge-task-arithmetic": dict(label="merge: task arithmetic (1.0/1.0)", adapter="merge-task-arithmetic",
                                   runs=["sql", "json"], merge=True),
     "merge-ties": dict(label="merge: TIES", adapter="merge-ties", runs=["sql", "json"], merge=True),
     "merge-dare": dict(label="merge: DARE+TIES", adapter="merge-dare", runs=["sql", "json"], merge=True),
     "merge-slerp": dict(label="merge: SLERP (t=0.5)", adapter="merge-slerp", runs=["sql", "json"], merge=True),
-    "moe-learned": dict(label="MoE upcycling E=2, learned top-1 router", adapter="moe-learned", runs=["moe-learned"]),
-    "moe-enforced": dict(label="MoE upcycling E=2, enforced routing by domain", adapter="moe-enforced",
+    "moe-learned": dict(label="MoE upcycling E=2, learned top-2 router (60 steps)", adapter="moe-learned", runs=["moe-learned"]),
+    "moe-enforced": dict(label="MoE upcycling E=2, enforced routing by domain (30 steps)", adapter="moe-enforced",
                          runs=["moe-enforced"], domain=True),
-    "moe-lora": dict(label="MoE-LoRA (2 LoRA experts, learned router)", adapter="moe-lora", runs=["moe-lora"]),
-    "fusion": dict(label="knowledge fusion of the 2 specialists (LoRA student)", adapter="fusion",
+    "moe-lora": dict(label="MoE-LoRA: 2 LoRA experts per MLP, learned top-2 router (30 steps)", adapter="moe-lora", runs=["moe-lora"]),
+    "fusion": dict(label="knowledge fusion of the 2 specialists into a LoRA student (30 steps)", adapter="fusion",
                    runs=["sql", "json", "fusion"]),
     "grown": dict(label="depth up-scaling 30→36 layers (layers 12-17 repeated), untrained", model="grown",
                   runs=[], extra="grow"),
-    "grow": dict(label="depth up-scaling 30→36 layers, then multi-task LoRA", model="grown", adapter="grow",
+    "grow": dict(label="depth up-scaling 30→36 layers, then multi-task LoRA (30 steps)", model="grown", adapter="grow",
                  runs=["grow"], extra="grow"),
 }
 NOT_RUN: dict[str, str] = {}  # row -> why it was not run (filled in when a route is missing)
@@ -158,13 +162,17 @@ def eval_row(row: str) -> dict:
     domain = ROWS[row].get("domain")
     out = {"row": row, "parameters": sum(p.numel() for p in model.parameters()), "tasks": {}}
     for name in DOMAINS:
-        with routed(model, row, name):
-            r = evaluate(model, tok, _task(name), split="test", limit=LIMIT, max_new_tokens=MAX_NEW,
-                         batch_size=8, progress=False)
-        save_result(r, WORK / "eval" / f"{row}-{name}.json")
-        out["tasks"][name] = {"accuracy": r.summary["accuracy"], "mean_score": r.summary["mean_score"],
-                              "generation_s": r.summary["generation_s"]}
-        print(f"{row} {name}: {100 * r.summary['accuracy']:.1f}%", flush=True)
+        path = WORK / "eval" / f"{row}-{name}.json"
+        if path.is_file():  # measured by an earlier, interrupted call
+            summary = json.loads(path.read_text())["summary"]
+        else:
+            with routed(model, row, name):
+                r = evaluate(model, tok, _task(name), split="test", limit=LIMIT, max_new_tokens=MAX_NEW,
+                             batch_size=EVAL_BATCH, progress=False)
+            save_result(r, path)
+            summary = r.summary
+        out["tasks"][name] = {k: summary[k] for k in ("accuracy", "mean_score", "generation_s")}
+        print(f"{row} {name}: {100 * summary['accuracy']:.1f}%", flush=True)
     # general text has no domain: an enforced-routing row is measured through each expert in turn
     for name in DOMAINS if domain else [None]:
         with routed(model, row, name):
@@ -173,7 +181,6 @@ def eval_row(row: str) -> dict:
     # the answers' loss on held-out sql+json records (validation split; enforced rows route by record)
     out["task_val"] = perplexity(model, tok, str(WORK / "multitask-val.jsonl"), limit=VAL_RECORDS, max_length=512,
                                  batch_tokens=2048)
-    out["tokens_per_s"] = speed(model, tok, row)
     out["train_s"] = train_seconds(row)
     return out
 
@@ -225,17 +232,22 @@ def run_eval(rows: list[str], force: bool) -> None:
         if (path.is_file() and not force) or not available(row):
             print(f"skip {row}: {'done' if path.is_file() else 'not built'}", flush=True)
             continue
+        try:  # two workers may share the queue: the first to take a row's lock measures it
+            os.close(os.open(WORK / "results" / f"{row}.lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
         t0 = time.perf_counter()
         code = subprocess.call([sys.executable, __file__, "one", row], cwd=ROOT, env=env)
         print(f"{row}: exit {code} in {time.perf_counter() - t0:.0f} s", flush=True)
+        (WORK / "results" / f"{row}.lock").unlink()
 
 
-def tps(row: str, result: dict, speeds: dict) -> str:
-    """The row's architecture's figure from the one-sitting speed pass; else (marked *) the one taken
-    during the row's own evaluation, under whatever load the machine had then."""
+def tps(row: str, speeds: dict) -> str:
+    """The figure of the row's architecture from the one-sitting speed pass (LoRA, merge and fusion rows
+    run the dense base's weights; the grown model before and after its LoRA is one architecture)."""
     arch = row if row in SPEED_ROWS else "grow" if row == "grown" else "base"
-    return f"{speeds[arch]:.0f}" if arch in speeds else f"{result['tokens_per_s']:.0f}*"
+    return f"{speeds[arch]:.0f}" if arch in speeds else "—"
 
 
 def table() -> str:
@@ -245,7 +257,7 @@ def table() -> str:
                for row in ROWS if (WORK / "results" / f"{row}.json").is_file()}
     base_ppl = results["base"]["general"]["perplexity"] if "base" in results else None
     speeds = json.loads((WORK / "speed.json").read_text()) if (WORK / "speed.json").is_file() else {}
-    lines = ["| row | sql exec. acc. | json exact match | mean | general-text ppl (base → row) | sql+json val loss | "
+    lines = ["| row | sql exec. acc. | json exact match (field score) | mean | general-text ppl (base → row) | sql+json val loss | "
              "parameters | tokens/s | training time |", "|---|---|---|---|---|---|---|---|---|"]
     for row, spec in ROWS.items():
         r = results.get(row)
@@ -259,9 +271,10 @@ def table() -> str:
             ppl = " / ".join(f"{r[f'general via {d}']['perplexity']:.2f} ({d} expert)" for d in DOMAINS)
         forget = f"{base_ppl:.2f} → {ppl}" if base_ppl else ppl
         train = " + ".join(f"{k} {v:.0f} s" for k, v in r["train_s"].items() if v is not None) or "—"
-        lines.append(f"| {spec['label']} | {100 * acc[0]:.1f}% | {100 * acc[1]:.1f}% | {50 * sum(acc):.1f}% | "
+        field = r["tasks"]["json"]["mean_score"]
+        lines.append(f"| {spec['label']} | {100 * acc[0]:.1f}% | {100 * acc[1]:.1f}% ({100 * field:.0f}%) | {50 * sum(acc):.1f}% | "
                      f"{forget} | {r['task_val']['loss']:.3f} | {r['parameters'] / 1e6:.1f}M | "
-                     f"{tps(row, r, speeds)} | {train} |")
+                     f"{tps(row, speeds)} | {train} |")
     OUT.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, {THREADS} torch thread",
                                "torch": torch.__version__, "settings": dict(limit=LIMIT, max_new_tokens=MAX_NEW,
                                speed_batch=SPEED_BATCH, speed_tokens=SPEED_TOKENS, general_docs=GENERAL_DOCS),

@@ -10,6 +10,9 @@ W=runs/merging
 export OMP_NUM_THREADS=1
 Q="recipes/quickstart.yaml output_dir=$W train.eval_every=0 train.threads=1 train.save_every=1000"
 MIX="data.train=$W/multitask.jsonl data.validation=$W/multitask-val.jsonl train.steps=60"
+# The routes after MoE upcycling with learned routing ran at 30 steps: on the shared CPU (load 9-11
+# from other jobs) a 60-step run took 15-25 min, which the time available did not hold for five routes.
+HALF="data.train=$W/multitask.jsonl data.validation=$W/multitask-val.jsonl train.steps=30"
 mkdir -p $W/times
 
 timed() {  # timed NAME CMD...: run CMD, write its wall seconds to $W/times/NAME.s
@@ -36,18 +39,18 @@ done
 [ -d $W/moe-learned/adapter ] || tunesmith train $Q $MIX name=moe-learned method.name=moe method.moe.experts=2 \
   method.moe.routing=learned method.moe.top_k=2 train.lr=1e-4
 
-[ -d $W/moe-enforced/adapter ] || tunesmith train $Q $MIX name=moe-enforced method.name=moe method.moe.experts=2 \
+[ -d $W/moe-enforced/adapter ] || tunesmith train $Q $HALF name=moe-enforced method.name=moe method.moe.experts=2 \
   method.moe.routing=enforced train.lr=1e-4
 
 # MoE-LoRA: two LoRA experts (r16, alpha 32) on every frozen MLP, learned top-2 router
-[ -d $W/moe-lora/adapter ] || tunesmith train $Q $MIX name=moe-lora method.name=moe_lora method.moe_lora.experts=2 \
+[ -d $W/moe-lora/adapter ] || tunesmith train $Q $HALF name=moe-lora method.name=moe_lora method.moe_lora.experts=2 \
   method.moe_lora.routing=learned method.moe_lora.top_k=2 method.moe_lora.rank=16 method.moe_lora.alpha=32
 
 # multi-source knowledge fusion: the two specialists distilled into one LoRA student through the gate
 [ -d $W/fusion/adapter ] || tunesmith train recipes/knowledge-fusion.yaml output_dir=$W name=fusion \
-  train.eval_every=0 train.threads=1 train.save_every=1000
+  train.eval_every=0 train.threads=1 train.save_every=1000 train.steps=30
 
 # depth up-scaling: layers 12-17 repeated after themselves (30 -> 36 layers, Yi-style, no identity init),
 # then the multi-task LoRA run on the grown model
 [ -f $W/grown/config.json ] || timed grow tunesmith grow --model smollm2-135m-instruct --repeat 12:18 --output $W/grown
-[ -d $W/grow/adapter ] || tunesmith train $Q $MIX name=grow model.name=$W/grown
+[ -d $W/grow/adapter ] || tunesmith train $Q $HALF name=grow model.name=$W/grown
