@@ -511,3 +511,22 @@ def test_trim_keeps_exactly_k_with_tied_magnitudes_and_matches_topk():
         top = torch.zeros(x.numel())
         top[torch.topk(x.abs().flatten(), k).indices] = 1
         assert torch.equal(merging.trim(x, density), x * top.view(x.shape))
+
+
+def test_a_dora_adapter_merges_through_its_folded_weights(lively_dir, two_loras, tmp_path):
+    """DoRA is not additive in B·A: its task vector is the folded model minus the base, so the merge
+    is a full model; with one other LoRA, weights − base = 0.5·τ_dora + 0.5·ΔW_lora."""
+    from tunesmith.infer.generate import load_for_inference
+    from tunesmith.models.load import load_model
+
+    dora = make_lora(lively_dir, tmp_path / "dora", seed=7, dora=True)
+    result = run(method="linear", models=[str(dora), str(two_loras[0])], output=str(tmp_path / "o"))
+    assert result.kind == "model" and "dora" not in result.summary.split(" of ")[0]
+    folded, _ = load_for_inference(str(lively_dir), str(dora))
+    base, _ = load_model(str(lively_dir))
+    merged, _ = load_model(str(result.output))
+    dl = adapter_deltas(lively_dir, two_loras[0])
+    b, f = dict(base.named_parameters()), dict(folded.named_parameters())
+    for n, p in merged.named_parameters():
+        lora = dl.get(n.removesuffix(".weight"), torch.zeros_like(p)) if n.endswith(".weight") else 0
+        assert torch.allclose(p, b[n] + 0.5 * (f[n] - b[n]) + 0.5 * lora, atol=1e-6), n

@@ -108,7 +108,7 @@ class MergeSpec(Config):
             if len(self.models) != 2:
                 raise invalid(f"slerp merges exactly two models, got {len(self.models)}", "models")
             if any(m.weight != 1 for m in self.models) or self.lambda_ != 1:
-                raise invalid("slerp takes `t`, not weights or lambda; leave them at 1", "t")
+                raise invalid("slerp takes `t`, not weights or lambda; leave them at 1", "models")
         if self.method == "linear" and abs(sum(m.weight for m in self.models)) < 1e-12:
             raise invalid("linear averages with the weights, which sum to 0; use task_arithmetic", "models")
         if self.rank is not None and self.space == "adapter":
