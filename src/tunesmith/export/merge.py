@@ -29,8 +29,11 @@ Where the merge happens (`space`), for LoRA inputs with ΔW_i = s_i·B_i·A_i:
   A = V_rᵀ (PEFT's `ties_svd`, `dare_linear_svd`, ...). `space: adapter` instead merges the A's and
   the B's separately with weights ±sqrt(|w_i·s_i|) (PEFT's `ties`, `dare_linear`, ...: a rank-r
   adapter, but B_m·A_m is not the merge of the ΔW_i; cross terms B_i·A_j enter).
-Full models and non-LoRA adapters are merged tensor by tensor on their task vectors (`delta`) and
-written as a full model. A LoRA output loads wherever our adapters do (eval, generate, serve,
+Full models and non-LoRA adapters (DoRA, IA3, sparse, ...: the folded model minus the base) are
+merged tensor by tensor on their task vectors (`delta`) and written as a full model. SLERP, too,
+interpolates task vectors, not weights as mergekit does: for two LoRA specialists of the embedded
+model (sql, json; rank 16) every adapted weight pair W+ΔW_1, W+ΔW_2 has cosine > 0.9995 (SLERP on
+weights would be linear everywhere), while the ΔW pairs are near orthogonal (median cosine 0.03). A LoRA output loads wherever our adapters do (eval, generate, serve,
 `export --format gguf-lora`); a full model is a plain transformers folder. DARE's masks are drawn
 from one generator seeded with `seed`, tensor by tensor in the model's order (A's before B's in
 adapter space), input after input: the order PEFT's `add_weighted_adapter` draws them in.
