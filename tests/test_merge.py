@@ -481,7 +481,7 @@ def test_shipped_recipe_reads():
 
     from tunesmith.export.merge import read_merge_recipe
 
-    path = Path(__file__).parent.parent / "recipes" / "merge-ties.yaml"
+    path = Path(__file__).parent.parent / "recipes" / "merge" / "ties.yaml"
     spec_ = read_merge_recipe(yaml.safe_load(path.read_text()), where=str(path))
     assert spec_.method == "ties" and len(spec_.models) == 2 and 0 < spec_.density <= 1
 

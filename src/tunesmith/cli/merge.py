@@ -1,7 +1,7 @@
 """The `merge` verb: several fine-tunes of one base into one model or LoRA adapter (`export/merge.py`).
 
-    tunesmith merge recipes/merge-ties.yaml
-    tunesmith merge recipes/merge-ties.yaml method=dare_ties density=0.3 output=merged-dare
+    tunesmith merge recipes/merge/ties.yaml
+    tunesmith merge recipes/merge/ties.yaml method=dare_ties density=0.3 output=merged-dare
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 def add_merge_verb(sub) -> None:
     p = sub.add_parser("merge", help="merge fine-tunes of one base (LoRA adapters or full models): linear, "
                                      "task arithmetic, TIES, DARE, SLERP")
-    p.add_argument("recipe", help="a YAML file with a `merge` section (see recipes/merge-ties.yaml)")
+    p.add_argument("recipe", help="a YAML file with a `merge` section (see recipes/merge/ties.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. merge.density=0.3 (or density=0.3)")
     p.set_defaults(fn=cmd_merge)
 
