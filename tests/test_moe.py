@@ -388,6 +388,8 @@ def test_mixtral_export_loads_in_transformers_with_equal_logits(moe_run, tmp_pat
         keys = set(f.keys())
     assert {"model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.2.w1.weight",
             "model.layers.0.block_sparse_moe.experts.0.w3.weight"} <= keys
+    folder = tmp_path / "mixtral"
+    assert (folder / "model.safetensors").stat().st_mode == (folder / "config.json").stat().st_mode
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mixtral")).eval()
     assert type(theirs).__name__ == "MixtralForCausalLM"
     torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=1e-5)

@@ -124,6 +124,8 @@ def export_mixtral(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path
         with atomic_folder(out_dir, marker="config.json") as tmp:
             save_torch_state_dict(state, tmp, metadata={"format": "pt"})
             config.save_pretrained(tmp)
+            for shard in tmp.glob("*.safetensors"):  # written 0600 through a temporary file: as config.json
+                shard.chmod((tmp / "config.json").stat().st_mode & 0o777)
             tokenizer.save_pretrained(tmp)
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)
