@@ -152,7 +152,7 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     train_cfg = copy.copy(recipe.train)
     train_cfg.activation_checkpointing, train_cfg.checkpoint_every, train_cfg.compile = checkpointing, 1, False
     training_mode(model, train_cfg)
-    runner = LossModule(model, build_objective(recipe, model))
+    runner = LossModule(model, build_objective(recipe, model), method)
     batch = _synthetic_batch(recipe, config.vocab_size)
     out = _parameter_bytes(model)
     out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)

@@ -241,7 +241,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     model.to(device)
     training_mode(model, cfg)
     objective = build_objective(recipe, model)
-    runner = LossModule(model, objective)
+    runner = LossModule(model, objective, method)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
     optimizer = build_optimizer(model, cfg, method)

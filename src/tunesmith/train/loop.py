@@ -157,7 +157,7 @@ def _load_model(run: Run, model, objective) -> None:
     run.model.to(run.device)
     training_mode(run.model, recipe.train)
     run.objective = objective or build_objective(recipe, run.model)
-    run.runner = distributed.wrap(LossModule(run.model, run.objective), run.dist, run.device,
+    run.runner = distributed.wrap(LossModule(run.model, run.objective, run.method), run.dist, run.device,
                                   decoder_layers(run.model))
     tok = run.tokenizer
     run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
