@@ -113,21 +113,25 @@ def _fusion_report(model) -> None:
 
 
 def cmd_generate(args) -> int:
+    from ..infer.domains import domain_route
     from ..infer.generate import generate_file
 
     model, tok = _load(args)
-    generate_file(model, tok, args.input, args.output, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    with domain_route(model, args.domain, args.adapter, args.model):
+        generate_file(model, tok, args.input, args.output, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     _fusion_report(model)
     print(f"[tunesmith] completions written to {args.output}")
     return 0
 
 
 def cmd_chat(args) -> int:
+    from ..infer.domains import domain_route
     from ..infer.generate import chat
 
     model, tok = _load(args)
-    chat(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    with domain_route(model, args.domain, args.adapter, args.model):
+        chat(model, tok, system_prompt=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return 0
 
 
@@ -147,6 +151,11 @@ def cmd_export(args) -> int:
         raise ExportError("--quant is for --format gguf / gguf-lora; a transformers folder takes --dtype")
     if args.model is None:
         args.model = base_model_for(args.adapter) if args.adapter else DEFAULT_MODEL
+    from ..export.mixtral import export_mixtral, is_moe_adapter
+
+    if args.adapter and is_moe_adapter(args.adapter):  # learned-router MoE in every layer -> Mixtral
+        print(f"[tunesmith] Mixtral model written to {export_mixtral(args.model, args.adapter, args.output, args.dtype)}")
+        return 0
     out = export_merged(args.model, args.adapter, args.output, dtype=args.dtype)
     print(f"[tunesmith] merged model written to {out}")
     return 0
@@ -180,6 +189,7 @@ def _export_gguf(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..eval.runner import evaluate, format_summary, get_eval_task, save_result
+    from ..infer.domains import domain_route
 
     if args.task.partition(":")[0] in ("retrieval", "rerank"):
         from .embeddings import eval_rerank, eval_retrieval
@@ -189,15 +199,17 @@ def cmd_eval(args) -> int:
         from ..objectives.sft import perplexity
 
         model, tok = _load(args)
-        result = perplexity(model, tok, args.task[len("text:"):], limit=args.limit)
+        with domain_route(model, args.domain, args.adapter, args.model):
+            result = perplexity(model, tok, args.task[len("text:"):], limit=args.limit)
         print("\n".join(f"{k:<10} {v:.4f}" if isinstance(v, float) else f"{k:<10} {v}" for k, v in result.items()))
         return 0
     task = get_eval_task(args.task, args.metric, seed=args.seed)
     model, tok = _load(args)
     ks = tuple(int(k) for k in args.k.split(","))
-    result = evaluate(model, tok, task, split=args.split, limit=args.limit, shots=args.shots, samples=args.samples,
-                      temperature=args.temperature, ks=ks, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, seed=args.seed)
+    with domain_route(model, args.domain, args.adapter, args.model, default=args.task):
+        result = evaluate(model, tok, task, split=args.split, limit=args.limit, shots=args.shots,
+                          samples=args.samples, temperature=args.temperature, ks=ks,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     out = args.output or f"eval-{result.task}-{args.split}.json"
     save_result(result, out, model=args.model, adapter=args.adapter,
                 **({"fusion": model.stats.summary()} if hasattr(model, "stats") else {}))
@@ -338,6 +350,12 @@ def _model_args(p):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
 
+def _domain_arg(p):
+    p.add_argument("--domain", default=None, metavar="NAME",
+                   help="a model trained with one expert per data domain (MoE, enforced routing): run every token "
+                        "through this domain's expert (eval: by default the task's own, e.g. sql, if it is a domain)")
+
+
 def _fuse_args(p):
     p.add_argument("--fuse-small", default=None, metavar="SMALL",
                    help="logit fusion: the small base model the experts were tuned from (--model is the large one)")
@@ -359,6 +377,7 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
+    _domain_arg(p)
     _fuse_args(p)
     p.set_defaults(fn=cmd_generate)
 
@@ -367,6 +386,7 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
+    _domain_arg(p)
     _fuse_args(p)
     p.set_defaults(fn=cmd_chat)
 
@@ -405,6 +425,7 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--window", type=int, default=20, help="rerank --mode window: candidates per window")
     p.add_argument("--step", type=int, default=10, help="rerank --mode window: how far each window moves")
     p.add_argument("--passage-tokens", type=int, default=100, help="rerank: each passage cut to this many tokens")
+    _domain_arg(p)
     _fuse_args(p)
     p.set_defaults(fn=cmd_eval)
 
@@ -429,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .embeddings import add_embedding_verbs
 
     add_embedding_verbs(sub, _model_args)
+    from .grow import add_grow_verb
+    from .merge import add_merge_verb
+
+    add_merge_verb(sub)
+    add_grow_verb(sub)
     _add_serve(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")

@@ -27,6 +27,7 @@ REGISTRY = {
     "mam": "compose:MAM",
     "longlora": "compose:LongLoRA",
     "moe": "moe:MoE",
+    "moe_lora": "moe_lora:MoELoRA",
 }
 
 

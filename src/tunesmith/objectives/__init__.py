@@ -22,6 +22,7 @@ REGISTRY = {
     "orpo": "preference:Preference",
     "grpo": "grpo:GRPO",
     "distill": "distill:Distill",
+    "knowledge_fusion": "knowledge_fusion:KnowledgeFusion",
     "contrastive": "contrastive:Contrastive",
     "grl": "grl:GRL",
     "listwise": "listwise:Listwise",
