@@ -17,6 +17,8 @@ both steps use the text itself:
 - Quality: the source's own cross-entropy on its own tokens of the sample's trained text (tokens that
   start inside a trained student token), as the reference computes each model's `metric_ce` on its own
   tokenization.
+- A sample whose decoded text does not cut back into the same student tokens (rare: text that decodes
+  ambiguously) gets the gold token at every position, and its reward is taken over all its text.
 
 Building the vocabulary map decodes every source token once (tens of seconds for a 262k vocabulary).
 """
@@ -133,7 +135,7 @@ class CrossVocabSource:
             top_p = torch.where(mapped >= 0, top_p, torch.zeros_like(top_p))
             if float(top_p.sum()) > 0:
                 ids[t], probs[t] = mapped.clamp_min(0), top_p / top_p.sum()
-        return float(torch.exp(-torch.tensor(sum(ce) / len(ce))))
+        return float(torch.exp(-torch.tensor(sum(ce) / len(ce)))) if ce else 0.0
 
     def _log_probs(self, src_ids: list[int], positions: list[int]) -> torch.Tensor:
         """log-softmax of the source's next-token logits at `positions` (the head in chunks)."""
