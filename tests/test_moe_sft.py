@@ -242,3 +242,16 @@ def test_eval_of_a_task_that_is_a_domain_uses_its_expert_by_default(tokenizer, t
     assert "runs the `sql` expert" in capsys.readouterr().err
     assert default == outputs("--domain", "sql", name="sql.json")
     assert default != outputs("--domain", "json", name="json.json")
+
+
+def test_a_learned_router_ignores_the_datas_domains(tokenizer, mixed):
+    """A mix of sources gives every record a domain; a learned router must still route (and train)."""
+    model = make_tiny_model(tokenizer)
+    attach(model, build_method(method_from_dict("moe_lora", {"experts": 2, "rank": 4, "alpha": 8})))
+    perturb(model, std=0.2)
+    batch = collate(mixed, packing=True, pad_id=0)
+    with torch.no_grad():
+        with_domains, _, _ = causal_lm_loss(model, batch)
+        assert all(m.router.last is not None for m in moe_modules(model))  # the routers ran
+        without, _, _ = causal_lm_loss(model, {k: v for k, v in batch.items() if k != "route_ids"})
+    assert torch.equal(with_domains, without)

@@ -8,8 +8,8 @@ Domain routing: when the data's records carry a `domain` (or come from a mix of 
 `data.train=task:sql/train+task:json/train`), every token carries its record's domain number
 through packing (the batch's `route_ids`), and the forward runs under `models.moe.routing`, so a
 domain-expert MoE (method `moe` or `moe_lora` with enforced routing) sends each token through its
-domain's expert. The domain names are saved with the run and its adapter (`tunesmith_domains.json`),
-where `tunesmith generate|eval --domain NAME` finds them.
+domain's expert; a learned router ignores the domains. The domain names are saved with the run and
+its adapter (`tunesmith_domains.json`), where `tunesmith generate|eval --domain NAME` finds them.
 """
 from __future__ import annotations
 
@@ -39,9 +39,19 @@ def forward_hidden(model, batch: dict) -> torch.Tensor:
     else:
         eager = model.config._attn_implementation == "eager"
         isolation = {"attention_mask": attention_mask(batch["segment_ids"], additive=eager)}
-    with routing(model, batch.get("route_ids")):  # no-op without route ids or without MoE layers
+    with routing(model, domain_route_ids(model, batch)):  # no-op without route ids or domain-routed MoE layers
         out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **isolation)
     return out.last_hidden_state
+
+
+def domain_route_ids(model, batch: dict):
+    """The batch's per-token domain ids (`route_ids`) when the model has MoE layers routed by domain (no
+    learned router); None otherwise: a learned router picks experts itself, domains or not (a mix of
+    sources gives every record a domain)."""
+    ids = batch.get("route_ids")
+    if ids is None or not any(m.router is None for m in moe_modules(model)):
+        return None
+    return ids
 
 
 def _chunk_loss(head, h, targets, weights):
@@ -98,7 +108,7 @@ class SFT(ObjectiveBase):
     def prepare(self, run) -> None:
         """Data with domains: their names saved with the run; an MoE with fewer experts is refused now."""
         self.domains = list(getattr(run.splits, "domains", []) or [])
-        experts = [m.n_experts for m in moe_modules(run.model)]
+        experts = [m.n_experts for m in moe_modules(run.model) if m.router is None]  # domain-routed layers
         if self.domains and experts and len(self.domains) > min(experts):
             raise ObjectiveError(f"the data has {len(self.domains)} domains ({', '.join(self.domains)}) but the MoE "
                                  f"layers have {min(experts)} experts: set the method's `experts` to "
