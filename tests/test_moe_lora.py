@@ -242,6 +242,17 @@ def test_training_run_logs_the_router_and_saves_the_adapter(tmp_path, tiny_model
     assert rows and all("moe/balance" in r and "moe/share_e1" in r for r in rows)
     assert all(0.0 < r["moe/share_e0"] < 1.0 for r in rows)
     assert (result.output / "delta.safetensors").is_file()
+    # `tunesmith export` of a learned-router MoE-LoRA: E full experts (LoRA merged in) as a transformers Mixtral
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.cli import main
+    from tunesmith.infer.generate import load_for_inference
+
+    ours, _ = load_for_inference(adapter=str(result.run_dir))
+    assert main(["export", "--adapter", str(result.run_dir), "--output", str(tmp_path / "mixtral")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mixtral")).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM" and theirs.config.num_local_experts == 2
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-4, rtol=1e-4)
 
 
 def test_expanded_moe_lora_is_a_transformers_mixtral_with_equal_logits(tokenizer, tmp_path):

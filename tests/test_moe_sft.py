@@ -164,7 +164,7 @@ def test_packed_equals_one_by_one_with_per_record_domains(tokenizer, mixed, meth
     assert abs(float(unrouted) - float(packed)) > 1e-2  # the route matters: every token on expert 0 differs
 
 
-def test_an_sft_run_on_a_mix_saves_its_domains(tmp_path, tiny_model_dir):
+def test_an_sft_run_on_a_mix_saves_its_domains(tmp_path, tiny_model_dir, capsys):
     from tests.conftest import tiny_recipe
     from tunesmith.objectives import ObjectiveError
     from tunesmith.train.loop import train
@@ -172,9 +172,19 @@ def test_an_sft_run_on_a_mix_saves_its_domains(tmp_path, tiny_model_dir):
     sql, js = write_task(tmp_path / "sql.jsonl", "select", n=8), write_task(tmp_path / "json.jsonl", "object", n=8)
     extra = [f"data.train={sql}+{js}", "method.name=moe_lora", "method.moe_lora.routing=enforced",
              "method.moe_lora.rank=4", "train.steps=2"]
-    result = train(tiny_recipe(tmp_path / "a", tiny_model_dir, *extra, "method.moe_lora.experts=2"))
+    recipe = tiny_recipe(tmp_path / "a", tiny_model_dir, *extra, "method.moe_lora.experts=2", "eval.task=sql",
+                         "eval.limit=1", "eval.max_new_tokens=2")
+    result = train(recipe)
     assert json.loads((result.run_dir / DOMAINS_FILE).read_text()) == ["json", "sql"]
     assert json.loads((result.output / DOMAINS_FILE).read_text()) == ["json", "sql"]
+    # evaluation during training measures the task with its own domain's expert, as `tunesmith eval` does
+    from tunesmith.infer.generate import load_for_inference
+    from tunesmith.train.prepare import evaluate_task
+
+    capsys.readouterr()
+    model, tok = load_for_inference(adapter=str(result.run_dir))
+    evaluate_task(model, tok, recipe)
+    assert "runs the `sql` expert" in capsys.readouterr().err
     with pytest.raises(ObjectiveError, match="the data has 2 domains .* but the MoE layers have 1 experts"):
         train(tiny_recipe(tmp_path / "b", tiny_model_dir, *extra, "method.moe_lora.experts=1"))
 

@@ -16,7 +16,9 @@ Every other key keeps its Llama name. Training-only router settings do not carry
 capacity limit (our capacity applies in training only, so inference is dropless either way) and its
 jitter is written as 0. What has no transformers architecture — some layers upcycled, enforced
 (per-domain) routing, a BERT encoder, a family with biases or another MLP — stays in tunesmith's
-adapter folder, which `--adapter` loads for generate, chat, eval and serve.
+adapter folder, which `--adapter` loads for generate, chat, eval and serve. A learned-router MoE-LoRA
+(method `moe_lora`) in every layer exports the same way once `methods.moe_lora.expand` has merged each
+expert's LoRA into its own copy of the shared MLP.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunesmith.methods.moe_lora import expand
 from tunesmith.models.load import DTYPES, load_model, resolve
 from tunesmith.models.moe import MoEMLP, TopKRouter
 
 from .atomic import ExportError, atomic_folder
 from .tuned import load_tuned, read_method
 
+MOE_METHODS = ("moe", "moe_lora")  # moe_lora exports through `expand`: E full experts, LoRA merged in
 FAMILIES = ("llama", "mistral")  # Mixtral = either one with MoE MLPs (Mistral adds the sliding window)
 SHARED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
@@ -42,7 +46,7 @@ KEEP_AS_ADAPTER = ("it has no transformers architecture: keep the adapter folder
 
 def is_moe_adapter(adapter_dir) -> bool:
     """Whether an adapter folder holds an MoE upcycling (`tunesmith export` then writes Mixtral)."""
-    return read_method(adapter_dir)[0].name == "moe"
+    return read_method(adapter_dir)[0].name in MOE_METHODS
 
 
 def mixtral_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -105,9 +109,10 @@ def export_mixtral(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg, _ = read_method(adapter_dir)
-    if cfg.name != "moe":
-        raise ExportError(f"a `{cfg.name}` adapter is not an MoE upcycling; Mixtral export takes method `moe`")
-    if cfg.moe.routing != "learned":
+    if cfg.name not in MOE_METHODS:
+        raise ExportError(f"a `{cfg.name}` adapter is not an MoE upcycling; Mixtral export takes method `moe` "
+                          "or `moe_lora`")
+    if getattr(cfg, cfg.name).routing != "learned":
         raise ExportError(f"an MoE with enforced (per-domain) routing picks experts from the data, not a router: "
                           f"{KEEP_AS_ADAPTER}")
     bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
@@ -116,6 +121,8 @@ def export_mixtral(base: str, adapter_dir, out_dir, dtype: str = "fp32") -> Path
     try:
         model, _ = load_model(base, dtype="fp32")
         method, _ = load_tuned(model, adapter_dir)
+        if cfg.name == "moe_lora":  # E LoRA experts on one shared MLP -> E full experts (LoRA merged in)
+            expand(model)
         kwargs, state = mixtral_state(model)
         kwargs["router_aux_loss_coef"] = method.cfg.balance_weight / method.cfg.top_k  # theirs counts k per token
         config = MixtralConfig(**kwargs, dtype=DTYPES[dtype], architectures=["MixtralForCausalLM"])

@@ -107,13 +107,15 @@ def training_mode(model, cfg) -> None:
 def evaluate_task(model, tokenizer, recipe):
     """Measure the recipe's eval task with the model as it is now (stock attention for generation)."""
     from ..eval.runner import evaluate as run_eval, get_eval_task
+    from ..infer.domains import domain_route
 
     cfg = recipe.eval
     task = get_eval_task(cfg.task, cfg.metric, seed=cfg.seed)
     training_attention = model.config._attn_implementation
     use_attention(model, "sdpa")
-    try:
-        with autocast(model.device, recipe.train.precision):
+    try:  # one expert per data domain: the task's own expert, as `tunesmith eval` picks it
+        with autocast(model.device, recipe.train.precision), \
+                domain_route(model, None, model_path=recipe.run_dir, default=cfg.task):
             return run_eval(model, tokenizer, task, split=cfg.split, limit=cfg.limit,
                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=False)
     finally:
