@@ -49,18 +49,18 @@ ROWS = {
     "merge-ties": dict(label="merge: TIES", adapter="merge-ties", runs=["sql", "json"], merge=True),
     "merge-dare": dict(label="merge: DARE+TIES", adapter="merge-dare", runs=["sql", "json"], merge=True),
     "merge-slerp": dict(label="merge: SLERP (t=0.5)", adapter="merge-slerp", runs=["sql", "json"], merge=True),
-    "moe-learned": dict(label="MoE upcycling E=2, learned top-2 router (60 steps)", adapter="moe-learned", runs=["moe-learned"]),
+    "moe-learned": dict(label="MoE upcycling E=2, learned top-2 router (30 steps)", adapter="moe-learned", runs=["moe-learned"]),
     "moe-enforced": dict(label="MoE upcycling E=2, enforced routing by domain (30 steps)", adapter="moe-enforced",
                          runs=["moe-enforced"], domain=True),
     "moe-lora": dict(label="MoE-LoRA: 2 LoRA experts per MLP, learned top-2 router (30 steps)", adapter="moe-lora", runs=["moe-lora"]),
     "fusion": dict(label="knowledge fusion of the 2 specialists into a LoRA student (30 steps)", adapter="fusion",
                    runs=["sql", "json", "fusion"]),
     "grown": dict(label="depth up-scaling 30→36 layers (layers 12-17 repeated), untrained", model="grown",
-                  runs=[], extra="grow"),
+                  runs=[], extra="grown"),
     "grow": dict(label="depth up-scaling 30→36 layers, then multi-task LoRA (30 steps)", model="grown", adapter="grow",
-                 runs=["grow"], extra="grow"),
+                 runs=["grow"], extra="grown"),
 }
-NOT_RUN: dict[str, str] = {}  # row -> why it was not run (filled in when a route is missing)
+NOT_RUN: dict[str, str] = {}  # row -> why it has no result (when a route could not be run)
 DOMAINS = ("sql", "json")
 
 
@@ -150,6 +150,34 @@ def speed(model, tok, row: str, repeats: int = 2) -> float:
     return SPEED_BATCH * SPEED_TOKENS / best
 
 
+def router_use(model, tok) -> dict:
+    """Learned routers: per task, the mean router probability of expert 0 and the mean entropy of a
+    token's router distribution (ln 2 = 0.69: undecided), over the tokens of 8 test questions with
+    their gold answers and over every routed layer. Shows whether the router tells the tasks apart."""
+    import torch
+
+    from tunesmith.data.tasks import task_records
+    from tunesmith.models.moe import moe_modules
+
+    out = {}
+    if not any(getattr(m, "router", None) is not None for m in moe_modules(model)):
+        return out
+    for name in DOMAINS:
+        texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in task_records(_task(name), "test")[:8]]
+        p0, ent = [], []
+        for text in texts:
+            with torch.inference_mode():
+                model(**tok(text, return_tensors="pt"))
+            for m in moe_modules(model):
+                if getattr(m.router, "last", None) is not None:
+                    logp = torch.log_softmax(m.router.last[0].float(), dim=-1)
+                    p0.append(logp[:, 0].exp().mean())
+                    ent.append(-(logp.exp() * logp).sum(-1).mean())
+        if p0:
+            out[name] = {"p_expert0": float(torch.stack(p0).mean()), "router_entropy": float(torch.stack(ent).mean())}
+    return out
+
+
 def eval_row(row: str) -> dict:
     import torch
 
@@ -181,6 +209,7 @@ def eval_row(row: str) -> dict:
     # the answers' loss on held-out sql+json records (validation split; enforced rows route by record)
     out["task_val"] = perplexity(model, tok, str(WORK / "multitask-val.jsonl"), limit=VAL_RECORDS, max_length=512,
                                  batch_tokens=2048)
+    out["router"] = router_use(model, tok)
     out["train_s"] = train_seconds(row)
     return out
 
@@ -198,8 +227,9 @@ def train_seconds(row: str) -> dict:
     return times
 
 
-SPEED_ROWS = ("base", "moe-learned", "moe-enforced", "moe-lora", "grow")
-"One row per architecture: every LoRA, merge and fusion row merges into the dense base's weights."
+# one row per architecture: every LoRA, merge and fusion row merges into the dense base's weights, the
+# grown model's LoRA into the grown model's
+SPEED_ROWS = ("base", "moe-learned", "moe-enforced", "moe-lora", "grown")
 
 
 def speed_pass(rows: list[str], rounds: int = 3) -> None:
@@ -246,7 +276,7 @@ def run_eval(rows: list[str], force: bool) -> None:
 def tps(row: str, speeds: dict) -> str:
     """The figure of the row's architecture from the one-sitting speed pass (LoRA, merge and fusion rows
     run the dense base's weights; the grown model before and after its LoRA is one architecture)."""
-    arch = row if row in SPEED_ROWS else "grow" if row == "grown" else "base"
+    arch = row if row in SPEED_ROWS else "grown" if row == "grow" else "base"
     return f"{speeds[arch]:.0f}" if arch in speeds else "—"
 
 
@@ -262,7 +292,7 @@ def table() -> str:
     for row, spec in ROWS.items():
         r = results.get(row)
         if r is None:
-            lines.append(f"| {spec['label']} | not run | | | {NOT_RUN.get(row, '')} | | | | |")
+            lines.append(f"| {spec['label']} | {NOT_RUN.get(row, 'not run')} | | | | | | | |")
             continue
         acc = [r["tasks"][d]["accuracy"] for d in DOMAINS]
         if "general" in r:
@@ -270,7 +300,8 @@ def table() -> str:
         else:
             ppl = " / ".join(f"{r[f'general via {d}']['perplexity']:.2f} ({d} expert)" for d in DOMAINS)
         forget = f"{base_ppl:.2f} → {ppl}" if base_ppl else ppl
-        train = " + ".join(f"{k} {v:.0f} s" for k, v in r["train_s"].items() if v is not None) or "—"
+        r["train_s"] = train_seconds(row)  # read again: a run's report may be newer than the row's result
+        train = " + ".join(f"{k} {v:.0f}" for k, v in r["train_s"].items() if v is not None) + " s" if r["train_s"] else "—"
         field = r["tasks"]["json"]["mean_score"]
         lines.append(f"| {spec['label']} | {100 * acc[0]:.1f}% | {100 * acc[1]:.1f}% ({100 * field:.0f}%) | {50 * sum(acc):.1f}% | "
                      f"{forget} | {r['task_val']['loss']:.3f} | {r['parameters'] / 1e6:.1f}M | "

@@ -10,7 +10,7 @@ W=runs/merging
 export OMP_NUM_THREADS=1
 Q="recipes/quickstart.yaml output_dir=$W train.eval_every=0 train.threads=1 train.save_every=1000"
 MIX="data.train=$W/multitask.jsonl data.validation=$W/multitask-val.jsonl train.steps=60"
-# The routes after MoE upcycling with learned routing ran at 30 steps: on the shared CPU (load 9-11
+# The routes into one model other than multi-task SFT ran at 30 steps: on the shared CPU (load 5-11
 # from other jobs) a 60-step run took 15-25 min, which the time available did not hold for five routes.
 HALF="data.train=$W/multitask.jsonl data.validation=$W/multitask-val.jsonl train.steps=30"
 mkdir -p $W/times
@@ -36,7 +36,7 @@ done
 # MoE upcycling, E = 2: every MLP becomes two experts (full copies) that train; learned top-2 router
 # (load-balance 0.01, z 0.001) vs enforced routing by the record's domain. Experts train fully, so at
 # the full-tuning learning rate 1e-4 rather than LoRA's 1e-3.
-[ -d $W/moe-learned/adapter ] || tunesmith train $Q $MIX name=moe-learned method.name=moe method.moe.experts=2 \
+[ -d $W/moe-learned/adapter ] || tunesmith train $Q $HALF name=moe-learned method.name=moe method.moe.experts=2 \
   method.moe.routing=learned method.moe.top_k=2 train.lr=1e-4
 
 [ -d $W/moe-enforced/adapter ] || tunesmith train $Q $HALF name=moe-enforced method.name=moe method.moe.experts=2 \
@@ -52,5 +52,5 @@ done
 
 # depth up-scaling: layers 12-17 repeated after themselves (30 -> 36 layers, Yi-style, no identity init),
 # then the multi-task LoRA run on the grown model
-[ -f $W/grown/config.json ] || timed grow tunesmith grow --model smollm2-135m-instruct --repeat 12:18 --output $W/grown
+[ -f $W/grown/config.json ] || timed grown tunesmith grow --model smollm2-135m-instruct --repeat 12:18 --output $W/grown
 [ -d $W/grow/adapter ] || tunesmith train $Q $HALF name=grow model.name=$W/grown
