@@ -3,8 +3,8 @@
 # after `python benchmarks/merging/run.py data`):   nice -n 5 bash benchmarks/merging/train.sh
 # A row whose output exists is skipped, so the script resumes. Sized for 2 shared CPU cores: the
 # quickstart recipe (LoRA r16 on every linear layer, 1024-token packed steps, lr 1e-3 cosine) cut to
-# 30 steps per specialist, and 60 steps (the two specialists' total) for every route that trains on
-# the mixed sql+json data (runs/merging/multitask.jsonl, each record with its `domain`).
+# 30 steps per specialist, 60 steps (the two specialists' total) for multi-task SFT on the mixed
+# sql+json data (runs/merging/multitask.jsonl, each record with its `domain`), 30 for the other routes.
 set -euo pipefail
 W=runs/merging
 export OMP_NUM_THREADS=1
