@@ -67,6 +67,28 @@ def test_top_k_output_is_the_gate_weighted_sum_of_the_chosen_experts():
     assert layer.router.last is None and aux_losses(layer) == {}
 
 
+def test_a_top_1_gate_is_one_yet_trains_the_router():
+    """Renormalised over one expert the gate is 1 (Mixtral): the value stays 1, and its gradient is that of
+    log p, so the task loss reaches the router (a constant gate would leave it to the auxiliary losses)."""
+    torch.manual_seed(0)
+    experts = mlps(3)
+    layer = MoEMLP(experts, TopKRouter(8, 3, k=1))
+    x = torch.randn(12, 8)
+    ids, gates = layer.router(x)
+    torch.testing.assert_close(gates, torch.ones(12, 1))
+    torch.testing.assert_close(layer(x), torch.stack([experts[int(ids[i, 0])](x[i]) for i in range(12)]))
+    layer(x).pow(2).sum().backward()
+    grad = layer.router.weight.grad
+    assert grad is not None and grad.abs().max() > 1e-4
+    # the same gradient by hand: d/dW of Σ_i 2·||E(x_i)||²·(log p_i − stop_grad(log p_i))
+    w = layer.router.weight.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(x @ w.T, dim=-1).gather(1, ids)[:, 0]
+    with torch.no_grad():
+        sq = torch.stack([experts[int(ids[i, 0])](x[i]).pow(2).sum() for i in range(12)])
+    (sq * 2 * (logp - logp.detach())).sum().backward()  # d(gate·y)²/d gate at gate 1 is 2·y²
+    torch.testing.assert_close(grad, w.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_router_settings_are_clear_errors(tokenizer):
     with pytest.raises(MoEError, match="top_k"):
         TopKRouter(8, 2, k=3)

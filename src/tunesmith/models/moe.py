@@ -59,7 +59,9 @@ class MoEError(ValueError):
 
 class TopKRouter(nn.Module):
     """Mixtral's learned gate: ids (n, k) of each token's top-k experts by softmax probability and
-    their gates (n, k), the probabilities renormalised over the k chosen (fp32).
+    their gates (n, k), the probabilities renormalised over the k chosen (fp32). With k = 1 the
+    renormalised gate is the constant 1, which would leave the router untrained by the task loss (only
+    the auxiliary losses would move it): its value stays 1, its gradient is that of log p (p/stop_grad(p)).
 
     `jitter` ε multiplies the router's input by U(1-ε, 1+ε) while training (Switch; the experts see
     the clean input). `capacity_factor` c limits each expert to ceil(c·n·k/E) assignments while
@@ -86,7 +88,10 @@ class TopKRouter(nn.Module):
         logits = F.linear(h, self.weight)  # (n, E)
         probs = torch.softmax(logits.float(), dim=-1)
         top, ids = torch.topk(probs, self.k, dim=-1)  # (n, k), highest first
-        gates = top / top.sum(dim=-1, keepdim=True)
+        if self.k == 1:  # renormalised, a lone gate is 1 with no gradient: keep the value 1 (Mixtral computes
+            gates = top / top.detach()  # the same) but let it carry log p's gradient, so the task loss trains the router
+        else:
+            gates = top / top.sum(dim=-1, keepdim=True)
         self.last = (logits, ids)
         if self.training and self.capacity_factor is not None:
             ids, gates = drop_over_capacity(ids, gates, self.n_experts, self.capacity_factor)
