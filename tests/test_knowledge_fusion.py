@@ -9,7 +9,7 @@ from tests.conftest import make_tiny_model, tiny_recipe, train_losses
 from tunesmith.data import collate
 from tunesmith.objectives import ObjectiveError
 from tunesmith.objectives.distill import distill_loss
-from tunesmith.objectives.knowledge_fusion import (GATE, GATE_FILE, FusionGate, KnowledgeFusion, attach_gate,
+from tunesmith.objectives.knowledge_fusion import (GATE, GATE_FILE, KnowledgeFusion, attach_gate,
                                                    cv_squared, fusion_loss, sample_index, select, source_rewards)
 
 

@@ -12,8 +12,7 @@ from tests.conftest import make_tiny_model, tiny_recipe
 from tunesmith.export.atomic import ExportError
 from tunesmith.methods import attach, build_method
 from tunesmith.methods.base import Compose, MethodBase, MethodError
-from tunesmith.models.moe import (MoEError, MoEMLP, TopKRouter, aux_losses, capacity, expert_stats, moe_modules,
-                                  upcycle)
+from tunesmith.models.moe import MoEError, MoEMLP, TopKRouter, aux_losses, capacity, expert_stats, moe_modules
 from tunesmith.recipe import method_from_dict
 
 IDS = torch.randint(5, 1000, (3, 10), generator=torch.Generator().manual_seed(3))

@@ -311,37 +311,6 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from ..serve import Limits, parse_adapters, serve
-
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_queue=args.max_queue,
-                    request_timeout_s=args.request_timeout)
-    serve(args.model, parse_adapters(args.adapter), host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("TUNESMITH_API_KEY") or None, dtype=args.dtype,
-          max_adapters=args.max_adapters, max_batch=args.max_batch, threads=args.threads, limits=limits)
-    return 0
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model and its adapters")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model (served under this name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="an adapter or run folder served as model NAME (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or env TUNESMITH_API_KEY)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for the model (0 = one per physical core)")
-    p.add_argument("--max-adapters", type=int, default=4, help="adapters kept in memory (least recently used leave)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests in flight; one more gets 429")
-    p.add_argument("--max-tokens", type=int, default=1024, help="the most max_tokens a request may ask for (400 over it)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds a request may decode; then it ends with finish_reason length")
-    p.set_defaults(fn=cmd_serve)
-
-
 def _model_args(p):
     p.add_argument("--model", default=None,
                    help="base model: folder, .gguf, cached hub id, a full-tuning run folder, or "
@@ -448,14 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_verbs(sub)
     from .embeddings import add_embedding_verbs
-
-    add_embedding_verbs(sub, _model_args)
     from .grow import add_grow_verb
     from .merge import add_merge_verb
+    from .serve import add_serve_verb
 
+    add_embedding_verbs(sub, _model_args)
     add_merge_verb(sub)
     add_grow_verb(sub)
-    _add_serve(sub)
+    add_serve_verb(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")

@@ -36,15 +36,9 @@ from .base import MethodBase, MethodError
 from .catalog import Variant
 
 
-class MoeConfig(Config):
-    experts: int = Field(2, ge=1)
-    "Experts per MLP. Enforced routing: one per domain (the data's k-th domain in sorted order runs through expert k)."
-    layers: Literal["all"] | list[int] = "all"
-    "Layers whose MLP is upcycled: `all`, or indices such as [0, 5] (the paper: all; one layer keeps ~85% of the gain)."
-    train: Literal["experts", "all"] = "experts"
-    "`experts`: only the MLP experts (and learned routers) train; `all`: the shared attention, embeddings and norms train too."
-    routing: Literal["enforced", "learned"] = "enforced"
-    "`enforced`: the data's domain picks the expert; `learned`: a top-k router per layer (Mixtral), trained with the model."
+class RouterConfig(Config):
+    """The learned router's options, shared by `moe` and `moe_lora`."""
+
     top_k: int = Field(2, ge=1)
     "Learned routing: experts per token (at most `experts`); their outputs are weighted by the renormalised router probabilities."
     balance_weight: float = Field(0.01, ge=0)
@@ -55,6 +49,28 @@ class MoeConfig(Config):
     "Learned routing: multiply the router's input by U(1-jitter, 1+jitter) while training (Switch: 0.01); 0: off."
     capacity_factor: float | None = Field(None, gt=0)
     "Learned routing: each expert takes at most ceil(c·tokens·top_k/experts) assignments while training, the rest drop (zero output); null: dropless."
+
+
+def router_aux_loss(cfg: RouterConfig, model: nn.Module):
+    """balance_weight·moe_balance + z_weight·moe_z of the last forward's routers, with both losses and
+    the expert statistics (shares, entropies) as metrics; (None, {}) when no router ran."""
+    losses = aux_losses(model)
+    if not losses:
+        return None, {}
+    total = cfg.balance_weight * losses["moe_balance"] + cfg.z_weight * losses["moe_z"]
+    return total, {"moe/balance": float(losses["moe_balance"].detach()), "moe/z": float(losses["moe_z"].detach()),
+                   **expert_stats(model)}
+
+
+class MoeConfig(RouterConfig):
+    experts: int = Field(2, ge=1)
+    "Experts per MLP. Enforced routing: one per domain (the data's k-th domain in sorted order runs through expert k)."
+    layers: Literal["all"] | list[int] = "all"
+    "Layers whose MLP is upcycled: `all`, or indices such as [0, 5] (the paper: all; one layer keeps ~85% of the gain)."
+    train: Literal["experts", "all"] = "experts"
+    "`experts`: only the MLP experts (and learned routers) train; `all`: the shared attention, embeddings and norms train too."
+    routing: Literal["enforced", "learned"] = "enforced"
+    "`enforced`: the data's domain picks the expert; `learned`: a top-k router per layer (Mixtral), trained with the model."
     noise: float = Field(0.0, ge=0)
     "Std of the noise added to the expert copies at upcycling, relative to each weight's std; 0: exact copies."
 
@@ -104,15 +120,7 @@ class MoE(MethodBase):
     def aux_loss(self, model: nn.Module):
         """Learned routing: balance_weight·moe_balance + z_weight·moe_z of the last forward, and the
         expert statistics (shares, entropies) with both losses as metrics."""
-        if not self.learned:
-            return None, {}
-        losses = aux_losses(model)
-        if not losses:
-            return None, {}
-        total = self.cfg.balance_weight * losses["moe_balance"] + self.cfg.z_weight * losses["moe_z"]
-        metrics = {"moe/balance": float(losses["moe_balance"].detach()), "moe/z": float(losses["moe_z"].detach()),
-                   **expert_stats(model)}
-        return total, metrics
+        return router_aux_loss(self.cfg, model) if self.learned else (None, {})
 
     def describe(self, model: nn.Module) -> str:
         n = len(self._layers)

@@ -37,20 +37,18 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ..config import Config
-from ..models.moe import MoEError, MoEMLP, TopKRouter, aux_losses, choose_layers, expert_stats, mlp_slots
+from ..models.moe import MoEError, MoEMLP, TopKRouter, choose_layers, mlp_slots
 from .base import MethodBase, MethodError, set_module
 from .catalog import Variant
 from .lora import LoRALinear
+from .moe import RouterConfig, router_aux_loss
 
 
-class MoeLoraConfig(Config):
+class MoeLoraConfig(RouterConfig):
     experts: int = Field(4, ge=1)
     "LoRA experts per MLP (with enforced routing: one per domain, the data's k-th domain in sorted order runs expert k)."
     routing: Literal["learned", "enforced"] = "learned"
     "`learned`: a top-k router (Mixtral's gate) picks each token's experts; `enforced`: the data's `domain` does."
-    top_k: int = Field(2, ge=1)
-    "Experts per token with learned routing; their outputs are summed with the renormalised router probabilities."
     rank: int = Field(8, gt=0)
     "LoRA rank r of every expert's linears."
     alpha: float = Field(16.0, gt=0)
@@ -59,14 +57,6 @@ class MoeLoraConfig(Config):
     "Dropout on the LoRA input."
     layers: Literal["all"] | list[int] = "all"
     "Layers whose MLP becomes LoRA experts: `all`, or indices such as [0, -1]."
-    balance_weight: float = Field(0.01, ge=0)
-    "Weight of the load-balancing loss E·Σ f_e·P_e (Switch Transformer) with learned routing."
-    z_weight: float = Field(0.001, ge=0)
-    "Weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE) with learned routing."
-    jitter: float = Field(0.0, ge=0)
-    "Multiply the router's input by U(1-ε, 1+ε) while training (Switch); 0: off."
-    capacity_factor: float | None = Field(None, gt=0)
-    "Each expert takes at most ceil(c·tokens·k/E) assignments while training, the rest are dropped; null: dropless."
 
 
 def shared_copy(module: nn.Module) -> nn.Module:
@@ -171,12 +161,7 @@ class MoELoRA(MethodBase):
     def aux_loss(self, model: nn.Module):
         """balance_weight·moe_balance + z_weight·moe_z of the last forward's routers, with the expert
         shares and entropies to log; (None, {}) with enforced routing or when no router ran."""
-        losses = aux_losses(model) if self.cfg.routing == "learned" else {}
-        if not losses:
-            return None, {}
-        total = self.cfg.balance_weight * losses["moe_balance"] + self.cfg.z_weight * losses["moe_z"]
-        return total, {"moe/balance": float(losses["moe_balance"].detach()), "moe/z": float(losses["moe_z"].detach()),
-                       **expert_stats(model)}
+        return router_aux_loss(self.cfg, model) if self.cfg.routing == "learned" else (None, {})
 
     def merge(self, model: nn.Module) -> None:
         raise MethodError("moe_lora cannot be merged into the base weights: a token's output is a router-weighted "

@@ -129,7 +129,6 @@ def save_output(recipe, model, tokenizer, method, dist=None, objective=None) -> 
     Under FSDP the ranks gather the full weights into rank 0's model, which writes them. An
     objective with `save_beside(folder, model)` (embeddings: the spec and the projector) writes its
     files into that folder; what it adds to the model (`held_out`) stays out of the weights."""
-    run_dir = recipe.run_dir
     if dist is not None and dist.strategy == "fsdp" and dist.active:
         ckpt.unshard_in_place(model, dist)
     if dist is not None and not dist.main:
