@@ -281,13 +281,17 @@ def attach(model: nn.Module, method: Method) -> list[str]:
 def delta_state(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """The tensors that make a tuned model differ from its base: every parameter the method marked
     trainable (also while it has frozen one for an epoch) and every tensor it added to the plain
-    model (e.g. sparse indices), as `attach` recorded them on the method."""
+    model (e.g. sparse indices), as `attach` recorded them on the method. A new name for a base tensor
+    (MoE-LoRA's experts share the frozen MLP's weights) is not a new tensor: it is left out."""
     trained = set(method.trained_names)
     base_keys = method.base_keys
+    full = model.state_dict(keep_vars=True)
+    base_ids = {id(t) for n, t in full.items() if base_keys is not None and n in base_keys}
     state = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in full.items():
         param = isinstance(t, nn.Parameter)
-        if name in trained or (param and t.requires_grad) or (base_keys is not None and name not in base_keys):
+        added = base_keys is not None and name not in base_keys and id(t) not in base_ids
+        if name in trained or (param and t.requires_grad) or added:
             state[name] = t.detach()
     return state
 

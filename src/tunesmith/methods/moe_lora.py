@@ -100,11 +100,9 @@ class MoELoRA(MethodBase):
         super().__init__(cfg)
         self._layers: list[int] = []
         self._trainable: set[int] = set()
-        self._shared_keys: set[str] = set()
 
     def apply(self, model: nn.Module) -> None:
         c = self.cfg
-        base_tensors = {id(t) for t in model.state_dict(keep_vars=True).values()}
         try:
             slots = mlp_slots(model)
             self._layers = choose_layers(len(slots), c.layers)
@@ -114,8 +112,6 @@ class MoELoRA(MethodBase):
                 setattr(parent, attr, self._moe(getattr(parent, attr)))
         except MoEError as e:
             raise MethodError(f"moe_lora: {e}") from None
-        # the experts' views of the shared MLP weights are base tensors under new names: not a delta
-        self._shared_keys = {n for n, t in model.state_dict(keep_vars=True).items() if id(t) in base_tensors}
 
     def _check(self, chosen, learned: bool) -> None:
         """Refuse before any module changes: a layer already upcycled, a rank the linears cannot hold,
@@ -150,10 +146,6 @@ class MoELoRA(MethodBase):
         loras = [m for e in experts for m in e.modules() if isinstance(m, LoRALinear)]
         self._trainable |= {id(p) for m in loras for p in (m.lora_a, m.lora_b)}
         return MoEMLP(experts, router)
-
-    def record(self, base_keys, trained_names) -> None:
-        """The experts' names for the shared base weights count as base keys: the delta is router + LoRA."""
-        super().record(None if base_keys is None else frozenset(base_keys) | self._shared_keys, trained_names)
 
     def is_trainable(self, name: str, param) -> bool:
         return id(param) in self._trainable
