@@ -80,3 +80,18 @@ def test_command_line_runs_on_jemalloc_when_installed(tmp_path):
     assert "allocator jemalloc" in on.stdout
     off = run({"TUNESMITH_ALLOCATOR": "system"})
     assert off.returncode == 0 and "allocator system" in off.stdout
+
+
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """A run started from a large process (a notebook, this test runner) reports its own peak: through
+    vfork + exec, `ru_maxrss` starts at the parent's peak (here 1.5 GB more than the child ever holds)."""
+    import subprocess
+    import sys
+
+    held = bytearray(1536 * 1024 * 1024)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    code = "import torch; from tunesmith.runtime import peak_memory_gb; print(peak_memory_gb(torch.device('cpu')))"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.05 < child < 1.2, child
+    del held

@@ -49,9 +49,20 @@ def autocast(device: torch.device, precision: str):
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak RSS of this process on CPU; peak allocated tensor memory on CUDA."""
+    """Peak RSS of this process on CPU; peak allocated tensor memory on CUDA.
+
+    On Linux this is the address space's own high-water mark (VmHWM). `ru_maxrss` is not: exec keeps
+    the maximum of the process it replaced, so a run started from a large process (a notebook, a test
+    runner, through vfork) would report its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
