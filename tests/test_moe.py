@@ -436,3 +436,24 @@ def test_what_is_not_mixtral_stays_an_adapter(tokenizer, tmp_path, tiny_model_di
     save_tuned(enforced, method, str(tiny_model_dir), tmp_path / "enforced")
     assert main(["export", "--adapter", str(tmp_path / "enforced"), "--output", str(tmp_path / "out")]) == 2
     assert "enforced" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["moe", "moe_lora"])
+def test_routers_get_their_own_learning_rate(tokenizer, name):
+    """`router_lr_scale`: routers start near uniform and barely move at a full-tuning lr; their optimizer
+    group runs at a multiple of it, every other trained parameter at train.lr."""
+    from types import SimpleNamespace
+
+    from tunesmith.train.optim import build_optimizer
+
+    model = make_tiny_model(tokenizer)
+    options = {"experts": 2, "routing": "learned", "top_k": 1, "router_lr_scale": 50.0}
+    method = build_method(method_from_dict(name, {**options, **({"rank": 4} if name == "moe_lora" else {})}))
+    attach(model, method)
+    cfg = SimpleNamespace(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), adamw="loop")
+    optimizer = build_optimizer(model, cfg, method)
+    routers = {id(m.router.weight) for m in moe_modules(model)}
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert routers and all(lr_of[r] == pytest.approx(5e-3) for r in routers)
+    others = [lr for i, lr in lr_of.items() if i not in routers]
+    assert others and all(lr == pytest.approx(1e-4) for lr in others)

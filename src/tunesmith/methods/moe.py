@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Config
-from ..models.moe import MoEError, aux_losses, choose_layers, expert_stats, mlp_slots, upcycle
+from ..models.moe import MoEError, aux_losses, choose_layers, expert_stats, mlp_slots, moe_modules, upcycle
 from .base import MethodBase, MethodError
 from .catalog import Variant
 
@@ -49,6 +49,13 @@ class RouterConfig(Config):
     "Learned routing: multiply the router's input by U(1-jitter, 1+jitter) while training (Switch: 0.01); 0: off."
     capacity_factor: float | None = Field(None, gt=0)
     "Learned routing: each expert takes at most ceil(c·tokens·top_k/experts) assignments while training, the rest drop (zero output); null: dropless."
+    router_lr_scale: float = Field(1.0, gt=0)
+    "Learned routing: the routers' learning rate as a multiple of train.lr (routers start near uniform and move slowly at a full-tuning lr)."
+
+
+def router_ids(model: nn.Module) -> set[int]:
+    """The learned routers' parameters (by id), for their own learning rate (`router_lr_scale`)."""
+    return {id(p) for m in moe_modules(model) if m.router is not None for p in m.router.parameters()}
 
 
 def router_aux_loss(cfg: RouterConfig, model: nn.Module):
@@ -94,6 +101,7 @@ class MoE(MethodBase):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._trained_ids: set[int] = set()
+        self._router_ids: set[int] = set()
         self._layers: list[int] = []
 
     @property
@@ -113,9 +121,13 @@ class MoE(MethodBase):
         except MoEError as e:
             raise MethodError(str(e)) from None
         self._trained_ids = {id(p) for m in layers for p in m.parameters()}  # experts and routers
+        self._router_ids = router_ids(model)
 
     def is_trainable(self, name: str, param) -> bool:
         return self.cfg.train == "all" or id(param) in self._trained_ids
+
+    def optimizer_options(self, name: str, param) -> dict:
+        return {"lr_scale": self.cfg.router_lr_scale} if id(param) in self._router_ids else {}
 
     def aux_loss(self, model: nn.Module):
         """Learned routing: balance_weight·moe_balance + z_weight·moe_z of the last forward, and the

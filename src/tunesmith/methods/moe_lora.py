@@ -41,7 +41,7 @@ from ..models.moe import MoEError, MoEMLP, TopKRouter, choose_layers, mlp_slots
 from .base import MethodBase, MethodError, set_module
 from .catalog import Variant
 from .lora import LoRALinear
-from .moe import RouterConfig, router_aux_loss
+from .moe import RouterConfig, router_aux_loss, router_ids
 
 
 class MoeLoraConfig(RouterConfig):
@@ -100,6 +100,7 @@ class MoELoRA(MethodBase):
         super().__init__(cfg)
         self._layers: list[int] = []
         self._trainable: set[int] = set()
+        self._router_ids: set[int] = set()
 
     def apply(self, model: nn.Module) -> None:
         c = self.cfg
@@ -112,6 +113,7 @@ class MoELoRA(MethodBase):
                 setattr(parent, attr, self._moe(getattr(parent, attr)))
         except MoEError as e:
             raise MethodError(f"moe_lora: {e}") from None
+        self._router_ids = router_ids(model)
 
     def _check(self, chosen, learned: bool) -> None:
         """Refuse before any module changes: a layer already upcycled, a rank the linears cannot hold,
@@ -149,6 +151,9 @@ class MoELoRA(MethodBase):
 
     def is_trainable(self, name: str, param) -> bool:
         return id(param) in self._trainable
+
+    def optimizer_options(self, name: str, param) -> dict:
+        return {"lr_scale": self.cfg.router_lr_scale} if id(param) in self._router_ids else {}
 
     def aux_loss(self, model: nn.Module):
         """balance_weight·moe_balance + z_weight·moe_z of the last forward's routers, with the expert
