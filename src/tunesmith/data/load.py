@@ -6,12 +6,14 @@ import random
 from dataclasses import dataclass, field
 from itertools import islice
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .errors import DataError
 from .formats import Example, detect_format, to_example
 from .render import Renderer, Sample, fit_length
+from .shards import ShardedSamples, is_shard_folder, open_shards, shard_stats
 from .skipped import NOTHING_TO_TRAIN, Skipped, announce, skip_lines
 from .sources import Record, read_records
 
@@ -38,6 +40,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) ->
         DataError: a missing or unreadable file, a bad record (the message names it), or a split left
         with no usable sample.
     """
+    if is_shard_folder(cfg.train):
+        return load_shard_splits(cfg, tokenizer, seed, report)
     records, val_records, val_name = read_splits(cfg, seed)
     domains = domain_names(records + (val_records or []))
     index = {name: k for k, name in enumerate(domains)}
@@ -52,6 +56,47 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) ->
     if report:
         announce(stats, cfg.max_length)
     return DataSplits(train=train, val=val, stats=stats, format=fmt, domains=domains)
+
+
+def load_shard_splits(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) -> DataSplits:
+    """`load_data` for a shard folder: nothing is tokenized or read but the per-sample arrays; the
+    split rules are the same (`limit` first, then a validation file/folder or a seeded `val_fraction`
+    held out of the samples)."""
+    train = open_shards(cfg.train, tokenizer)
+    if cfg.limit is not None:
+        train = train.subset(np.arange(min(cfg.limit, len(train))))
+    val, val_stats = None, None
+    if cfg.validation and is_shard_folder(cfg.validation):
+        val = open_shards(cfg.validation, tokenizer)
+        val_stats = shard_stats(val, records=len(val))
+    elif cfg.validation:
+        records = list(read_records(cfg.validation))
+        if not records:
+            raise DataError(f"{cfg.validation}: no records")
+        renderer = Renderer(tokenizer, train_on_prompt=cfg.train_on_prompt, assistant_turns=cfg.assistant_turns)
+        val, val_stats = _build(records, detect_format(records[0], cfg), cfg, renderer, cfg.validation)
+    elif cfg.val_fraction > 0:
+        train, val = split_samples(train, cfg.val_fraction, seed, cfg.train)
+        val_stats = shard_stats(val, records=len(val))
+    stats = {"train": shard_stats(train, records=len(train))}
+    if val_stats is not None:
+        stats["val"] = val_stats
+    if report:
+        announce(stats, cfg.max_length)
+    meta = train.manifest.get("meta", {})
+    return DataSplits(train=train, val=val, stats=stats, format=str(meta.get("format", "shards")),
+                      domains=list(meta.get("domains", [])))
+
+
+def split_samples(samples: ShardedSamples, fraction: float, seed: int, name: str):
+    """`split_records` over samples: the same seeded choice of held-out positions, both parts in order."""
+    n = len(samples)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise DataError(f"{name}: data.val_fraction={fraction} leaves no training samples out of {n}")
+    held = np.zeros(n, dtype=bool)
+    held[random.Random(f"tunesmith-val:{seed}").sample(range(n), n_val)] = True
+    return samples.subset(np.flatnonzero(~held)), samples.subset(np.flatnonzero(held))
 
 
 def domain_names(records: list[Record]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..data import collate, plan_batches
-from ..objectives.base import Window
+from ..objectives.base import ObjectiveBase, Window
 from . import distributed
 
 
@@ -24,10 +24,9 @@ class MicroBatches:
         self.packing = data_cfg.packing
         self.shuffle = data_cfg.shuffle if shuffle is None else shuffle
         self.batch_tokens, self.batch_size = train_cfg.batch_tokens, train_cfg.batch_size
-        self.lengths = [objective.length(x) for x in items]
+        self.lengths, self.unit_counts = measure(items, objective)
         if not getattr(objective, "group_by_length", True):  # padded batches drawn at random, not by length
             self.lengths = [0] * len(items)  # (contrastive: the in-batch negatives stay a random sample)
-        self.unit_counts = [objective.units(x) for x in items]
         self._plans: dict[int, list[list[int]]] = {}
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -60,6 +59,15 @@ class MicroBatches:
         """Every micro-batch of one epoch with its loss units (validation)."""
         plan = self.plan(epoch)
         return [(self.get(i)[0], sum(self.unit_counts[j] for j in plan[i])) for i in range(len(plan))]
+
+
+def measure(items, objective) -> tuple[list[int], list[int]]:
+    """Each item's length and loss units. Lazy data (a shard folder) knows both as arrays, read
+    without loading a sample, and they are what a plain-sample objective would compute."""
+    plain = type(objective).length is ObjectiveBase.length and type(objective).units is ObjectiveBase.units
+    if plain and hasattr(items, "lengths") and hasattr(items, "unit_counts"):
+        return items.lengths.tolist(), items.unit_counts.tolist()
+    return [objective.length(x) for x in items], [objective.units(x) for x in items]
 
 
 class DataStream:
