@@ -6,7 +6,8 @@
 The summary holds the task's main metric (`accuracy` = share of correct greedy answers, or pass@k
 from n samples with the unbiased estimator), the mean partial score, and for text tasks corpus BLEU
 and chrF. `shots=k` puts k training examples before each question as earlier chat turns: the
-in-context baseline that fine-tuning is compared against.
+in-context baseline that fine-tuning is compared against (eval/shots.py: one evaluation per shot
+count, `max` = as many as fit the context, a table and a curve).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
              max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> EvalResult:
     """Generate answers for a split of `task`, score them and summarise."""
     from ..infer.generate import generate
-    from .metrics import bleu, chrf, pass_at_k
+    from .metrics import bleu, chrf, chrf_pp, pass_at_k
 
     if samples > 1 and temperature <= 0:
         raise EvalError(f"{samples} samples per example need sampling: set a temperature > 0")
@@ -76,6 +77,8 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
     if not examples:
         raise EvalError(f"task {task.name} has no examples in split {split}")
     shot_pool = task.examples("train")[:shots] if shots else []
+    if len(shot_pool) < shots:  # fewer demonstrations than asked would mislabel the result
+        raise EvalError(f"{shots} shots need as many training examples; task {task.name} has {len(shot_pool)}")
     prompts = [build_prompt(task, ex, shot_pool) for ex in examples]
     t0 = time.perf_counter()
     outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
@@ -100,9 +103,11 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
     if samples > 1:
         for k in ks:
             summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in n_correct) / len(examples)
-    if task.metric in ("bleu", "chrf"):
-        preds, refs = [r["prediction"].strip() for r in records], [r["reference"] for r in records]
-        summary["bleu"], summary["chrf"] = bleu(preds, refs), chrf(preds, refs)
+    if task.metric in ("bleu", "chrf", "chrf++"):
+        # A task that extracts its answer (translation: the first line) is scored on what it extracted.
+        preds = [r["extracted"] if r["extracted"] is not None else r["prediction"].strip() for r in records]
+        refs = [r["reference"] for r in records]
+        summary["bleu"], summary["chrf"], summary["chrf++"] = bleu(preds, refs), chrf(preds, refs), chrf_pp(preds, refs)
     metric = task.metric if task.metric in summary else ("pass@1" if "pass@1" in summary else "accuracy")
     return EvalResult(task.name, split, metric, summary, records)
 
