@@ -16,6 +16,7 @@ from .render import Renderer, Sample, fit_length
 from .shards import ShardedSamples, is_shard_folder, open_shards, shard_stats
 from .skipped import NOTHING_TO_TRAIN, Skipped, announce, skip_lines
 from .sources import Record, read_records
+from .tools import answer_text
 
 PROGRESS_MIN_RECORDS = 2000  # below this a progress bar is just noise
 
@@ -35,11 +36,17 @@ def load_data(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = True) ->
     Validation comes from `cfg.validation`, else a `cfg.val_fraction` of the training records chosen
     at random by `seed` (the rest stay in their file order). `cfg.limit` keeps the first N training
     records, before the split. The format is detected once, from the first training record.
+    A shard folder (`data prepare`) is read lazily (`load_shard_splits`); `data.mix` mixes several
+    sources by tokens (`mix.load_mix`).
 
     Raises:
         DataError: a missing or unreadable file, a bad record (the message names it), or a split left
         with no usable sample.
     """
+    if cfg.mix:
+        from .mix import load_mix  # (mix loads each source through this function)
+
+        return load_mix(cfg, tokenizer, seed, report)
     if is_shard_folder(cfg.train):
         return load_shard_splits(cfg, tokenizer, seed, report)
     records, val_records, val_name = read_splits(cfg, seed)
@@ -198,7 +205,7 @@ def untrainable(example: Example, cfg: DataConfig) -> str | None:
         return "empty" if not example.strip() else None
     if cfg.train_on_prompt:
         return None  # every token after the first trains
-    answers = [m["content"] for m in example if m["role"] == "assistant"]
+    answers = [answer_text(m) for m in example if m["role"] == "assistant"]  # tool calls are answers too
     if not answers:
         return "no_assistant"
     if cfg.assistant_turns == "last":
