@@ -43,8 +43,11 @@ def content_text(example: Example) -> str:
 
 def exact_key(text: str) -> int:
     """A 64-bit hash of the text with case folded, punctuation dropped and spaces collapsed: two records
-    with the same key say the same thing in the same words. Never 0 (0 marks an empty slot)."""
+    with the same key say the same thing in the same words. A text of symbols only keeps its symbols
+    (so `!!!` and `???` differ). Never 0 (0 marks an empty slot)."""
     canonical = _PUNCT_OR_SPACE.sub(" ", text.casefold()).strip()
+    if not canonical:
+        canonical = "\0" + " ".join(text.split())
     key = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "little")
     return key or 1
 

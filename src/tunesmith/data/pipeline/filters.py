@@ -16,6 +16,9 @@ from .config import FilterConfig
 Filter = Callable[[str, list[str]], bool]
 
 _SYMBOL = re.compile(r"[^\w\s]|_")  # neither letter, digit nor space
+# The word-repetition measures judge texts of at least this many words (Gopher's own shortest document):
+# in a short question and answer one phrase said twice ("about the invoice") is normal, not spam.
+REPETITION_MIN_WORDS = 50
 
 
 def symbol_ratio(text: str) -> float:
@@ -37,8 +40,8 @@ def dup_line_ratio(text: str) -> float:
 
 def top_ngram_ratio(words: list[str], n: int = 2) -> float:
     """Characters covered by the most frequent word n-gram, over all word characters; 0 when no n-gram
-    occurs twice."""
-    if len(words) < n * 2:
+    occurs twice or the text is shorter than REPETITION_MIN_WORDS."""
+    if len(words) < max(n * 2, REPETITION_MIN_WORDS):
         return 0.0
     gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
     if count < 2:
@@ -48,8 +51,8 @@ def top_ngram_ratio(words: list[str], n: int = 2) -> float:
 
 def dup_ngram_ratio(words: list[str], n: int = 5) -> float:
     """Characters of the words inside a word n-gram that already occurred earlier in the text, over all
-    word characters."""
-    if len(words) < n * 2:
+    word characters (0 for a text shorter than REPETITION_MIN_WORDS)."""
+    if len(words) < max(n * 2, REPETITION_MIN_WORDS):
         return 0.0
     seen: set[tuple[str, ...]] = set()
     dup = bytearray(len(words))

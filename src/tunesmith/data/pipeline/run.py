@@ -54,11 +54,11 @@ class Tally:
 
 
 def _format(first: Record, data: DataConfig) -> str:
-    fmt = detect_format(first, data)
-    if fmt == "preference":
+    chosen, rejected = (data.columns.get(k, k) for k in ("chosen", "rejected"))
+    if data.format == "preference" or (data.format == "auto" and chosen in first.fields and rejected in first.fields):
         raise DataError(f"{first.where}: preference records (chosen/rejected) are not prepared into shards; "
                         "prepare takes text, instruction and chat records")
-    return fmt
+    return detect_format(first, data)
 
 
 def _cleaned(records: Iterator[tuple[Record, str]], cleaner: Cleaner, exact: ExactDedup | None, workers: int,
