@@ -120,6 +120,15 @@ def test_language_filter_keeps_the_asked_languages():
     assert keep_en("Das Wetter ist heute herrlich und wir gehen in den Park.", [])
 
 
+def test_language_filter_without_langid_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "langid.langid", None)
+    monkeypatch.setattr(LanguageFilter, "_identifier", None)
+    with pytest.raises(DataError, match=r"needs the langid package.*tunesmith\[data\]"):
+        LanguageFilter(["en"], 0.5)("some text here", [])
+
+
 def test_signatures_estimate_jaccard():
     rng = random.Random(1)
     a = sentence(rng, 80)
@@ -167,7 +176,7 @@ def test_each_step_drops_its_records_and_counts_them(tmp_path):
     ]
     report, folder = run(tmp_path, rows, write_jsonl=True)
     dropped = {s["step"]: s["dropped"] for s in report["steps"]}
-    assert dropped == {"normalise": 0, "exact_dedup": 1, "min_words": 1, "symbol_ratio": 1, "dup_line_ratio": 1,
+    assert dropped == {"read": 0, "normalise": 0, "exact_dedup": 1, "min_words": 1, "symbol_ratio": 1, "dup_line_ratio": 1,
                        "top_ngram_ratio": 1, "dup_ngram_ratio": 0, "near_dedup": 1, "write": 0}
     assert step(report, "exact_dedup")["first_dropped"].endswith(":21")
     assert step(report, "near_dedup")["first_dropped"].endswith(":26")
@@ -187,7 +196,7 @@ def test_steps_switched_off_keep_everything(tmp_path):
            "max_dup_ngram_ratio": None}
     report, folder = run(tmp_path, rows, write_jsonl=True, exact_dedup=False, filters=off,
                          near_dedup={"enabled": False})
-    assert [s["step"] for s in report["steps"]] == ["normalise", "write"]
+    assert [s["step"] for s in report["steps"]] == ["read", "normalise", "write"]
     assert kept_jsonl(folder) == rows
     report, folder = run(tmp_path, rows, name="on", write_jsonl=True)
     assert [r["text"] for r in kept_jsonl(folder)] == [text]  # exact twin, near twin, symbols gone

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from typing import Callable
 
+from ..errors import DataError
 from .config import FilterConfig
 
 Filter = Callable[[str, list[str]], bool]
@@ -78,7 +79,11 @@ class LanguageFilter:
     @classmethod
     def identifier(cls):
         if cls._identifier is None:
-            from langid.langid import LanguageIdentifier, model
+            try:
+                from langid.langid import LanguageIdentifier, model
+            except ImportError:
+                raise DataError("prepare.filters.languages needs the langid package (offline language id): "
+                                "pip install 'tunesmith[data]'") from None
 
             cls._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
         return cls._identifier

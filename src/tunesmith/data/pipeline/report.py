@@ -9,7 +9,7 @@ from .filters import build_filters
 
 def step_names(cfg: PrepareConfig) -> list[str]:
     """The steps that ran, in order."""
-    steps = ["normalise"]
+    steps = ["read", "normalise"]
     if cfg.exact_dedup:
         steps.append("exact_dedup")
     steps += [name for name, _ in build_filters(cfg.filters)]

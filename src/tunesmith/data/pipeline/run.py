@@ -65,6 +65,7 @@ def _cleaned(records: Iterator[tuple[Record, str]], cleaner: Cleaner, exact: Exa
              tally: Tally) -> Iterator[Cleaned]:
     """The records through the stateless steps and exact dedup: in this process, or in `workers`
     processes (ordered chunks; the exact-dedup check then happens here, in record order)."""
+    records = _timed_reads(records, tally)
     if workers <= 1:
         for record, source in records:
             tally.read += 1
@@ -87,6 +88,17 @@ def _cleaned(records: Iterator[tuple[Record, str]], cleaner: Cleaner, exact: Exa
                     if not new:
                         item = item._replace(example=None, dropped_by="exact_dedup")
                 yield item
+
+
+def _timed_reads(records: Iterator, tally: Tally) -> Iterator:
+    """The records, with the time spent reading (and parsing) them counted as the step `read`."""
+    while True:
+        t = time.perf_counter()
+        item = next(records, None)
+        tally.time({"read": time.perf_counter() - t})
+        if item is None:
+            return
+        yield item
 
 
 def _domain_number(domains: list[str], name: str | None, where: str) -> int | None:
