@@ -347,3 +347,15 @@ def test_cli_prepare_and_its_one_line_errors(tmp_path, tiny_model_dir, capsys):
     assert code == 2 and err.count("\n") == 0 and "missing.jsonl" in err
     code = main(["data", "prepare", "recipes/data-prepare.yaml", "prepare.near_dedup.threshold=2", "--quiet"])
     assert code == 2 and "prepare.near_dedup.threshold" in capsys.readouterr().err
+
+
+def test_ascii_fast_paths_equal_the_unicode_rules():
+    import string
+
+    rng = random.Random(10)
+    chars = string.ascii_letters + string.digits + string.punctuation + " \n\t"
+    for _ in range(300):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 60)))
+        # a no-break space is whitespace to both rules and makes the text non-ASCII: the regex path
+        assert symbol_ratio(text) == pytest.approx(symbol_ratio(text + "\u00a0"))
+        assert exact_key(text) == exact_key(text + "\u00a0")
