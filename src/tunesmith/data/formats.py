@@ -3,7 +3,9 @@
 - `text`: a `text` column, trained as is.
 - `instruction`: `instruction`, optional `input`, `output`, optional `system` columns; becomes a
   system?/user/assistant chat so it is rendered with the model's own chat template.
-- `chat`: OpenAI-style `messages`, a list of {role: system|user|assistant, content: str}.
+- `chat`: OpenAI-style `messages`, a list of {role: system|user|assistant, content: str}; with
+  tool calling (see `tools.py`), a `tools` column of JSON schemas, `tool_calls` on assistant
+  messages and `tool` messages holding the results.
 
 `data.columns` maps these roles to the user's column names, e.g. {output: response}.
 """
@@ -15,12 +17,13 @@ from typing import Any
 from ..config import DataConfig
 from .errors import DataError
 from .sources import Record
+from .tools import ToolChat, check_conversation, check_tool_calls, inline_tools, parse_tools
 
 FORMATS = ("text", "instruction", "chat")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
-Message = dict[str, str]
-Example = str | list[Message]  # text for `text`, messages for `chat` and `instruction`
+Message = dict[str, Any]  # role, content: str; assistant: tool_calls; tool: tool_call_id, name
+Example = str | list[Message]  # text for `text`, messages for `chat` (a ToolChat with tools) and `instruction`
 
 
 def column(cfg: DataConfig, role: str) -> str:
@@ -53,7 +56,8 @@ def to_example(record: Record, fmt: str, cfg: DataConfig) -> Example:
     if fmt == "instruction":
         return _instruction_messages(record, cfg)
     if fmt == "chat":
-        return _with_system_prompt(_chat_messages(record, cfg), cfg.system_prompt)
+        messages = _with_system_prompt(_chat_messages(record, cfg), cfg.system_prompt)
+        return with_tools(messages, record.fields, record.where, cfg)
     raise DataError(f"data.format: unknown format '{fmt}'; choose one of auto, {', '.join(FORMATS)}")
 
 
@@ -119,16 +123,45 @@ def _chat_messages(record: Record, cfg: DataConfig) -> list[Message]:
     return [check_message(m, where, f"{name}[{i}]") for i, m in enumerate(messages)]
 
 
+def with_tools(messages: list[Message], fields: dict, where: str, cfg: DataConfig) -> list[Message]:
+    """A checked conversation with the record's tools: a ToolChat (rendered by the template with
+    `tools=`), or with `data.tool_format=inline` plain messages that hold them as text; a
+    conversation without tools comes back as it is."""
+    name = column(cfg, "tools")
+    tools = parse_tools(fields.get(name), where, name)
+    if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages
+    check_conversation(messages, tools, where, column(cfg, "messages"))
+    if cfg.tool_format == "inline":
+        return inline_tools(messages, tools)
+    return ToolChat(messages, tools)
+
+
 def check_message(m: Any, where: str, at: str) -> Message:
     """One {role, content} message, checked; errors name the record and the message (`at`).
-    Extra keys are dropped: the chat template must not see them."""
+    Tool calling keeps `tool_calls` (assistant) and `tool_call_id`/`name` (tool); other extra keys
+    are dropped: the chat template must not see them."""
     if not isinstance(m, dict):
         raise DataError(f"{where}: {at} is {type(m).__name__}; expected {{role, content}}")
     role, content = m.get("role"), m.get("content")
     if role not in ROLES:
         shown = "missing" if role is None else repr(role)
-        raise DataError(f"{where}: {at}.role is {shown}; expected system, user or assistant")
+        raise DataError(f"{where}: {at}.role is {shown}; expected system, user or assistant (or tool, for a "
+                        "tool result)")
+    out: Message = {"role": role}
+    if m.get("tool_calls") is not None:
+        if role != "assistant":
+            raise DataError(f"{where}: {at} has tool_calls but role {role!r}; only assistant messages call tools")
+        out["tool_calls"] = check_tool_calls(m["tool_calls"], where, f"{at}.tool_calls")
+        content = "" if content is None else content  # a message that only calls has no text
+    if role == "tool":
+        if isinstance(content, (dict, list)):
+            content = json.dumps(content, ensure_ascii=False)  # a structured result, as its JSON text
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                out[key] = m[key]
     if not isinstance(content, str):
         shown = "missing" if content is None else type(content).__name__
         raise DataError(f"{where}: {at}.content is {shown}; expected a string")
-    return {"role": role, "content": content}
+    out["content"] = content
+    return out

@@ -9,6 +9,9 @@ Accepted records (column names through `data.columns`: prompt, chosen, rejected,
   or a list of messages: either a continuation of the prompt (TRL's conversational style, e.g.
   `[{"role": "assistant", ...}]`) or the whole conversation (Anthropic HH style, then `prompt` and
   `messages` may be absent). The two sides must agree on everything before their last assistant turn.
+- tool calling (see `tools.py`): a `tools` column shared by both sides, `tool_calls` on assistant
+  messages (an answer may be a call: chosen calls the right tool, rejected the wrong one) and `tool`
+  results in the shared conversation. Both sides keep and render their calls.
 
 Each side is rendered with the chat template like any chat, but only its final answer (and that
 turn's terminator) is weighted: the prompt tokens are identical on both sides and only the answers
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from .errors import DataError
 from .formats import Message, check_message, column
+from .tools import ToolChat, answer_text, check_conversation, inline_tools, parse_tools, tools_of, uses_tools
 from .load import PROGRESS_MIN_RECORDS, no_usable, read_splits, split_stats
 from .render import Renderer, Sample, fit_length
 from .skipped import NOTHING_TO_TRAIN, Skipped, announce
@@ -89,18 +93,24 @@ def render_pair(renderer: Renderer, fields: dict[str, Any], where: str, cfg: Dat
     if renderer.train_on_prompt or renderer.assistant_turns != "last":
         raise ValueError("render_pair needs a Renderer(tokenizer, assistant_turns='last') without train_on_prompt")
     context, chosen, rejected = pair_messages(fields, where, cfg)
+    tools = tools_of(context)
     out = {}
     for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        conversation = context + [answer]
         try:
-            out[side] = renderer.chat(context + [answer])
+            if cfg.tool_format == "inline" and uses_tools(conversation, tools):
+                out[side] = renderer.chat(inline_tools(conversation, tools))
+            else:
+                out[side] = renderer.chat(conversation, tools)
         except DataError as e:
             raise DataError(f"{where}: {column(cfg, side)}: {e}") from None
     return out  # type: ignore[return-value]
 
 
 def pair_messages(fields: dict[str, Any], where: str, cfg: DataConfig) -> tuple[list[Message], Message, Message]:
-    """(shared conversation ending with a user turn, chosen answer, rejected answer) of a record."""
-    names = {role: column(cfg, role) for role in ("prompt", "messages", "chosen", "rejected", "system")}
+    """(shared conversation ending with a user or tool turn, chosen answer, rejected answer) of a
+    record; with tools, the conversation is a ToolChat carrying the record's schemas."""
+    names = {role: column(cfg, role) for role in ("prompt", "messages", "chosen", "rejected", "system", "tools")}
     for role in ("chosen", "rejected"):
         if fields.get(names[role]) is None:
             state = "is null" if names[role] in fields else "is missing"
@@ -117,11 +127,11 @@ def pair_messages(fields: dict[str, Any], where: str, cfg: DataConfig) -> tuple[
     if not ctx_c:
         raise DataError(f"{where}: no prompt: give '{names['prompt']}', '{names['messages']}', or "
                         f"'{names['chosen']}'/'{names['rejected']}' as whole conversations")
-    if ctx_c[-1]["role"] != "user":
+    if ctx_c[-1]["role"] not in ("user", "tool"):
         source = next((names[r] for r in ("messages", "prompt") if fields.get(names[r]) is not None), names["chosen"])
         raise DataError(f"{where}: field '{source}': the conversation before the answers ends with a "
-                        f"{ctx_c[-1]['role']} turn; it must end with a user turn")
-    if ans_c["content"].strip() == ans_r["content"].strip():
+                        f"{ctx_c[-1]['role']} turn; it must end with a user turn (or a tool result)")
+    if answer_text(ans_c).strip() == answer_text(ans_r).strip():
         raise DataError(f"{where}: '{names['chosen']}' == '{names['rejected']}': the two answers are the same")
     system = fields.get(names["system"])
     if system is not None and not isinstance(system, str):
@@ -129,7 +139,10 @@ def pair_messages(fields: dict[str, Any], where: str, cfg: DataConfig) -> tuple[
     system = system or cfg.system_prompt
     if system and ctx_c[0]["role"] != "system":
         ctx_c = [{"role": "system", "content": system}] + ctx_c
-    return ctx_c, ans_c, ans_r
+    tools = parse_tools(fields.get(names["tools"]), where, names["tools"])
+    for side, answer in (("chosen", ans_c), ("rejected", ans_r)):
+        check_conversation(ctx_c + [answer], tools, where, f"the '{names[side]}' conversation")
+    return (ToolChat(ctx_c, tools) if tools else ctx_c), ans_c, ans_r
 
 
 def _prompt(fields: dict, where: str, names: dict) -> list[Message]:
@@ -176,7 +189,7 @@ def _side(value: Any, prompt: list[Message], where: str, name: str) -> tuple[lis
     if not conversation or conversation[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{name}' does not end with an assistant answer")
     answer = conversation[-1]
-    if not answer["content"].strip():
+    if not answer_text(answer).strip():
         raise DataError(f"{where}: field '{name}' is an empty answer")
     return conversation[:-1], answer
 

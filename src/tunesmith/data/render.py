@@ -8,6 +8,11 @@ Chats are rendered with the tokenizer's own chat template and tokenized once as 
 training sees exactly the ids inference will see. Assistant turns are found by rendering message
 prefixes (the template has no `{% generation %}` block, so `return_assistant_tokens_mask` would
 silently return zeros) and mapped to tokens through the offset mapping.
+
+Tool-calling chats (see `tools.py`) are rendered with the template's `tools=`; an assistant turn
+that calls tools trains from where the answer begins to the turn's terminator, so its calls (in
+whatever syntax the template writes them) and any text before them train, and tool results,
+which are not assistant turns, stay masked.
 """
 from __future__ import annotations
 
@@ -15,8 +20,11 @@ import warnings
 from bisect import bisect_left, bisect_right
 from typing import TypedDict
 
+from jinja2 import TemplateError
+
 from .errors import DataError
 from .formats import Example, Message
+from .tools import needed_features, probe_template, tools_of, unsupported_error, uses_tools
 
 # Used when a tokenizer has no chat template (base models). Plain ChatML, without a default system
 # prompt: a template that is not prefix-stable would break the span search below.
@@ -64,9 +72,10 @@ class Renderer:
         special = set(tokenizer.all_special_ids)
         special |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.special_ids = special
+        self._tool_support: dict[str, str | None] | None = None  # probed on the first tool chat
 
     def __call__(self, example: Example) -> Sample:
-        return self.text(example) if isinstance(example, str) else self.chat(example)
+        return self.text(example) if isinstance(example, str) else self.chat(example, tools_of(example))
 
     def text(self, text: str) -> Sample:
         """Plain text: every token after the first trains, and an eos ends it."""
@@ -76,9 +85,13 @@ class Renderer:
             ids = ids + [eos]
         return {"input_ids": ids, "weights": [0.0] + [1.0] * (len(ids) - 1)}
 
-    def chat(self, messages: list[Message]) -> Sample:
-        """A chat rendered with the template; by default only assistant answers and their terminators train."""
-        full = self._render(messages)
+    def chat(self, messages: list[Message], tools: list[dict] | None = None) -> Sample:
+        """A chat rendered with the template (with `tools`, the JSON schemas it may call); by default
+        only assistant answers and calls, and their terminators, train."""
+        tools = tools or tools_of(messages)
+        if uses_tools(messages, tools):
+            self.check_tools(messages, tools)
+        full = self._render(messages, tools=tools)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         if self.train_on_prompt:
@@ -92,8 +105,12 @@ class Renderer:
             turns = turns[-1:]
         cursor = 0
         for i in turns:
-            content_start, content_end, turn_end = self._assistant_span(messages, i, full, cursor)
-            stop = self._terminator_end(ids, starts, ends, full, content_end, turn_end)
+            if messages[i].get("tool_calls"):
+                content_start, stop = self._call_turn_span(ids, starts, ends, messages, i, full, tools)
+                content_end = stop
+            else:
+                content_start, content_end, turn_end = self._assistant_span(messages, i, full, cursor, tools)
+                stop = self._terminator_end(ids, starts, ends, full, content_end, turn_end)
             # Every token overlapping [content_start, stop) trains.
             for t in range(bisect_right(ends, content_start), bisect_left(starts, stop)):
                 weights[t] = 1.0
@@ -101,27 +118,63 @@ class Renderer:
         weights[0] = 0.0  # nothing predicts the first token
         return {"input_ids": ids, "weights": weights}
 
-    def _render(self, messages: list[Message], generation: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
-        )
+    def check_tools(self, messages: list[Message], tools: list[dict] | None) -> None:
+        """Raise (one line, for the caller to prefix with the record) if the template drops a tool
+        feature this conversation uses; the template is probed once per Renderer."""
+        if self._tool_support is None:
+            self._tool_support = probe_template(
+                lambda msgs, tls, gen: self._render(msgs, gen, tls, wrap_errors=False))
+        missing = {f: self._tool_support[f] for f in needed_features(messages, tools) if self._tool_support[f]}
+        if missing:
+            raise unsupported_error(missing)
 
-    def _prefix_len(self, messages: list[Message], full: str, generation: bool) -> int | None:
+    def _render(self, messages: list[Message], generation: bool = False, tools=None, wrap_errors=True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+            )
+        except TemplateError as e:  # the template's raise_exception(...): it refuses this conversation
+            if not wrap_errors:
+                raise
+            raise DataError(f"the chat template refused this conversation: {e}") from None
+
+    def _call_turn_span(self, ids, starts, ends, messages, i, full, tools) -> tuple[int, int]:
+        """(start, stop) in characters of `full` of what assistant message i trains when it calls tools:
+        from where the answer begins through the last special token of its turn (the terminator), so
+        the calls train in the template's own syntax. Needs a prefix-stable rendering around the turn."""
+        start = self._prefix_len(messages[:i], full, True, tools)
+        end = self._prefix_len(messages[: i + 1], full, False, tools)
+        if start is None or end is None:
+            raise DataError(f"assistant message {i} calls tools, but the chat template does not render the "
+                            "conversation up to it as a prefix of the whole, so its tokens cannot be found; "
+                            "set data.tool_format=inline")
+        turn = full[start:end]
+        for call in messages[i]["tool_calls"]:
+            if call["function"]["name"] not in turn:
+                raise DataError(f"cannot find the call to {call['function']['name']!r} of assistant message {i} "
+                                "in the text the chat template rendered")
+        first, last = bisect_left(starts, start), bisect_left(starts, end)
+        for t in range(last - 1, first - 1, -1):
+            if ids[t] in self.special_ids:
+                return start, ends[t]
+        return start, start + len(turn.rstrip())
+
+    def _prefix_len(self, messages: list[Message], full: str, generation: bool, tools=None) -> int | None:
         """Length of the rendering of `messages` if it is a prefix of `full`, else None."""
         if not messages:
             return None  # templates refuse an empty conversation
-        prefix = self._render(messages, generation)
+        prefix = self._render(messages, generation, tools)
         return len(prefix) if full.startswith(prefix) else None
 
-    def _assistant_span(self, messages, i, full, cursor) -> tuple[int, int, int | None]:
+    def _assistant_span(self, messages, i, full, cursor, tools=None) -> tuple[int, int, int | None]:
         """(content start, content end, turn end) of assistant message i, in characters of `full`.
 
         The rendering of messages[:i] with a generation prompt ends where the answer begins; that of
         messages[:i+1] ends where the turn (terminator and template newline included) ends. A template
         that is not prefix-stable (say, one that rewrites earlier turns) falls back to searching the text.
         """
-        start = self._prefix_len(messages[:i], full, generation=True)
-        end = self._prefix_len(messages[: i + 1], full, generation=False)
+        start = self._prefix_len(messages[:i], full, True, tools)
+        end = self._prefix_len(messages[: i + 1], full, False, tools)
         start = cursor if start is None else start
         # Templates may trim the content, so search for the stripped text inside the turn.
         text = messages[i]["content"].strip()
