@@ -131,3 +131,22 @@ def test_stage_mistakes_are_recipe_errors(tmp_path):
     one, two = plan_stages(recipe)
     assert (one.recipe.train.lr, two.recipe.train.lr) == (3e-4, 1e-5)
     assert one.recipe.train.steps == two.recipe.train.steps == 7 and not two.recipe.stages
+
+
+def test_a_staged_recipe_file_through_the_cli(tmp_path, tiny_model_dir, capsys):
+    from tunesmith.cli import main
+
+    products = write_products(tmp_path / "products.jsonl")
+    path = tmp_path / "two-stage.yaml"
+    path.write_text(f"name: two\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: {tiny_model_dir}}}\n"
+                    f"data: {{train: {write_chats(tmp_path / 'chats.jsonl')}, max_length: 128}}\n"
+                    "train: {steps: 1, batch_tokens: 256, precision: fp32}\n"
+                    "stages:\n  - name: first\n  - name: second\n"
+                    f"    data: {{train: {products}}}\n    train: {{lr: 1.0e-5}}\n")
+    assert main(["train", str(path)]) == 0
+    job = tmp_path / "runs" / "two"
+    assert f"report: {job / 'report.md'}" in capsys.readouterr().out
+    assert load_recipe(job / "recipe.yaml") == load_recipe(path)  # the whole job's recipe, stages included
+    assert load_recipe(job / "second" / "recipe.yaml").train.lr == 1e-5
+    assert main(["train", str(path)]) != 0  # a second fresh run refuses the job folder, in one line
+    assert "already holds a staged run: continue it with resume=true" in capsys.readouterr().err

@@ -129,6 +129,9 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
     stages = plan_stages(recipe)
     job, main = recipe.run_dir, int(os.environ.get("RANK", "0")) == 0
     state = _open_job(recipe, stages)
+    if main:  # the whole job's recipe beside the stages' own
+        job.mkdir(parents=True, exist_ok=True)
+        (job / "recipe.yaml").write_text(rcp.to_yaml(recipe))
     pristine = copy.deepcopy(model) if model is not None and len(stages) > 1 else None
     previous, results = None, []
     for i, stage in enumerate(stages):
