@@ -48,7 +48,10 @@ def top_ngram_ratio(words: list[str], n: int = 2) -> float:
     occurs twice or the text is shorter than REPETITION_MIN_WORDS."""
     if len(words) < max(n * 2, REPETITION_MIN_WORDS):
         return 0.0
-    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
+    grams = list(zip(*(words[i:] for i in range(n))))
+    if len(set(grams)) == len(grams):
+        return 0.0  # no n-gram repeats: a set is cheaper than counting
+    gram, count = Counter(grams).most_common(1)[0]
     if count < 2:
         return 0.0
     return sum(map(len, gram)) * count / sum(map(len, words))

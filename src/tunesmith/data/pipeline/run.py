@@ -74,9 +74,10 @@ def _cleaned(records: Iterator[tuple[Record, str]], cleaner: Cleaner, exact: Exa
         return
     import multiprocessing as mp
 
+    # fork: the workers start with the modules this process has imported (spawn re-imports torch in each)
     chunks = iter(lambda: list(islice(records, CHUNK)), [])
     args = (cleaner.cfg.model_dump(), cleaner.data.model_dump(), cleaner.fmt)
-    with mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=args) as pool:
+    with mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=args) as pool:
         for batch, seconds in pool.imap(clean_chunk, chunks, chunksize=1):
             tally.time(seconds)
             for item in batch:
