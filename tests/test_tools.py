@@ -350,3 +350,52 @@ def test_preference_pair_errors(tool_tokenizer, tmp_path):
                                                      "chosen": [{"role": "assistant", "tool_calls": [call("get_time", city="Quito")]}]}])
     pairs = load_pairs(DataConfig(train=str(path)), tool_tokenizer, report=False)
     assert len(pairs.train) == 2 and pairs.stats["train"]["chosen_trained"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: a short LoRA run and a short DPO run of a tiny model whose template renders tools
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tool_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-tool-model")
+    make_tiny_model(tool_tokenizer).save_pretrained(path)
+    tool_tokenizer.save_pretrained(path)
+    return path
+
+
+def weather_chats(n):
+    rows = []
+    for i in range(n):
+        city = ["Paris", "Oslo", "Lima", "Quito"][i % 4]
+        messages = copy.deepcopy(RECORD["messages"])
+        messages[0]["content"] = f"Weather in {city}?"
+        messages[1]["tool_calls"] = [call("get_weather", city=city)]
+        messages[2]["content"] = f"{10 + i} C"
+        messages[3]["content"] = f"It is {10 + i} C in {city}."
+        rows.append({"tools": RECORD["tools"], "messages": messages})
+    return rows
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_training_on_tool_chats(tmp_path, tool_model_dir, objective):
+    from tests.conftest import train_losses
+    from tunesmith.recipe import load_recipe
+    from tunesmith.train.loop import train
+
+    if objective == "sft":
+        rows = weather_chats(16)
+    else:
+        rows = [{**PAIR, "prompt": f"Time in {c}?",
+                 "chosen": [{"role": "assistant", "tool_calls": [call("get_time", city=c)]}],
+                 "rejected": [{"role": "assistant", "tool_calls": [call("get_weather", city=c)]}]}
+                for c in ["Lima", "Oslo", "Perth", "Quito", "Paris", "Osaka", "Tallinn", "Nairobi"]]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    recipe = load_recipe(None, [
+        f"model.name={tool_model_dir}", f"data.train={data}", f"output_dir={tmp_path / 'runs'}", "name=t",
+        f"objective.name={objective}", "train.batch_tokens=1024", "train.steps=4", "train.precision=fp32",
+        "train.lr=1e-2", "train.warmup=0", "data.max_length=512"])
+    result = train(recipe)
+    assert result.status == "completed" and result.step == 4
+    losses = train_losses(result.run_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0]
