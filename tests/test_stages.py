@@ -3,6 +3,10 @@ losses as chaining the runs by hand, different from not carrying it), a job stop
 resumed equals the uninterrupted job, finished stages are not rerun nor silently replaced, stacked
 mode is one run over all the stages' data, and stage mistakes are one-line recipe errors."""
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +90,36 @@ def test_stopped_in_stage_two_and_resumed_equals_uninterrupted(tmp_path, tiny_mo
     a, b = adapter(full.run_dir / "products"), adapter(job / "products")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], adapter(job / "sums")[k]) for k in a), "stage 2 did not train"
+    # killed outright (SIGKILL, no chance to record anything) right after stage 2's step-2 checkpoint
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_STAGE_TWO, str(tmp_path / "c"), str(tiny_model_dir)],
+                            cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    job = tmp_path / "c" / "runs" / "t"
+    assert json.loads((job / "stages.json").read_text())["stages"][1]["status"] == "pending"
+    resumed = train(staged(tmp_path / "c", tiny_model_dir, "resume=true"))
+    assert resumed.status == "completed" and resumed.step == 6
+    for name in ("sums", "products"):
+        a, b = train_losses(full.run_dir / name), train_losses(job / name)
+        assert len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b)), (name, a, b)
+
+
+# a staged job whose process dies (SIGKILL) just after stage 2 writes its step-2 checkpoint
+KILLED_IN_STAGE_TWO = """
+import os, signal, sys
+from pathlib import Path
+from tests.test_stages import staged
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.loop import train
+
+save = ckpt.save_checkpoint
+def save_then_die(run_dir, step, *args, **kwargs):
+    folder = save(run_dir, step, *args, **kwargs)
+    if Path(run_dir).name == "products" and step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return folder
+ckpt.save_checkpoint = save_then_die
+train(staged(Path(sys.argv[1]), Path(sys.argv[2])))
+"""
 
 
 def test_full_fine_tuning_carries_the_saved_model(tmp_path, tiny_model_dir):
