@@ -194,3 +194,23 @@ def test_recipes_load(name):
 
     recipe = load_recipe(f"recipes/{name}.yaml")
     assert "translate-vo" in json.dumps(recipe.model_dump(), default=str)
+
+
+def test_a_registered_sister_language_gets_its_own_tasks():
+    from tunesmith.data.tasks.translation_data import Language, register_language
+
+    lang = register_language(Language("vu", "Vulian", order="OSV", adjective_after=True, definite="none",
+                                      plural="en", parent="va", sound_changes=(("l", "r"), ("o", "u")), n_train=50))
+    try:
+        task = get_task("translate-vu", n_validation=5, n_test=5)
+        assert len(task.examples("train")) == lang.n_train
+        c = Clause(Phrase("farmer"), "see", Phrase("cat"))  # OSV, no articles
+        vu = lexicon("vu")
+        assert realize(c, "vu") == f"{vu['cat'].capitalize()} {vu['farmer']} {vu['see']}."
+        assert vu["farmer"] == lexicon("va")["farmer"].replace("l", "r").replace("o", "u")
+        with pytest.raises(ValueError, match="taken"):
+            register_language(Language("vu", "Again"))
+        with pytest.raises(ValueError, match="unknown parent"):
+            register_language(Language("qq", "Orphan", parent="zz"))
+    finally:
+        LANGUAGES.pop("vu")

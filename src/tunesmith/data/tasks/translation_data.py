@@ -187,20 +187,27 @@ class Language:
 LANGUAGES: dict[str, Language] = {}
 
 
-def _register(lang: Language) -> None:
+def register_language(lang: Language) -> Language:
+    """Add a language (e.g. another sister of Valian for a new low-resource direction); its tasks are
+    then `translate-<code>` like the built-in ones. A code names one language for good."""
+    if lang.code in LANGUAGES or lang.code == "en" or not lang.code.isalpha():
+        raise ValueError(f"language code `{lang.code}` is taken or not letters only")
+    if lang.parent and lang.parent not in LANGUAGES:
+        raise ValueError(f"language `{lang.code}`: unknown parent `{lang.parent}`")
     LANGUAGES[lang.code] = lang
+    return lang
 
 
-_register(Language("ci", "Cipherish", cipher=True, n_train=1000))
-_register(Language(
+register_language(Language("ci", "Cipherish", cipher=True, n_train=1000))
+register_language(Language(
     "va", "Valian", order="SVO", adjective_after=True, definite="word", plural="i", past="ta", future="re",
     negation="before", onsets=("b", "d", "f", "l", "m", "n", "p", "r", "s", "t", "v"), vowels=("a", "e", "i", "o", "u"),
     codas=("", "", "n", "l"), n_train=2000))
-_register(Language(
+register_language(Language(
     "vo", "Volian", order="SOV", adjective_after=True, definite="suffix", plural="ir", object_case="m", past="do",
     future="ro", negation="prefix", parent="va",
     sound_changes=(("a", "o"), ("t", "d"), ("p", "b"), ("u", "y"), ("e", "ei"), ("s", "sh")), n_train=200))
-_register(Language(
+register_language(Language(
     "ka", "Karun", order="VSO", adjective_after=False, definite="suffix", plural="ak", object_case="u", past="ek",
     future="ish", negation="after", postpositions=True, place_first=True, adverb="before_verb",
     onsets=("k", "g", "h", "z", "r", "sh", "kh", "t"), vowels=("a", "u", "i", "aa"), codas=("", "k", "r", "m"),
