@@ -155,7 +155,19 @@ def test_near_dedup_index_finds_the_kept_twin():
     twin = texts[17].split()
     twin[30] = "changed"
     hit = near.check(sign(" ".join(twin)))
-    assert hit is not None and hit[0] == 17 and hit[1] >= cfg.threshold
+    assert hit is not None and hit[0] == 17 and hit[1] >= near.accept
+    assert near.accept == pytest.approx(0.8 - 2 * (0.8 * 0.2 / 128) ** 0.5)
+
+
+def test_lsh_bands_make_a_pair_at_the_threshold_a_candidate():
+    from tunesmith.data.pipeline.dedup import lsh_bands
+
+    for threshold, num_perm in ((0.8, 128), (0.7, 256), (0.9, 64)):
+        bands, rows = lsh_bands(threshold, num_perm)
+        assert bands * rows <= num_perm
+        assert 1 - (1 - threshold ** rows) ** bands >= 0.98
+        assert 1 - (1 - threshold ** (rows + 1)) ** (num_perm // (rows + 1)) < 0.98  # the fewest bands that do
+    assert lsh_bands(0.8, 128) == (18, 7)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class NearDedupConfig(Config):
     enabled: bool = True
     "Remove near-duplicates: a record whose MinHash-LSH estimate says it is similar to a kept one."
     threshold: float = Field(0.8, gt=0, lt=1)
-    "Jaccard similarity of word shingles above which two records count as near-duplicates."
+    "Jaccard similarity of word shingles from which two records count as near-duplicates (MinHash estimate within 2 standard errors)."
     num_perm: int = Field(128, ge=16)
     "MinHash permutations: more estimate similarity better and cost more time and memory."
     shingle: int = Field(3, gt=0)
