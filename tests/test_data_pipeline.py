@@ -286,6 +286,7 @@ def test_two_workers_write_the_same_shards_as_one(tmp_path, tokenizer):
     rows = [chat(sentence(rng, 10), sentence(rng, 25)) for _ in range(600)]
     rows += [rows[i] for i in range(0, 600, 7)]  # exact duplicates, spread across chunks
     rows += [chat(r["messages"][0]["content"], r["messages"][1]["content"][:-1] + " extra.") for r in rows[:40]]
+    rows[300:300] = [chat("{{ }} ##", "@@ $$ %%")] * 2  # a filtered record's twin is still an exact duplicate
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
 
     def with_workers(n):
@@ -295,7 +296,8 @@ def test_two_workers_write_the_same_shards_as_one(tmp_path, tokenizer):
 
     (one, f1), (two, f2) = with_workers(1), with_workers(2)
     counts = lambda r: [(s["step"], s["records_in"], s["dropped"], s["first_dropped"]) for s in r["steps"]]  # noqa: E731
-    assert counts(one) == counts(two) and step(one, "exact_dedup")["dropped"] == 86
+    assert counts(one) == counts(two) and step(one, "exact_dedup")["dropped"] == 87
+    assert step(one, "symbol_ratio")["dropped"] == 1
     assert (f1 / "shard-00000.safetensors").read_bytes() == (f2 / "shard-00000.safetensors").read_bytes()
     assert (f1 / "near_duplicates.jsonl").read_text() == (f2 / "near_duplicates.jsonl").read_text()
     assert step(one, "near_dedup")["dropped"] == 40 and two["workers"] == 2

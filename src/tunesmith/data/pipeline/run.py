@@ -82,7 +82,7 @@ def _cleaned(records: Iterator[tuple[Record, str]], cleaner: Cleaner, exact: Exa
             tally.time(seconds)
             for item in batch:
                 tally.read += 1
-                if exact is not None and item.dropped_by is None:
+                if exact is not None:  # every record's key, filtered or not: dedup comes before the filters
                     t = time.perf_counter()
                     new = exact.add(item.key)
                     tally.time({"exact_dedup": time.perf_counter() - t})
@@ -120,7 +120,6 @@ def _domain_number(domains: list[str], name: str | None, where: str) -> int | No
 class Outputs:
     """Where kept records go: shards (tokenized), cleaned.jsonl, and the near-duplicate pairs."""
 
-    folder: Path
     shards: object | None  # a ShardWriter
     renderer: Renderer | None
     jsonl: object | None
@@ -211,7 +210,7 @@ def prepare(cfg: PrepareConfig, data: DataConfig, tokenizer=None, progress: bool
                         assistant_turns=data.assistant_turns) if cfg.tokenize else None
     jsonl = open(folder / "cleaned.jsonl", "w", encoding="utf-8") if cfg.write_jsonl else None
     with open(folder / "near_duplicates.jsonl", "w", encoding="utf-8") as pairs:
-        out = Outputs(folder, shards, renderer, jsonl, pairs)
+        out = Outputs(shards, renderer, jsonl, pairs)
         try:
             items = _cleaned(_with_first(first, records), cleaner, exact, workers, tally)
             _consume(items, near, out, data, tally, progress)
