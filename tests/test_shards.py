@@ -78,6 +78,13 @@ def test_a_folder_without_manifest_is_not_shards_and_bad_folders_are_refused(tmp
     (tmp_path / "s" / "shard-00001.safetensors").unlink()
     with pytest.raises(DataError, match="shard-00001.safetensors listed in the manifest is missing"):
         open_shards(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "shards": "x"}))
+    with pytest.raises(DataError, match="`shards` must list the shard files"):
+        open_shards(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable manifest"):
+        open_shards(tmp_path / "s")
     with pytest.raises(DataError, match="one length"):
         ShardWriter(tmp_path / "bad", meta={}).add({"input_ids": [1, 2], "weights": [0.0]}, "f.jsonl:3")
 

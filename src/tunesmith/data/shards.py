@@ -96,7 +96,7 @@ class ShardWriter:
         if source not in self._source_index:
             self._source_index[source] = len(self.sources)
             self.sources.append(source)
-        self._ids.append(ids)
+        self._ids.append(ids.astype(np.uint32))  # (4 bytes a buffered token, not 8)
         self._weights.append(weights)
         self._lengths.append(len(ids))
         self._units.append(int((weights > 0).sum()))
@@ -184,6 +184,9 @@ def read_manifest(path) -> dict:
         raise DataError(f"{p}: not a tunesmith shard manifest (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise DataError(f"{p}: shard format version {manifest.get('version')!r}; this tunesmith reads {VERSION}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards or not all(isinstance(e, dict) and "file" in e for e in shards):
+        raise DataError(f"{p}: `shards` must list the shard files ({{file, samples, tokens}} each)")
     return manifest
 
 
@@ -217,6 +220,9 @@ class _Shard:
         self.path = path
         self._maps: dict[str, np.ndarray] | None = None
         maps = map_safetensors(path)
+        missing = [k for k in ("input_ids", "weights", "offsets", "lengths", "units", "sources") if k not in maps]
+        if missing:
+            raise DataError(f"{path}: not a tunesmith shard (no {', '.join(missing)})")
         self.lengths = np.array(maps["lengths"])
         self.units = np.array(maps["units"])
         self.sources = np.array(maps["sources"])
@@ -301,7 +307,7 @@ def open_shards(path, tokenizer=None) -> ShardedSamples:
         if not p.is_file():
             raise DataError(f"{folder}: shard {entry['file']} listed in the manifest is missing")
         shards.append(_Shard(p))
-        if len(shards[-1].lengths) != entry["samples"]:
+        if len(shards[-1].lengths) != entry.get("samples"):
             raise DataError(f"{p}: holds {len(shards[-1].lengths)} samples, the manifest says {entry['samples']}")
     return ShardedSamples(folder, manifest, shards)
 
