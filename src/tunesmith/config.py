@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import re
 import types
 import typing
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -258,12 +259,26 @@ class ModelConfig(Config):
     "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask."
 
 
-COLUMN_ROLES = ("text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected")
+COLUMN_ROLES = ("text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected",
+                "tools")
+
+
+class MixSource(Config):
+    """One source of `data.mix`: where its records are and its share of the epoch's tokens."""
+
+    path: str
+    "A file or source `data.train` takes (e.g. `a.jsonl`, `task:sql/train`) or a shard folder."
+    weight: float = Field(gt=0)
+    "Its share of the mixed epoch's tokens (weights are normalised to sum to 1)."
 
 
 class DataConfig(Config):
     train: str = ""
-    "Training file (.jsonl, .json, .csv, .parquet) or an HF `save_to_disk` folder."
+    "Training file (.jsonl, .json, .csv, .parquet), an HF `save_to_disk` folder or a shard folder (`data prepare`)."
+    mix: list[MixSource] = Field(default_factory=list)
+    "Mix sources by tokens instead of `train`: [{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}]; each gets weight × the epoch's tokens (repeated or subsampled, seeded)."
+    mix_tokens: int | None = Field(None, gt=0)
+    "Tokens of one mixed epoch (default: all sources' tokens together)."
     validation: str | None = None
     "Validation file; if unset, `val_fraction` of the training records are held out."
     val_fraction: float = Field(0.0, ge=0, lt=1)
@@ -271,13 +286,15 @@ class DataConfig(Config):
     format: Literal["auto", "text", "instruction", "chat", "preference"] = "auto"
     "Record format; `auto` picks preference if `chosen`/`rejected` exist, chat if `messages`, instruction if `instruction`/`output`, else text."
     columns: dict[str, str] = Field(default_factory=dict)
-    "Column mapping, e.g. {messages: conversation, output: response}; keys: text, instruction, input, output, system, messages, prompt, chosen, rejected."
+    "Column mapping, e.g. {messages: conversation, output: response}; keys: text, instruction, input, output, system, messages, prompt, chosen, rejected, tools."
     system_prompt: str | None = None
     "System prompt added to chat/instruction records that have none."
     train_on_prompt: bool = False
     "Also train on prompt (system/user) tokens, not only on assistant tokens."
     assistant_turns: Literal["all", "last"] = "all"
     "Which assistant turns carry loss in multi-turn chats."
+    tool_format: Literal["template", "inline"] = "template"
+    "Tool-calling chats (`tools`, `tool_calls`, role `tool`): `template` renders them with the model's chat template (an error if it cannot render tools); `inline` writes them into the messages as <tools>/<tool_call>/<tool_response> text, for templates without tool support."
     max_length: int = Field(1024, gt=0)
     "Longest sample in tokens."
     overflow: Literal["truncate", "drop"] = "truncate"
@@ -291,6 +308,10 @@ class DataConfig(Config):
 
     @model_validator(mode="after")
     def _roles(self):
+        if self.mix and self.train:
+            raise invalid("set data.train or data.mix, not both", "mix")
+        if self.mix_tokens is not None and not self.mix:
+            raise invalid("is set but data.mix is empty", "mix_tokens")
         for role in self.columns:
             if role not in COLUMN_ROLES:
                 raise invalid(f"unknown column role `{role}`{nearest(role, COLUMN_ROLES)}", "columns")
@@ -308,6 +329,8 @@ class TrainConfig(Config):
     "Samples per micro-batch when packing is off."
     grad_accum: int = Field(1, gt=0)
     "Micro-batches per optimizer step; the loss is normalised by trained tokens over all of them."
+    effective_batch: str | None = None
+    "Samples (`3840`, `4k samples`) or tokens (`2M tokens`, `2M`) per optimizer step: sets grad_accum from the micro-batch and the processes (printed)."
     lr: float = Field(2e-4, gt=0)
     "Peak learning rate."
     weight_decay: float = Field(0.0, ge=0)
@@ -361,12 +384,34 @@ class TrainConfig(Config):
     def _two_betas(self):
         if len(self.betas) != 2:
             raise invalid(f"expected two numbers, got {self.betas}", "betas")
+        if self.effective_batch is not None:
+            try:
+                parse_effective_batch(self.effective_batch)
+            except ValueError as e:
+                raise invalid(str(e), "effective_batch") from None
         return self
+
+
+_SCALES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_effective_batch(text: str) -> tuple[int, str]:
+    """`train.effective_batch` as (count, "samples" | "tokens"). A bare number counts samples, as the
+    SFT literature writes them (3840); a k/M/B suffix without a unit counts tokens, as pre-training
+    batch sizes are written (2M); `samples`/`tokens` says it outright."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)\s*(tokens?|samples?)?\s*", str(text))
+    if not m:
+        raise ValueError(f"`{text}` is not a batch size: write e.g. 3840 (samples), `4k samples` or `2M tokens`")
+    count = float(m[1]) * _SCALES[m[2].lower()]
+    if count < 1 or count != int(count):
+        raise ValueError(f"`{text}` is not a whole number of samples or tokens (at least 1)")
+    unit = ("tokens" if m[3].startswith("token") else "samples") if m[3] else ("tokens" if m[2] else "samples")
+    return int(count), unit
 
 
 class EvalConfig(Config):
     task: str | None = None
-    "A task measured during training and by quickstart: sql, json, humaneval, or a JSONL task file."
+    "A task measured during training and by quickstart: sql, json, translate-XX, humaneval, or a JSONL task file."
     metric: str | None = None
     "Metric for a JSONL task file (exact_match, contains, bleu, chrf, sql, python)."
     every: int = Field(0, ge=0)
@@ -383,5 +428,50 @@ class EvalConfig(Config):
     "Seed of the built-in task's generator."
 
 
+# --------------------------------------------------------------------------------------------------
+# recipe stages: each stage overrides some keys of the data, train and eval sections
+
+
+class _Partial(Config):
+    """Some keys of a section, each unset (None) unless given; the saved form holds the given ones."""
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+def partial(section: type[Config], name: str) -> type[Config]:
+    """`section` with every field optional and unset: a stage's overrides, checked as the section
+    checks them (bounds, allowed values, unknown keys with the nearest valid one)."""
+    fields: dict[str, Any] = {}
+    for key, info in section.model_fields.items():
+        tp = info.annotation | None
+        fields[key] = (Annotated[(tp, *info.metadata)] if info.metadata else tp, Field(None, description=info.description))
+    return create_model(name, __base__=_Partial, __doc__=f"A stage's overrides of {section.__name__}.",
+                        __module__=__name__, **fields)
+
+
+StageData = partial(DataConfig, "StageData")
+StageTrain = partial(TrainConfig, "StageTrain")
+StageEval = partial(EvalConfig, "StageEval")
+
+
+class StageConfig(Config):
+    name: str = ""
+    "The stage's name and run folder (`<run>/<name>`); empty: `stage1`, `stage2` ..."
+    data: StageData = Field(default_factory=StageData)
+    "This stage's data keys (any of `data.*`), over the recipe's data section."
+    train: StageTrain = Field(default_factory=StageTrain)
+    "This stage's training keys (any of `train.*`: lr, schedule, steps, epochs ...), over the recipe's train section."
+    eval: StageEval = Field(default_factory=StageEval)
+    "This stage's evaluation keys (any of `eval.*`), over the recipe's eval section."
+
+    @model_validator(mode="after")
+    def _folder_name(self):
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise invalid(f"`{self.name}` is not a folder name: use letters, digits, `.`, `_`, `-`", "name")
+        return self
+
+
 __all__ = ["RecipeError", "Config", "OneOf", "one_of", "invalid", "nearest", "describe", "bare", "ModelConfig",
-           "DataConfig", "TrainConfig", "EvalConfig", "COLUMN_ROLES"]
+           "DataConfig", "TrainConfig", "EvalConfig", "COLUMN_ROLES", "StageConfig", "parse_effective_batch"]

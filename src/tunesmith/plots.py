@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_curves(lines: dict[str, list[tuple]], path: Path, ylabel: str, points: dict[str, list[tuple]] | None = None) -> bool:
+def plot_curves(lines: dict[str, list[tuple]], path: Path, ylabel: str, points: dict[str, list[tuple]] | None = None,
+                *, xlabel: str = "step", xscale: str = "linear", title: str | None = None) -> bool:
     """Plot each named series of (step, value) pairs as a line (`points`: with markers) to `path`;
-    False (nothing written) when there is no data."""
+    False (nothing written) when there is no data. `xscale="symlog"` spreads counts such as shots
+    0, 1, 4, 16, 64 evenly while still showing 0."""
     lines = {k: v for k, v in lines.items() if v}
     points = {k: v for k, v in (points or {}).items() if v}
-    if not lines:
+    if not lines and not points:
         return False
     import matplotlib
 
@@ -21,7 +23,16 @@ def plot_curves(lines: dict[str, list[tuple]], path: Path, ylabel: str, points: 
         ax.plot(*zip(*series), label=label, lw=1.2)
     for label, series in points.items():
         ax.plot(*zip(*series), "o-", label=label, lw=1.2)
-    ax.set_xlabel("step")
+    if xscale == "symlog":  # ticks at the counts themselves, written as plain numbers
+        ax.set_xscale("symlog", linthresh=1)
+        xs = sorted({x for series in [*lines.values(), *points.values()] for x, *_ in series})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    elif xscale != "linear":
+        ax.set_xscale(xscale)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -14,12 +14,14 @@ in a file name the file and the line.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from .config import (Config, DataConfig, EvalConfig, ModelConfig, OneOf, RecipeError, TrainConfig, bare,
-                     one_of)
+from .config import (Config, DataConfig, EvalConfig, ModelConfig, OneOf, RecipeError, StageConfig, TrainConfig,
+                     bare, invalid, one_of)
+from .data.pipeline.config import PrepareConfig
 from .methods.adapters import AdapterConfig
 from .methods.compose import LongLoraConfig, MamConfig
 from .methods.freeze import FreezeConfig
@@ -93,6 +95,23 @@ class Recipe(Config):
     "The training loop."
     eval: EvalConfig = Field(default_factory=EvalConfig)
     "Task evaluation during training."
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    "Data preparation (`tunesmith data prepare`): cleaning, dedup, filters and shards."
+    stages: list[StageConfig] = Field(default_factory=list)
+    "Training stages run in order as one resumable job, the model carried from each to the next; each stage overrides data/train/eval keys (README: stages)."
+    stage_mode: Literal["phased", "stacked"] = "phased"
+    "`phased`: the stages in order; `stacked`: one run over all the stages' data at once (the recipe's own train section)."
+
+    @model_validator(mode="after")
+    def _stage_names(self):
+        """Unnamed stages are `stage1`, `stage2` ...; each name is its own run folder, so names differ."""
+        for i, stage in enumerate(self.stages):
+            stage.name = stage.name or f"stage{i + 1}"
+        names = [s.name for s in self.stages]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise invalid(f"stage names must differ: `{twice[0]}` names two stages", "stages")
+        return self
 
     @property
     def run_dir(self) -> Path:

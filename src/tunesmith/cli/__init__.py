@@ -2,6 +2,7 @@
 
     tunesmith train recipes/lora-sft.yaml data.train=my.jsonl train.steps=200
     tunesmith data inspect recipes/lora-sft.yaml
+    tunesmith data prepare recipes/data-prepare.yaml prepare.inputs=raw/   # clean, dedup, filter -> shards
     tunesmith chat --adapter runs/lora-sft
     tunesmith generate --adapter runs/lora-sft --input prompts.jsonl --output out.jsonl
     tunesmith export --adapter runs/lora-sft/adapter --output merged/
@@ -56,42 +57,6 @@ def cmd_train(args) -> int:
         return 0 if result.status == "completed" else 130
     print(f"[tunesmith] report: {result.run_dir / 'report.md'}")
     return 0 if result.status == "completed" else 130
-
-
-def cmd_data(args) -> int:
-    from ..data import format_inspection, load_data
-    from ..models.load import load_tokenizer
-    from ..objectives import objective_class
-    from ..objectives.preference import Preference
-    from ..recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    kind = objective_class(recipe.objective.name)
-    if getattr(kind, "loads", None) == "embedder":  # query/positive/negatives items (contrastive, grl)
-        from ..data.pairs import format_contrastive_inspection, load_contrastive
-        from ..models.embedding import model_folder
-
-        options, tokenizer = getattr(recipe.objective, kind.block), load_tokenizer(str(model_folder(recipe.model.name)))
-        splits = load_contrastive(recipe.data, tokenizer, max_length=options.max_length, seed=recipe.train.seed,
-                                  query_prefix=options.query_prefix, document_prefix=options.document_prefix,
-                                  report=False)
-        print(format_contrastive_inspection(splits, tokenizer, n=args.n))
-        return 0
-    tokenizer = load_tokenizer(recipe.model.name)
-    max_length = recipe.data.max_length
-    if objective_class(recipe.objective.name) is Preference:  # the data it trains on: chosen/rejected pairs
-        from ..data.preference import load_pairs
-        from ..data.report import format_pair_inspection
-
-        pairs = load_pairs(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
-        print(format_pair_inspection(pairs.train, tokenizer, pairs.stats, n=args.n, max_length=max_length))
-        return 0
-    if recipe.objective.name == "listwise":  # ranking records: prompts and importance-weighted answers
-        splits = kind.load(recipe, tokenizer)
-    else:
-        splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
-    print(format_inspection(splits.train, tokenizer, splits.stats, n=args.n, max_length=max_length))
-    return 0
 
 
 def _load(args):
@@ -204,6 +169,10 @@ def cmd_eval(args) -> int:
         print("\n".join(f"{k:<10} {v:.4f}" if isinstance(v, float) else f"{k:<10} {v}" for k, v in result.items()))
         return 0
     task = get_eval_task(args.task, args.metric, seed=args.seed)
+    if not isinstance(args.shots, int):  # a list or `max`: one evaluation per count (cli/shots.py)
+        from .shots import eval_shots
+
+        return eval_shots(args, task, _load)
     model, tok = _load(args)
     ks = tuple(int(k) for k in args.k.split(","))
     with domain_route(model, args.domain, args.adapter, args.model, default=args.task):
@@ -335,6 +304,11 @@ def _fuse_args(p):
     p.add_argument("--fuse-alpha", type=float, default=1.0, help="α of proxy mode")
 
 
+def _shots_arg(text: str):
+    """`--shots`: one count stays an int (the single-evaluation path); a list or `max` stays text."""
+    return int(text) if text.isdigit() else text
+
+
 def _add_model_verbs(sub) -> None:
     """The verbs that use a trained model: generate, chat, export, eval (embed and mine: `cli/embeddings.py`)."""
     p = sub.add_parser("generate", help="complete JSONL prompts (`prompt` or `messages` per line)")
@@ -374,13 +348,18 @@ def _add_model_verbs(sub) -> None:
     p = sub.add_parser("eval", help="measure a model (with an adapter) on a task")
     _model_args(p)
     p.add_argument("--task", required=True,
-                   help="sql, json, humaneval, a JSONL task file, text:FILE for loss/perplexity, or "
+                   help="sql, json, translate-XX (English -> XX; translate-XX-YY, translate-all), humaneval, "
+                        "a JSONL task file, text:FILE for loss/perplexity, or "
                         "retrieval:builtin / retrieval:BEIR_FOLDER (with --model bm25 or an embedder), or "
                         "rerank:builtin / rerank:BEIR_FOLDER (BM25 top --top-k reranked by the model)")
     p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, sql, python")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--shots", type=int, default=0, help="k training examples in the prompt (in-context baseline)")
+    p.add_argument("--shots", type=_shots_arg, default=0,
+                   help="k training examples in the prompt (in-context baseline); a list such as 0,1,4,16,64,max "
+                        "evaluates at each count (max: as many as fit the context) and writes a table and a curve")
+    p.add_argument("--context", type=int, default=None,
+                   help="--shots max: the context in tokens the prompt and answer must fit (default: the model's)")
     p.add_argument("--samples", type=int, default=1, help="samples per example (for pass@k)")
     p.add_argument("--k", default="1", help="comma-separated k for pass@k, e.g. 1,5")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -407,13 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.lr=1e-4 method.name=full")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("data", help="look at the data a recipe trains on")
-    dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("inspect", help="rendered samples with trained tokens marked, and statistics")
-    q.add_argument("recipe")
-    q.add_argument("overrides", nargs="*")
-    q.add_argument("-n", type=int, default=3, help="samples to show")
-    q.set_defaults(fn=cmd_data)
+    from .data import add_data_verb
+
+    add_data_verb(sub)
 
     _add_model_verbs(sub)
     from .embeddings import add_embedding_verbs

@@ -26,6 +26,7 @@ REGISTRY = {
     "contrastive": "contrastive:Contrastive",
     "grl": "grl:GRL",
     "listwise": "listwise:Listwise",
+    "many_icl": "many_icl:ManyICL",
 }
 
 

@@ -30,6 +30,7 @@ from ..objectives import build_objective, objective_class
 from . import checkpoint as ckpt
 from . import distributed
 from .batches import DataStream, MicroBatches
+from .effective_batch import apply_effective_batch
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .prepare import (Interrupt, decoder_layers, evaluate_task, prepare_model, save_output,
@@ -100,6 +101,10 @@ class Run:
 def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None) -> RunResult:
     """Run the recipe, in this process or as one rank of a torchrun job. `model`/`tokenizer` may be
     passed in (e.g. a model already in memory); `objective` replaces the recipe's (an Objective object)."""
+    if recipe.stages:  # several trainings in order, one job (train/stages.py calls back here per stage)
+        from .stages import run_stages
+
+        return run_stages(recipe, model=model, tokenizer=tokenizer, objective=objective)
     cfg = recipe.train
     dist, device = distributed.setup(cfg.strategy, cfg.device, cfg.dist_timeout)
     try:
@@ -169,12 +174,17 @@ def _plan_steps(run: Run) -> None:
     run.source = run.objective.source(run)
     if run.source is None:
         run.source = DataStream(run.splits.train, run.objective, recipe, dist, run.pad_id)
+        if recipe.train.effective_batch:
+            run.print_main(apply_effective_batch(run.source, recipe.train, dist.world))
         run.total_steps = run.source.total_steps()
         if run.splits.val:
             val = MicroBatches(run.splits.val, run.objective, recipe.data, recipe.train, recipe.train.seed,
                                run.pad_id, shuffle=False).epoch_batches()
             run.val_batches = val[dist.rank::dist.world]
         run.print_main(f"[tunesmith] {run.source.describe(len(run.splits.train), len(run.splits.val or []), run.total_steps)}")
+    elif recipe.train.effective_batch:
+        raise TrainError(f"train.effective_batch: objective {run.objective.name} makes its own batches; "
+                         "size them with its own options")
     else:
         run.total_steps = run.source.total_steps()
     run.method.on_train_start(run.model, run.total_steps)

@@ -12,14 +12,17 @@ from .base import SPLITS, Task
 from .extract import ExtractTask
 from .retrieval import RetrievalTask
 from .sql import SqlTask
+from .translation import TranslationTask
 
 BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask}
 
 
 def get_task(name: str, **options) -> Task:
     """The built-in task `name`, constructed with `options` (e.g. seed=1, n_train=400)."""
+    if name.startswith("translate-"):  # a family of tasks: translate-XX, translate-XX-YY, translate-all
+        return TranslationTask(name, **options)
     if name not in BUILTIN:
-        raise ValueError(f"unknown task `{name}`; built-in tasks: {', '.join(sorted(BUILTIN))}")
+        raise ValueError(f"unknown task `{name}`; built-in tasks: {', '.join(sorted(BUILTIN))}, translate-XX")
     return BUILTIN[name](**options)
 
 
@@ -36,4 +39,4 @@ def task_records(task: Task, split: str) -> list[dict]:
             for ex in task.examples(split)]
 
 
-__all__ = ["BUILTIN", "ExtractTask", "RetrievalTask", "SqlTask", "get_task", "task_records"]
+__all__ = ["BUILTIN", "ExtractTask", "RetrievalTask", "SqlTask", "TranslationTask", "get_task", "task_records"]
