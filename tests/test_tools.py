@@ -44,6 +44,19 @@ TOOL_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# The same, but like Qwen3 it writes an empty <think></think> block before the final assistant turn only,
+# so a turn renders differently as the last message than when more messages follow.
+THINK_TEMPLATE = TOOL_TEMPLATE.replace(
+    "{{- '<|im_start|>assistant' }}",
+    "{{- '<|im_start|>assistant' }}{%- if loop.last %}{{- '\\n<think>\\n\\n</think>\\n' }}{%- endif %}",
+).replace(
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}",
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if loop.last and message.role == 'assistant' %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message.content + '<|im_end|>\\n' }}",
+)
+assert THINK_TEMPLATE.count("<think>") == 2
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -139,6 +152,23 @@ def test_last_turn_only_and_train_on_prompt(tool_tokenizer):
     assert trained_runs(last(example(ending_in_a_call)), tool_tokenizer) == [call_text("get_weather", city="Paris") + END]
     everything = Renderer(tool_tokenizer, train_on_prompt=True)(example(RECORD))
     assert everything["weights"] == [0.0] + [1.0] * (len(everything["input_ids"]) - 1)
+
+
+def test_a_block_before_the_final_turn_only_is_neither_required_nor_trained(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = THINK_TEMPLATE
+    ending_in_a_call = {**RECORD, "messages": RECORD["messages"][:2]}
+    for record, runs in ((RECORD, [call_text("get_weather", city="Paris") + END, "It is 18 C and sunny in Paris." + END]),
+                         (ending_in_a_call, [call_text("get_weather", city="Paris") + END])):
+        ex = example(record)
+        sample = Renderer(tok)(ex)
+        full = tok.apply_chat_template(list(ex), tools=ex.tools, tokenize=False)
+        assert full.count("<think>") == 1  # only before the last turn
+        assert sample["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
+        assert trained_runs(sample, tok) == runs
+    pair = render_pair_(tok, PAIR)
+    assert trained_runs(pair["chosen"], tok) == [call_text("get_time", city="Lima") + END]
+    assert "<think>" in untrained_text(pair["chosen"], tok)
 
 
 def test_openai_and_bare_spellings_render_the_same(tool_tokenizer):

@@ -36,6 +36,7 @@ CHATML_TEMPLATE = (
 )
 
 _warned_no_template = False
+_MARKER = "tunesmith-answer-marker-5183"  # an answer text no template writes on its own
 
 
 class Sample(TypedDict):
@@ -140,24 +141,40 @@ class Renderer:
 
     def _call_turn_span(self, ids, starts, ends, messages, i, full, tools) -> tuple[int, int]:
         """(start, stop) in characters of `full` of what assistant message i trains when it calls tools:
-        from where the answer begins through the last special token of its turn (the terminator), so
-        the calls train in the template's own syntax. Needs a prefix-stable rendering around the turn."""
+        from where its own text begins through the last special token of its turn (the terminator), so
+        the calls train in the template's own syntax.
+
+        The turn is rendered as the last message; some templates write text before a final answer
+        only (Qwen3's empty <think></think> block), which a marker answer reveals and which is then
+        neither required in `full` nor trained."""
         start = self._prefix_len(messages[:i], full, True, tools)
-        end = self._prefix_len(messages[: i + 1], full, False, tools)
-        if start is None or end is None:
-            raise DataError(f"assistant message {i} calls tools, but the chat template does not render the "
-                            "conversation up to it as a prefix of the whole, so its tokens cannot be found; "
+        alone = self._render(messages[: i + 1], False, tools)
+        if start is None or not alone.startswith(full[:start]):
+            raise DataError(f"assistant message {i} calls tools, but the chat template renders the conversation "
+                            "before it differently when it goes on, so its tokens cannot be found; "
                             "set data.tool_format=inline")
-        turn = full[start:end]
+        marked = self._render(messages[:i] + [{"role": "assistant", "content": _MARKER}], False, tools)
+        at = marked.find(_MARKER, start)
+        filler = marked[start:at] if at >= 0 and marked.startswith(full[:start]) else ""
+        turn = alone[start:]
+        if filler and turn.startswith(filler) and not full.startswith(turn, start):
+            turn = turn[len(filler):]  # a final-turn-only block that `full` does not have here
+        if not turn.strip() or not full.startswith(turn, start):
+            raise DataError(f"assistant message {i} calls tools, but the chat template renders its turn "
+                            "differently when more messages follow, so its tokens cannot be found; "
+                            "set data.tool_format=inline")
         for call in messages[i]["tool_calls"]:
             if call["function"]["name"] not in turn:
                 raise DataError(f"cannot find the call to {call['function']['name']!r} of assistant message {i} "
                                 "in the text the chat template rendered")
+        end = start + len(turn)
+        if filler and full.startswith(filler, start):
+            start += len(filler)
         first, last = bisect_left(starts, start), bisect_left(starts, end)
         for t in range(last - 1, first - 1, -1):
             if ids[t] in self.special_ids:
                 return start, ends[t]
-        return start, start + len(turn.rstrip())
+        return start, start + len(full[start:end].rstrip())
 
     def _prefix_len(self, messages: list[Message], full: str, generation: bool, tools=None) -> int | None:
         """Length of the rendering of `messages` if it is a prefix of `full`, else None."""
