@@ -429,3 +429,19 @@ def test_training_on_tool_chats(tmp_path, tool_model_dir, objective):
     assert result.status == "completed" and result.step == 4
     losses = train_losses(result.run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_rewritten_messages_keep_their_tools_and_round_trip(tool_tokenizer, tmp_path):
+    """Code that edits an example's messages (data prepare's cleaning) keeps the tools with `like`,
+    and `as_record` writes a record that reads back as the same example and the same tokens."""
+    from tunesmith.data.tools import as_record, like
+
+    ex = example(PARALLEL)
+    edited = like(ex, [{**m, "content": m["content"].upper()} for m in ex])
+    assert edited.tools == ex.tools and edited[1]["content"] == "WEATHER AND TIME IN OSLO?"
+    plain = example({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+    assert type(like(plain, list(plain))) is list
+    back = example(json.loads(json.dumps(as_record(ex))))
+    assert back == ex and back.tools == ex.tools
+    assert Renderer(tool_tokenizer)(back) == Renderer(tool_tokenizer)(ex)
+    assert as_record("plain text") == {"text": "plain text"}

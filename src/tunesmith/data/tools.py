@@ -49,6 +49,21 @@ def tools_of(example: Any) -> list[dict] | None:
     return getattr(example, "tools", None) or None
 
 
+def like(example: Any, messages: list[dict]) -> list[dict]:
+    """`messages` (an edited copy of a chat example's) with the example's tools kept, for code that
+    rewrites messages (cleaning, scrubbing) and must not lose the schemas on the way."""
+    tools = tools_of(example)
+    return ToolChat(messages, tools) if tools else messages
+
+
+def as_record(example: Any) -> dict:
+    """An example as a record that reads back as the same example: {"text"} or {"messages"[, "tools"]}."""
+    if isinstance(example, str):
+        return {"text": example}
+    tools = tools_of(example)
+    return {"messages": list(example), **({"tools": tools} if tools else {})}
+
+
 def uses_tools(messages: list[dict], tools: list[dict] | None) -> bool:
     """Whether a conversation needs a template that renders tools."""
     return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
