@@ -184,3 +184,22 @@ def test_a_staged_recipe_file_through_the_cli(tmp_path, tiny_model_dir, capsys):
     assert load_recipe(job / "second" / "recipe.yaml").train.lr == 1e-5
     assert main(["train", str(path)]) != 0  # a second fresh run refuses the job folder, in one line
     assert "already holds a staged run: continue it with resume=true" in capsys.readouterr().err
+
+
+def test_two_processes_run_the_stages_as_one(tmp_path, tiny_model_dir):
+    """Every rank carries the model from stage to stage (only rank 0 saves it): two FSDP processes
+    (each builds its own shard, nothing is broadcast) with the same global batch give the
+    one-process job's losses in both stages."""
+    from tests.test_distributed import ROOT, overrides, torchrun
+
+    products = write_products(tmp_path / "products.jsonl")
+    extra = (f"stages=[{{name: a, train: {{steps: 2}}}}, {{name: b, data: {{train: '{products}'}}, "
+              f"train: {{steps: 2, lr: 2.0e-3}}}}]", "method.name=full", "train.lr=1e-3")
+    one = train(load_recipe(ROOT / "recipes" / "lora-sft.yaml",
+                            overrides(tmp_path, tiny_model_dir, "one", "train.grad_accum=2", *extra)))
+    torchrun(overrides(tmp_path, tiny_model_dir, "two", "train.grad_accum=1", "train.strategy=fsdp", *extra))
+    two = tmp_path / "runs" / "two"
+    for name in ("a", "b"):
+        x, y = train_losses(one.run_dir / name), train_losses(two / name)
+        assert len(x) == len(y) == 2 and all(abs(p - q) < 1e-4 for p, q in zip(x, y)), (name, x, y)
+    assert load_recipe(two / "b" / "recipe.yaml").model.name == str(two / "a" / "model")

@@ -154,7 +154,7 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
             _write_state(job, state)
         if result.status != "completed":
             return RunResult(job, result.status, *_steps(state), summary={"stages": state["stages"]})
-        previous = result.output
+        previous = result.output or _saved_output(run.run_dir)  # other ranks: what rank 0 saved
     if main:
         _link_output(job, previous)
         _write_report(job, stages, state)
@@ -195,6 +195,11 @@ def _carry(run: rcp.Recipe, previous: Path, pristine):
         return None
     run.model.adapter = str(previous)
     return copy.deepcopy(pristine) if pristine is not None else None
+
+
+def _saved_output(run_dir: Path) -> Path:
+    """A finished run's output folder: its adapter, or the model of a method that trains base weights."""
+    return run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir / "model"
 
 
 def _steps(state: dict) -> tuple[int, int]:
