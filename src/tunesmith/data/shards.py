@@ -12,10 +12,10 @@ tensors of its samples laid end to end:
     sources    [samples]    int32   (index into the manifest's `sources`)
     domains    [samples]    int32   (only when samples carry a `domain`)
 
-Reading memory-maps each file (the safetensors layout: an 8-byte little-endian header size, a JSON
-header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so opening a folder of a billion
-tokens costs the per-sample arrays (`lengths`, `units`, `sources`: 12 bytes a sample), never the
-tokens; a sample's tokens are paged in when it is read.
+Reading parses each file's header (the safetensors layout: an 8-byte little-endian header size, a
+JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes) and reads the per-sample
+arrays (`lengths`, `units`, `sources`), so opening a folder of a billion tokens costs a few dozen
+bytes a sample, never the tokens; a sample's tokens are read from the file when it is batched.
 """
 from __future__ import annotations
 
@@ -190,16 +190,15 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only memory map (nothing is read until used)."""
+def tensor_table(path: Path) -> dict[str, tuple[np.dtype, int, int]]:
+    """{name: (dtype, byte position in the file, element count)} of a safetensors file, from its header."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable shard ({e})") from None
-    start = 8 + size
-    out = {}
+    table = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -207,40 +206,59 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
         if dtype is None:
             raise DataError(f"{path}: tensor {name} has dtype {info['dtype']}, not one a shard uses")
         begin, end = info["data_offsets"]
-        count = (end - begin) // np.dtype(dtype).itemsize
-        out[name] = (np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=(count,))
-                     if count else np.zeros(0, dtype=dtype))
-    return out
+        table[name] = (np.dtype(dtype), 8 + size + begin, (end - begin) // np.dtype(dtype).itemsize)
+    return table
 
 
 class _Shard:
-    """One shard file: its small per-sample arrays read now, its tokens mapped on first use."""
+    """One shard file: its per-sample arrays read when opened, a sample's tokens read when asked for.
+
+    Tokens are read with positioned reads (`os.pread`), not memory maps: every page of a map that a
+    run touches stays in its RSS until the map goes, so a long run over a memory map shows the whole
+    data set as resident; a read keeps only the sample being batched.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._maps: dict[str, np.ndarray] | None = None
-        maps = map_safetensors(path)
-        missing = [k for k in ("input_ids", "weights", "offsets", "lengths", "units", "sources") if k not in maps]
+        self._fd: int | None = None
+        self.table = tensor_table(path)
+        missing = [k for k in ("input_ids", "weights", "offsets", "lengths", "units", "sources") if k not in self.table]
         if missing:
             raise DataError(f"{path}: not a tunesmith shard (no {', '.join(missing)})")
-        self.lengths = np.array(maps["lengths"])
-        self.units = np.array(maps["units"])
-        self.sources = np.array(maps["sources"])
-        self.domains = np.array(maps["domains"]) if "domains" in maps else None
+        self.lengths = self._read("lengths")
+        self.units = self._read("units")
+        self.sources = self._read("sources")
+        self.domains = self._read("domains") if "domains" in self.table else None
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        if self.offsets[-1] != self.table["input_ids"][2] or self.table["weights"][2] != self.offsets[-1]:
+            raise DataError(f"{path}: the sample lengths add up to {self.offsets[-1]} tokens, but the file holds "
+                            f"{self.table['input_ids'][2]} ids and {self.table['weights'][2]} weights")
+
+    def _read(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Elements [a, b) of tensor `name`."""
+        dtype, pos, count = self.table[name]
+        b = count if b is None else b
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, (b - a) * dtype.itemsize, pos + a * dtype.itemsize)
+        if len(data) != (b - a) * dtype.itemsize:
+            raise DataError(f"{self.path}: the file is shorter than its header says (truncated?)")
+        return np.frombuffer(data, dtype=dtype)
 
     def get(self, i: int) -> Sample:
-        if self._maps is None:
-            self._maps = map_safetensors(self.path)
-        m = self._maps
-        a, b = int(m["offsets"][i]), int(m["offsets"][i + 1])
-        sample = {"input_ids": m["input_ids"][a:b].tolist(),
-                  "weights": m["weights"][a:b].astype(np.float32).tolist()}
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        sample = {"input_ids": self._read("input_ids", a, b).tolist(),
+                  "weights": self._read("weights", a, b).astype(np.float32).tolist()}
         if self.domains is not None:
             sample["domain"] = int(self.domains[i])
         return sample
 
-    def __getstate__(self):  # memory maps are reopened in another process, not pickled
-        return {**self.__dict__, "_maps": None}
+    def __getstate__(self):  # a file descriptor does not cross processes: reopened on first read
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 class ShardedSamples(Sequence):
