@@ -63,8 +63,8 @@ def test_stage_two_starts_from_stage_one(tmp_path, tiny_model_dir):
     report = (job.run_dir / "report.md").read_text()
     assert "[sums](sums/report.md)" in report and "[products](products/report.md)" in report
     state = json.loads((job.run_dir / "stages.json").read_text())
-    assert [(s["name"], s["status"], s["steps"]) for s in state["stages"]] == [("sums", "completed", 2),
-                                                                               ("products", "completed", 4)]
+    assert [(s["name"], s["status"], s["steps"], s["output"]) for s in state["stages"]] == [
+        ("sums", "completed", 2, "sums/adapter"), ("products", "completed", 4, "products/adapter")]
 
 
 def test_stopped_in_stage_two_and_resumed_equals_uninterrupted(tmp_path, tiny_model_dir):
@@ -81,7 +81,10 @@ def test_stopped_in_stage_two_and_resumed_equals_uninterrupted(tmp_path, tiny_mo
     with pytest.raises(TrainError, match="stage 1 `sums` finished under another recipe"):
         train(staged(tmp_path / "b", tiny_model_dir, "resume=true", "train.lr=2e-2"))
     stage_one = (job / "sums" / "metrics.jsonl").read_text()
-    resumed = train(staged(tmp_path / "b", tiny_model_dir, "resume=true", "train.threads=1"))
+    job = job.parent.rename(tmp_path / "b" / "moved") / "t"  # a job folder may move between sessions
+    resumed = train(staged(tmp_path / "b", tiny_model_dir, "resume=true", "train.threads=1",
+                           f"output_dir={job.parent}"))
+    assert resumed.run_dir == job
     assert resumed.status == "completed" and resumed.step == 6
     assert (job / "sums" / "metrics.jsonl").read_text() == stage_one, "a finished stage ran again"
     for name in ("sums", "products"):

@@ -44,9 +44,10 @@ from .metrics import read_metrics
 from .safety import TrainError
 
 STATE_FILE = "stages.json"
-# keys that change how a stage runs, not what it computes: changing them does not void a finished stage
-_RUNTIME_KEYS = (("resume",), ("nproc",), ("train", "threads"), ("train", "device"), ("train", "log_every"),
-                 ("train", "dist_timeout"))
+# keys that change how or where a stage runs, not what it computes: changing them does not void a
+# finished stage (a job folder may move: its stages' outputs are recorded relative to it)
+_RUNTIME_KEYS = (("resume",), ("nproc",), ("output_dir",), ("train", "threads"), ("train", "device"),
+                 ("train", "log_every"), ("train", "dist_timeout"))
 
 
 @dataclass
@@ -137,7 +138,7 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
     for i, stage in enumerate(stages):
         done = state["stages"][i]
         if done.get("status") == "completed":
-            previous = Path(done["output"])
+            previous = job / done["output"]  # recorded relative to the job folder, which may have moved
             _note(main, f"stage {i + 1}/{len(stages)} `{stage.name}`: finished earlier → {previous}")
             continue
         run = stage.recipe
@@ -149,7 +150,7 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
         result = train(run, model=stage_model, tokenizer=tokenizer, objective=objective)
         results.append(result)
         done.update(status=result.status, steps=result.step, total_steps=result.total_steps,
-                    output=str(result.output) if result.output else None)
+                    output=os.path.relpath(result.output, job) if result.output else None)
         if main:
             _write_state(job, state)
         if result.status != "completed":
@@ -245,7 +246,7 @@ def _write_report(job: Path, stages: list[Stage], state: dict) -> Path:
         val = [r["val_loss"] for r in rows if "val_loss" in r]
         cfg = stage.recipe.train
         losses = f"{train[0]['loss']:.4f} / {train[-1]['loss']:.4f}" if train else "–"
-        output = os.path.relpath(entry["output"], job) if entry.get("output") else "–"
+        output = entry.get("output") or "–"
         lines.append(f"| [{stage.name}]({stage.name}/report.md) | `{stage.recipe.data.train}` | {cfg.lr:g} · "
                      f"{cfg.schedule} · {cfg.warmup:g} | {entry.get('steps', 0)} | {losses} | "
                      f"{f'{val[-1]:.4f}' if val else '–'} | {output} |")
