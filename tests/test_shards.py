@@ -144,3 +144,19 @@ def test_resume_from_a_shard_position_equals_the_uninterrupted_run(tmp_path, tin
     assert a == f  # the shard folder trains exactly like the file it was made from
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-6, (a, b)
+
+
+def test_resume_over_other_data_is_refused(tmp_path, tiny_model_dir, tokenizer):
+    chats = write_chats(tmp_path / "chats.jsonl")
+    samples = shards_from_chats(chats, tmp_path / "s", tokenizer)
+    shard = f"data.train={tmp_path / 's'}"
+    with stopping_after(2):
+        first = train(tiny_recipe(tmp_path / "b", tiny_model_dir, shard))
+    state = json.loads((first.run_dir / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["data"]["samples"] == len(samples) - round(0.2 * len(samples))
+    import shutil
+
+    shutil.rmtree(tmp_path / "s")
+    write(tmp_path / "s", samples[:-3], tokenizer)  # the folder was prepared again, with other data
+    with pytest.raises(DataError, match="training data changed since the checkpoint"):
+        train(tiny_recipe(tmp_path / "b", tiny_model_dir, shard, "resume=true"))

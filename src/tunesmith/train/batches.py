@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ..data import collate, plan_batches
+from ..data import DataError, collate, plan_batches
 from ..objectives.base import ObjectiveBase, Window
 from . import distributed
 
@@ -97,10 +97,19 @@ class DataStream:
         return Window(batches=[b for b, _ in mine], units=units, epoch=self.stream.locate(first)[0],
                       metrics={"epoch": mine[-1][1]})
 
+    def fingerprint(self) -> dict:
+        """What a data position refers to: resuming over other data would silently train on other batches."""
+        return {"samples": len(self.stream.unit_counts), "units": int(sum(self.stream.unit_counts))}
+
     def state(self, step: int) -> dict:
-        return {"micro_batches": self._first(step), "world": self.d.world}
+        return {"micro_batches": self._first(step), "world": self.d.world, "data": self.fingerprint()}
 
     def restore(self, state: dict, step: int) -> None:
+        saved, now = state.get("data"), self.fingerprint()
+        if saved is not None and saved != now:
+            raise DataError(f"the training data changed since the checkpoint ({saved['samples']:,} samples, "
+                            f"{saved['units']:,} loss units then; {now['samples']:,} and {now['units']:,} now): "
+                            "a resumed run needs the data it stopped in")
         self.start_step, self.start_micro = step, state.get("micro_batches", step * self.per_step)
 
     def describe(self, n_items: int, n_val: int, total_steps: int) -> str:
