@@ -59,6 +59,13 @@ def test_stage_two_starts_from_stage_one(tmp_path, tiny_model_dir):
     assert abs(train_losses(fresh.run_dir)[0] - train_losses(second)[0]) > 1e-3
     # the job folder answers for its last stage; its report has a row per stage
     assert (job.run_dir / "adapter").resolve() == (second / "adapter").resolve()
+    from tunesmith.export.tuned import load_tuned
+    from tunesmith.models.load import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    load_tuned(model, job.run_dir)  # `--adapter <job folder>` reads the last stage's adapter
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(trained[k], v) for k, v in adapter(second).items())
     assert job.output == second / "adapter"
     report = (job.run_dir / "report.md").read_text()
     assert "[sums](sums/report.md)" in report and "[products](products/report.md)" in report
