@@ -59,6 +59,20 @@ def test_each_point_of_the_curve_equals_a_single_evaluation(tokenizer, tmp_path)
     assert plot_shot_curves({"a": curve, "b": saved}, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_shared_prefix_generation_equals_plain_generation(tokenizer):
+    from tunesmith.eval.prefix import MIN_PREFIX, generate_greedy, shared_prefix
+    from tunesmith.eval.runner import build_prompt
+    from tunesmith.infer.generate import generate
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4]]) == 3
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1  # each row keeps a token to feed after the cache
+    model, task = lively_model(tokenizer, seed=3), get_eval_task("sql")
+    prompts = [build_prompt(task, ex, task.examples("train")[:2]) for ex in task.examples("test")[:5]]
+    plain = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=2) == plain
+    assert len(set(plain)) > 1
+
+
 def test_shot_counts_beyond_the_data_or_the_context_are_refused(tokenizer, tmp_path):
     from tunesmith.eval.files import FileTask
 

@@ -44,6 +44,7 @@ def train_arm(arm: str, args, out: Path) -> dict:
 
     passes = [f"train.epochs={args.epochs}"] if arm == "sft" else [f"objective.many_icl.repeats={args.epochs}"]
     overrides = [f"name={arm}", f"output_dir={out / 'runs'}", f"data.limit={args.train_examples}",
+                 f"data.max_length={args.context}", f"train.batch_tokens={args.context}",
                  f"train.threads={args.threads}", *ARMS[arm], *passes]
     t0 = time.perf_counter()
     result = train(load_recipe(str(HERE / "sql.yaml"), overrides))
@@ -61,7 +62,7 @@ def eval_arm(arm: str, args, out: Path, run_dir: str | None):
     from tunesmith.infer.generate import load_for_inference
 
     model, tokenizer = load_for_inference("smollm2-135m-instruct", run_dir, dtype="fp32")
-    curve = evaluate_shots(model, tokenizer, get_eval_task("sql"), SHOTS, split="test", limit=args.limit,
+    curve = evaluate_shots(model, tokenizer, get_eval_task("sql"), args.shots, split="test", limit=args.limit,
                            context=args.context, max_new_tokens=64, batch_size=args.batch_size)
     save_shots(curve, out / f"curve-{arm}.json", arm=arm, adapter=run_dir)
     return curve
@@ -77,9 +78,12 @@ def phase(arm: str, args, out: Path, info: dict):
         return load_shots(path)
     run_dir = None
     if arm != "base":
-        info[arm] = train_arm(arm, args, out)
-        (out / "train.json").write_text(json.dumps(info, indent=1))
+        if arm not in info:  # trained by an earlier invocation (e.g. --train-only) otherwise
+            info[arm] = train_arm(arm, args, out)
+            (out / "train.json").write_text(json.dumps(info, indent=1))
         run_dir = info[arm]["run_dir"]
+    if args.train_only:
+        return None
     t0 = time.perf_counter()
     curve = eval_arm(arm, args, out, run_dir)
     print(f"[bench] {arm}: {curve.points()} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -116,20 +120,24 @@ def write_results(curves: dict, info: dict, args, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-examples", type=int, default=200, help="training questions (the same for both arms)")
+    parser.add_argument("--train-examples", type=int, default=160, help="training questions (the same for both arms)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over them (SFT epochs = ManyICL repeats)")
-    parser.add_argument("--limit", type=int, default=30, help="test questions measured")
-    parser.add_argument("--context", type=int, default=2560, help="tokens a prompt and its answer may take (max shots)")
+    parser.add_argument("--limit", type=int, default=20, help="test questions measured")
+    parser.add_argument("--context", type=int, default=2560, help="tokens a prompt and its answer may take (max shots); also the ManyICL sequence length and "
+                             "the tokens of a training step")
+    parser.add_argument("--shots", default=SHOTS, help="shot counts measured (16 needs --context >= ~2100)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arms", default="base,sft,many_icl")
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--train-only", action="store_true", help="train the arms now, measure them later")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
     curves = {arm: phase(arm, args, out, info) for arm in args.arms.split(",")}
-    write_results(curves, info, args, out)
+    if not args.train_only:
+        write_results(curves, info, args, out)
     return 0
 
 

@@ -64,8 +64,10 @@ def build_prompt(task, example: Example, shots: list[Example]):
 
 def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None = None, shots: int = 0,
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, ks: tuple[int, ...] = (1,),
-             max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> EvalResult:
-    """Generate answers for a split of `task`, score them and summarise."""
+             max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True,
+             share_prefix: bool = False) -> EvalResult:
+    """Generate answers for a split of `task`, score them and summarise. `share_prefix`: greedy prompts
+    with shots prefill their common instruction and demonstrations once (eval/prefix.py)."""
     from ..infer.generate import generate
     from .metrics import bleu, chrf, chrf_pp, pass_at_k
 
@@ -81,9 +83,14 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
         raise EvalError(f"{shots} shots need as many training examples; task {task.name} has {len(shot_pool)}")
     prompts = [build_prompt(task, ex, shot_pool) for ex in examples]
     t0 = time.perf_counter()
-    outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       batch_size=batch_size)
+    if share_prefix and shots and samples == 1 and temperature <= 0:
+        from .prefix import generate_greedy
+
+        outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                           batch_size=batch_size)
     gen_s = time.perf_counter() - t0
     records, n_correct, partial = [], [], []
     for i, ex in enumerate(examples):

@@ -111,10 +111,11 @@ class ShotCurve:
 
 def evaluate_shots(model, tokenizer, task, counts, *, split: str = "test", limit: int | None = None,
                    context: int | None = None, max_new_tokens: int = 256, progress: bool = True,
-                   **evaluate_kw) -> ShotCurve:
+                   share_prefix: bool = True, **evaluate_kw) -> ShotCurve:
     """Evaluate `task` once per shot count in `counts` (ints and/or `max`); `evaluate_kw` go to
     `evaluate` (samples, temperature, batch_size, seed...). Each summary gains `prompt_tokens`
-    (the mean prompt length) so the cost of a point is visible beside its score."""
+    (the mean prompt length) so the cost of a point is visible beside its score. `share_prefix`:
+    greedy decoding prefills the demonstrations, common to every prompt, once (eval/prefix.py)."""
     counts = parse_shots(counts)
     examples = task.examples(split)[:limit] if limit else task.examples(split)
     if not examples:
@@ -136,7 +137,7 @@ def evaluate_shots(model, tokenizer, task, counts, *, split: str = "test", limit
         if progress:
             print(f"[tunesmith] eval {task.name} ({split}) with {k} shots", flush=True)
         result = evaluate(model, tokenizer, task, split=split, limit=limit, shots=k, max_new_tokens=max_new_tokens,
-                          progress=progress, **evaluate_kw)
+                          progress=progress, share_prefix=share_prefix, **evaluate_kw)
         lengths = prompt_tokens(tokenizer, task, examples, pool, k)
         result.summary["prompt_tokens"] = sum(lengths) / len(lengths)
         results.append(result)
