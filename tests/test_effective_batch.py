@@ -46,8 +46,10 @@ def test_accumulation_from_the_micro_batch():
 def test_effective_batch_is_the_run_with_that_grad_accum(tmp_path, tiny_model_dir, capsys):
     common = [f"model.name={tiny_model_dir}", "data.packing=false", "train.batch_size=2", "data.shuffle=false",
               "data.val_fraction=0", "method.lora.dropout=0", "train.steps=3", "train.save_every=0"]
-    chosen = train(tiny_recipe(tmp_path / "e", tiny_model_dir, *common, "train.effective_batch=8"))
-    assert "effective batch 8 samples: grad_accum 4 × 2.0 samples per micro-batch" in capsys.readouterr().out
+    chosen = train(tiny_recipe(tmp_path / "e", tiny_model_dir, *common, "train.effective_batch=8", "train.grad_accum=3"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "effective batch" in l)
+    assert "effective batch 8 samples: grad_accum 4 × 2.0 samples per micro-batch" in line
+    assert line.endswith("= 8 samples a step (in place of train.grad_accum=3)")
     same = train(tiny_recipe(tmp_path / "g", tiny_model_dir, *common, "train.grad_accum=4"))
     other = train(tiny_recipe(tmp_path / "o", tiny_model_dir, *common, "train.grad_accum=1"))
     assert train_losses(chosen.run_dir) == train_losses(same.run_dir)

@@ -68,8 +68,9 @@ def apply_effective_batch(source, cfg, world: int) -> str:
     return the line that says what was chosen. `source` is the run's DataStream."""
     stream = source.stream
     acc = plan_accumulation(cfg.effective_batch, stream.plan(0), stream.lengths, world)
+    replaced = f" (in place of train.grad_accum={cfg.grad_accum})" if cfg.grad_accum not in (1, acc.grad_accum) else ""
     cfg.grad_accum = acc.grad_accum
     source.per_step = acc.grad_accum * world
     micro = (f"train.batch_tokens={cfg.batch_tokens:,}, packed" if stream.packing
              else f"train.batch_size={cfg.batch_size}, padded")
-    return f"[tunesmith] {acc.describe(micro)}"
+    return f"[tunesmith] {acc.describe(micro)}{replaced}"
