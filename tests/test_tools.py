@@ -190,6 +190,10 @@ def test_chats_without_tools_are_unchanged(tool_tokenizer, tokenizer):
     assert type(ex) is list  # no ToolChat, no probe, the template sees no tools
     assert trained_runs(Renderer(tokenizer)(ex), tokenizer) == ["Hello!" + END]
     assert trained_runs(Renderer(tool_tokenizer)(ex), tool_tokenizer) == ["Hello!" + END]
+    # parquet/datasets exports give every message every key: empty calls and null ids are no tool use
+    filled = {"tools": None, "messages": [{**m, "tool_calls": [], "tool_call_id": None, "name": None}
+                                          for m in chat["messages"]]}
+    assert type(example(filled)) is list and example(filled) == ex
 
 
 def test_loss_covers_exactly_the_calls_and_answers(tool_tokenizer):
@@ -306,7 +310,8 @@ BAD = [
      r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is a string but not valid JSON"),
     (_with(1, tool_calls=[{"function": {"name": "get_weather", "arguments": [1]}}]),
      r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is list; expected an object"),
-    (_with(1, tool_calls=[]), r"messages\[1\]\.tool_calls must be a non-empty list"),
+    (_with(1, tool_calls={}), r"messages\[1\]\.tool_calls must be a non-empty list"),
+    (_with(1, tool_calls=[]), r"messages\[1\]\.content is missing"),  # [] is no call (parquet fills it in)
     (_with(0, tool_calls=[call("get_weather", city="Paris")]),
      r"messages\[0\] has tool_calls but role 'user'; only assistant messages call tools"),
     (_with(1, tool_calls=None, role="tool", content="x"), r"messages\[1\] is a tool result, but no assistant tool call comes before it"),

@@ -149,7 +149,7 @@ def check_message(m: Any, where: str, at: str) -> Message:
         raise DataError(f"{where}: {at}.role is {shown}; expected system, user or assistant (or tool, for a "
                         "tool result)")
     out: Message = {"role": role}
-    if m.get("tool_calls") is not None:
+    if m.get("tool_calls") not in (None, []):  # parquet exports give every message an empty list
         if role != "assistant":
             raise DataError(f"{where}: {at} has tool_calls but role {role!r}; only assistant messages call tools")
         out["tool_calls"] = check_tool_calls(m["tool_calls"], where, f"{at}.tool_calls")
