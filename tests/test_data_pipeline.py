@@ -120,6 +120,17 @@ def test_language_filter_keeps_the_asked_languages():
     assert keep_en("Das Wetter ist heute herrlich und wir gehen in den Park.", [])
 
 
+def test_language_scores_equal_langid_classify():
+    texts = ["The weather is lovely today.", "Le temps est magnifique aujourd'hui.", "Das Wetter ist heute herrlich.",
+             "El tiempo es estupendo hoy.", "Il tempo è bellissimo oggi.", "x", "12345 !!!", "SELECT name FROM users;",
+             "Погода сегодня прекрасная.", "今日はいい天気です。", sentence(random.Random(11), 50)]
+    ident = LanguageFilter.identifier()
+    for text in texts:
+        lang, prob = ident.classify(text)
+        ours = LanguageFilter(["en"], 0.5).language(text)
+        assert ours[0] == lang and ours[1] == pytest.approx(prob, rel=1e-6, abs=1e-9)
+
+
 def test_language_filter_without_langid_says_what_to_install(monkeypatch):
     import sys
 

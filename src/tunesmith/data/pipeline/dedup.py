@@ -3,7 +3,7 @@ signatures and datasketch's MinHashLSH index).
 
 Both keep state for every record they let through, so their memory grows with the kept records, not
 with what streams past: 16 bytes a record for exact dedup (an open-addressing table at most half full),
-and datasketch's in-memory index for near-dedup (a few KB a record: benchmarks/data/results.md).
+and datasketch's in-memory index for near-dedup (a few KB a record: benchmarks/data/prepare.md).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class NearDedup:
     "Not significantly below": the estimate of a pair at exactly the threshold t has standard error
     sqrt(t(1-t)/num_perm) (0.035 at 0.8 and 128 permutations), so requiring estimate >= t would miss
     half the pairs at t; estimate >= t - 2 standard errors misses about 2% of them and still rejects
-    pairs well below t (benchmarks/data/results.md measures both). Kept signatures are held as uint32
+    pairs well below t (benchmarks/data/prepare.md measures both). Kept signatures are held as uint32
     (datasketch's hash values are 32-bit) to verify candidates."""
 
     def __init__(self, cfg: NearDedupConfig):
