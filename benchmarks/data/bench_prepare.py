@@ -1,6 +1,6 @@
 """Throughput, memory and near-duplicate recall of `tunesmith data prepare` on synthetic records.
 
-    python benchmarks/data/bench_prepare.py            # all of it: results.json + results.md here
+    python benchmarks/data/bench_prepare.py            # all of it: prepare.json here (report.py turns it into the tables of prepare.md)
     python benchmarks/data/bench_prepare.py --sizes 100000 --near-sizes 100000   # a quick look
 
 Every measured run is its own process (`run` below), so its peak RSS (VmHWM) is its own. The records
@@ -219,11 +219,12 @@ def main(args) -> None:
     for n in args.near_sizes:
         runs[f"near-{n}"] = measured(data, work / "out", "--near", limit=n)
         print(f"near {n:,}: {runs[f'near-{n}']['wall_s']:.1f} s", flush=True)
+    runs[f"pii-{small}"] = measured(data, work / "out", "--pii", limit=small)
     runs["pii-langid"] = measured(data, work / "out", "--pii", "--langid", limit=args.tokenize_records)
     runs["tokenize"] = measured(data, work / "out", "--near", "--tokenize", limit=args.tokenize_records)
     found = recall(work)
     results = {"machine": machine(), "planted": planted, "runs": runs, "recall": found}
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (HERE / "prepare.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(found, indent=1))
 
 
