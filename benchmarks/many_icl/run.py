@@ -14,8 +14,9 @@ bf16 autocast, 2560-token steps, lr 1e-3 cosine):
               the same tokens per step.
 Each model is then measured by `evaluate_shots` (what `tunesmith eval --shots` runs) on the first
 `--limit` test questions at 0,1,4,16,max shots, max = as many demonstrations as fit a context of
-`--context` tokens (the ManyICL training length) with 64 new tokens. Every phase saves its curve
-(`curve-<arm>.json`) and is skipped when it exists, so an interrupted run picks up where it stopped.
+`--context` tokens (the ManyICL training length) with 64 new tokens. Every phase saves its training
+(`train-<arm>.json`) and its curve (`curve-<arm>.json`) and is skipped when they exist, so an
+interrupted run picks up where it stopped, and arms may run as parallel invocations (`--arms sft`).
 Outputs: `results.json`, `results.md` (table), `curve.png`.
 """
 from __future__ import annotations
@@ -61,6 +62,9 @@ def eval_arm(arm: str, args, out: Path, run_dir: str | None):
     from tunesmith.eval.shots import evaluate_shots, save_shots
     from tunesmith.infer.generate import load_for_inference
 
+    import torch
+
+    torch.set_num_threads(args.threads)  # a shared CPU: more threads than free cores wait on each other
     model, tokenizer = load_for_inference("smollm2-135m-instruct", run_dir, dtype="fp32")
     curve = evaluate_shots(model, tokenizer, get_eval_task("sql"), args.shots, split="test", limit=args.limit,
                            context=args.context, max_new_tokens=64, batch_size=args.batch_size)
@@ -80,7 +84,7 @@ def phase(arm: str, args, out: Path, info: dict):
     if arm != "base":
         if arm not in info:  # trained by an earlier invocation (e.g. --train-only) otherwise
             info[arm] = train_arm(arm, args, out)
-            (out / "train.json").write_text(json.dumps(info, indent=1))
+            (out / f"train-{arm}.json").write_text(json.dumps(info[arm], indent=1))  # arms may run in parallel
         run_dir = info[arm]["run_dir"]
     if args.train_only:
         return None
@@ -127,14 +131,14 @@ def main() -> int:
                              "the tokens of a training step")
     parser.add_argument("--shots", default=SHOTS, help="shot counts measured (16 needs --context >= ~2100)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (training and evaluation)")
     parser.add_argument("--arms", default="base,sft,many_icl")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--train-only", action="store_true", help="train the arms now, measure them later")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
+    info = {p.stem[len("train-"):]: json.loads(p.read_text()) for p in sorted(out.glob("train-*.json"))}
     curves = {arm: phase(arm, args, out, info) for arm in args.arms.split(",")}
     if not args.train_only:
         write_results(curves, info, args, out)

@@ -18,6 +18,19 @@ import torch
 MIN_PREFIX = 64  # below this the copy of the cache costs more than the prefill it saves
 
 
+def _cache_arg() -> str:
+    """The name `generate` takes a prefilled cache by: `cache` in newer transformers 5 releases,
+    `past_key_values` (deprecated there) before."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+    except ImportError:
+        return "past_key_values"
+    return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+
+
+CACHE_ARG = _cache_arg()
+
+
 def encode_prompts(tokenizer, prompts) -> list[list[int]]:
     """Token ids of each prompt as generation encodes it (chat template with the assistant turn opened)."""
     from ..infer.generate import render_prompt
@@ -64,7 +77,7 @@ def generate_greedy(model, tokenizer, prompts, *, max_new_tokens: int, batch_siz
                 attention = torch.cat([torch.ones(len(idx), p, dtype=mask.dtype), mask], dim=1).to(device)
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(idx))
-                out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=past,
+                out = model.generate(input_ids=ids, attention_mask=attention, **{CACHE_ARG: past},
                                      max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                                      use_cache=True, do_sample=False, temperature=None, top_p=None, top_k=None)
                 for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
