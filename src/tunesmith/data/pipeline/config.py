@@ -26,9 +26,9 @@ class FilterConfig(Config):
     max_dup_line_ratio: float | None = Field(0.3, ge=0, le=1)
     "Drop records in which more than this share of the lines (of 3 or more) repeat an earlier line."
     max_top_ngram_ratio: float | None = Field(0.2, ge=0, le=1)
-    "Drop records in which the most frequent word 2-gram covers more than this share of the characters."
+    "Drop records (of 50+ words) in which the most frequent word 2-gram covers more than this share of the characters."
     max_dup_ngram_ratio: float | None = Field(0.15, ge=0, le=1)
-    "Drop records in which word 5-grams seen earlier in the record cover more than this share of the characters."
+    "Drop records (of 50+ words) in which word 5-grams seen earlier in the record cover more than this share of the characters."
     languages: list[str] = Field(default_factory=list)
     "Keep only these languages (ISO 639-1 codes, e.g. [en]) by langid's offline model; empty: no language filter."
     min_language_prob: float = Field(0.5, ge=0, le=1)
