@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
 SHOTS = "0,1,4,16,max"
 ARMS = {  # arm -> recipe overrides (besides the shared ones)
     "sft": ["objective.name=sft"],
@@ -51,7 +52,7 @@ def train_arm(arm: str, args, out: Path) -> dict:
     result = train(load_recipe(str(HERE / "sql.yaml"), overrides))
     wall = time.perf_counter() - t0
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
-    return {"run_dir": str(result.run_dir), "status": result.status, "steps": result.step, "wall_s": wall,
+    return {"run_dir": os.path.relpath(result.run_dir, ROOT), "status": result.status, "steps": result.step, "wall_s": wall,
             "tokens_per_s": result.summary.get("tokens_per_s"), "final_loss": rows[-1]["loss"] if rows else None,
             "overrides": overrides}
 
@@ -65,7 +66,7 @@ def eval_arm(arm: str, args, out: Path, run_dir: str | None):
     import torch
 
     torch.set_num_threads(args.threads)  # a shared CPU: more threads than free cores wait on each other
-    model, tokenizer = load_for_inference("smollm2-135m-instruct", run_dir, dtype="fp32")
+    model, tokenizer = load_for_inference("smollm2-135m-instruct", run_dir and str(ROOT / run_dir), dtype="fp32")
     curve = evaluate_shots(model, tokenizer, get_eval_task("sql"), args.shots, split="test", limit=args.limit,
                            context=args.context, max_new_tokens=64, batch_size=args.batch_size)
     save_shots(curve, out / f"curve-{arm}.json", arm=arm, adapter=run_dir)
