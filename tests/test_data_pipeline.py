@@ -384,3 +384,9 @@ def test_ascii_fast_paths_equal_the_unicode_rules():
         # a no-break space is whitespace to both rules and makes the text non-ASCII: the regex path
         assert symbol_ratio(text) == pytest.approx(symbol_ratio(text + "\u00a0"))
         assert exact_key(text) == exact_key(text + "\u00a0")
+
+
+def test_a_bad_record_in_a_worker_is_the_same_one_line_error(tmp_path):
+    rows = [{"text": f"record number {i} with words"} for i in range(300)] + [{"text": ["not", "a", "string"]}]
+    with pytest.raises(DataError, match=r"w\.jsonl:301: field 'text' is list; expected a string"):
+        run(tmp_path, rows, name="w", workers=2)
