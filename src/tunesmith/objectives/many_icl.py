@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from ..config import Config
-from .base import ObjectiveBase, ObjectiveError
-from .sft import causal_lm_loss
+from .base import ObjectiveError
+from .sft import SFT
 
 
 class ManyICLConfig(Config):
@@ -97,7 +97,9 @@ def _measure(renderer, system, demos: list[Demo]) -> int:
     tokenizer = renderer.tokenizer
 
     def n_tokens(chosen):
-        return len(tokenizer(renderer._render(sequence_messages(system, chosen)), add_special_tokens=False)["input_ids"])
+        text = tokenizer.apply_chat_template(sequence_messages(system, chosen), chat_template=renderer.template,
+                                             tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     for d in demos:
         d.tokens = n_tokens([d, d]) - n_tokens([d])
@@ -185,24 +187,15 @@ def load_many_shot(cfg, options, tokenizer, seed: int = 0, report: bool = True):
     return DataSplits(train=splits["train"], val=splits.get("val"), stats=stats, format="chat", domains=domains)
 
 
-class ManyICL(ObjectiveBase):
-    """SFT's weighted token loss over many-shot sequences in which every answer trains."""
+class ManyICL(SFT):
+    """SFT's weighted token loss over many-shot sequences in which every answer trains (domains, for an
+    MoE routed by domain, carry over from SFT)."""
 
-    name, unit, token_loss = "many_icl", "trained_tokens", True
+    name = "many_icl"
     Options, block = ManyICLConfig, "many_icl"
     block_doc = ("Options of many_icl: how many demonstrations a training sequence holds and how many "
                  "shuffled passes over the examples build them.")
 
-    def __init__(self, chunk: int = 1024):
-        self.chunk = chunk
-
-    @classmethod
-    def build(cls, recipe, model=None, **extras):
-        return cls(recipe.train.loss_chunk)
-
     @classmethod
     def load(cls, recipe, tokenizer):
         return load_many_shot(recipe.data, recipe.objective.many_icl, tokenizer, seed=recipe.train.seed)
-
-    def __call__(self, model, batch):
-        return causal_lm_loss(model, batch, self.chunk)
