@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import tiny_recipe, train_losses, write_chats
 from tunesmith.config import RecipeError
-from tunesmith.data import DataError, load_data
+from tunesmith.data import DataError, format_inspection, load_data
 from tunesmith.data.mix import MixedSamples, mix_by_tokens, mix_rows
 from tunesmith.data.shards import ShardWriter, tokenizer_meta
 from tunesmith.objectives.sft import SFT
@@ -90,6 +90,8 @@ def test_load_data_mixes_files_by_tokens(tmp_path, tokenizer):
     assert abs(rows[0]["share"] - 0.1) < 0.01 and rows[1]["repeats"] > 1 > rows[0]["repeats"]
     assert isinstance(splits.train, list) and len(splits.train) == sum(r["samples"] for r in rows)
     assert sum(len(s["input_ids"]) for s in splits.train) == splits.stats["train"]["tokens"]
+    shown = format_inspection(splits.train, tokenizer, splits.stats, n=0)  # `tunesmith data inspect`
+    assert f"mix {short}" in shown and "weight 0.100" in shown and f"{rows[1]['samples']:,} samples" in shown
     again = load_data(recipe.data, tokenizer, seed=0, report=False).train
     assert again == splits.train
     assert load_data(recipe.data, tokenizer, seed=1, report=False).train != splits.train
