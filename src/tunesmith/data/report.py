@@ -82,6 +82,11 @@ def _size(sample: Sample) -> str:
 def _footer(stats: dict, columns: list, color: bool, max_length: int | None) -> list[str]:
     legend = "green" if color else f"{OPEN} {CLOSE}"
     lines = [f"(trained tokens are shown {legend})", "", stats_table(stats, columns)]
+    mixed = (stats.get("train") or {}).get("mix") if "samples" not in stats else stats.get("mix")
+    if mixed:  # data.mix: what each source gave the epoch (see data/mix.py)
+        from .mix import mix_table
+
+        lines += [""] + mix_table(mixed)
     skipped = split_skip_lines(stats, max_length if max_length is not None else "max_length")
     return lines + ([""] + skipped if skipped else [])
 
