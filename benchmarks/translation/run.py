@@ -104,6 +104,8 @@ def main() -> None:
             row["train_s"] = round(train_s)
         except subprocess.CalledProcessError as e:  # keep the other rows; say which failed
             row = {"run": label, "error": str(e)}
+        if results_path.is_file():  # another invocation (--only) may have added rows meanwhile
+            saved["rows"] = json.loads(results_path.read_text())["rows"]
         saved["rows"][label] = {**row, "args": vars(args)}
         results_path.write_text(json.dumps(saved, indent=1))
     print("| run | BLEU | chrF | chrF++ | exact | train s |\n|---|---|---|---|---|---|")
