@@ -100,21 +100,24 @@ def test_stopped_in_stage_two_and_resumed_equals_uninterrupted(tmp_path, tiny_mo
     a, b = adapter(full.run_dir / "products"), adapter(job / "products")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], adapter(job / "sums")[k]) for k in a), "stage 2 did not train"
-    # killed outright (SIGKILL, no chance to record anything) right after stage 2's step-2 checkpoint
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_STAGE_TWO, str(tmp_path / "c"), str(tiny_model_dir)],
-                            cwd=Path(__file__).parent.parent, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    job = tmp_path / "c" / "runs" / "t"
-    assert json.loads((job / "stages.json").read_text())["stages"][1]["status"] == "pending"
-    resumed = train(staged(tmp_path / "c", tiny_model_dir, "resume=true"))
-    assert resumed.status == "completed" and resumed.step == 6
-    for name in ("sums", "products"):
-        a, b = train_losses(full.run_dir / name), train_losses(job / name)
-        assert len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b)), (name, a, b)
+    # killed outright (SIGKILL, no chance to record anything) right after a checkpoint: in stage 2 after
+    # its step 2; in stage 1 after its last step, before its output and the job's record were written
+    for folder, stage, step in (("c", "products", 2), ("d", "sums", 2)):
+        killed = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path / folder), str(tiny_model_dir), stage,
+                                 str(step)], cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        job = tmp_path / folder / "runs" / "t"
+        assert [e["status"] for e in json.loads((job / "stages.json").read_text())["stages"]] == \
+            (["completed", "pending"] if stage == "products" else ["pending", "pending"])
+        resumed = train(staged(tmp_path / folder, tiny_model_dir, "resume=true"))
+        assert resumed.status == "completed" and resumed.step == 6
+        for name in ("sums", "products"):
+            a, b = train_losses(full.run_dir / name), train_losses(job / name)
+            assert len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b)), (folder, name, a, b)
 
 
-# a staged job whose process dies (SIGKILL) just after stage 2 writes its step-2 checkpoint
-KILLED_IN_STAGE_TWO = """
+# a staged job whose process dies (SIGKILL) just after stage argv[3] writes its step-argv[4] checkpoint
+KILLED = """
 import os, signal, sys
 from pathlib import Path
 from tests.test_stages import staged
@@ -124,7 +127,7 @@ from tunesmith.train.loop import train
 save = ckpt.save_checkpoint
 def save_then_die(run_dir, step, *args, **kwargs):
     folder = save(run_dir, step, *args, **kwargs)
-    if Path(run_dir).name == "products" and step == 2:
+    if Path(run_dir).name == sys.argv[3] and step == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
     return folder
 ckpt.save_checkpoint = save_then_die
@@ -133,6 +136,9 @@ train(staged(Path(sys.argv[1]), Path(sys.argv[2])))
 
 
 def test_full_fine_tuning_carries_the_saved_model(tmp_path, tiny_model_dir):
+    # a job that fails before its first step (a missing file) has made no progress: run it again as new
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        train(staged(tmp_path, tiny_model_dir, f"data.train={tmp_path / 'missing.jsonl'}"))
     job = train(staged(tmp_path, tiny_model_dir, "method.name=full", "train.lr=1e-4", steps=(1, 1)))
     assert job.status == "completed"
     second = load_recipe(job.run_dir / "products" / "recipe.yaml")

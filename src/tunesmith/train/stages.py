@@ -125,16 +125,23 @@ def _unique(items) -> list:
 def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None):
     """Train the recipe's stages in order as one job (see the module docstring); returns a RunResult
     for the whole job: its folder, status, steps summed over the stages, the last stage's output."""
-    from .loop import RunResult, train
+    from .loop import keeping_process_group
 
     stages = plan_stages(recipe)
     job, main = recipe.run_dir, int(os.environ.get("RANK", "0")) == 0
-    state = _open_job(recipe, stages)
+    state = _open_job(recipe, stages, main)
     if main:  # the whole job's recipe beside the stages' own
-        job.mkdir(parents=True, exist_ok=True)
         (job / "recipe.yaml").write_text(rcp.to_yaml(recipe))
+    with keeping_process_group():  # under torchrun: one process group for all the stages
+        return _run(recipe, stages, state, main, model, tokenizer, objective)
+
+
+def _run(recipe: rcp.Recipe, stages: list[Stage], state: dict, main: bool, model, tokenizer, objective):
+    from .loop import RunResult, train
+
+    job = recipe.run_dir
     pristine = copy.deepcopy(model) if model is not None and len(stages) > 1 else None
-    previous, results = None, []
+    previous = None
     for i, stage in enumerate(stages):
         done = state["stages"][i]
         if done.get("status") == "completed":
@@ -148,7 +155,6 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
         run.resume = recipe.resume and bool(ckpt.list_checkpoints(run.run_dir))
         _note(main, f"stage {i + 1}/{len(stages)} `{stage.name}`" + (f", from {previous}" if previous else ""))
         result = train(run, model=stage_model, tokenizer=tokenizer, objective=objective)
-        results.append(result)
         done.update(status=result.status, steps=result.step, total_steps=result.total_steps,
                     output=os.path.relpath(result.output, job) if result.output else None)
         if main:
@@ -162,22 +168,20 @@ def run_stages(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None
     return RunResult(job, "completed", *_steps(state), output=previous, summary={"stages": state["stages"]})
 
 
-def _open_job(recipe: rcp.Recipe, stages: list[Stage]) -> dict:
-    """The job's state: fresh, or (resume=true) the recorded one, its finished stages checked
-    against the plan."""
+def _open_job(recipe: rcp.Recipe, stages: list[Stage], main: bool) -> dict:
+    """The job's state, written at once (a job killed in its first stage resumes too): fresh, or
+    (resume=true) the recorded one, its finished stages checked against the plan. A job that has
+    made progress (a finished stage, a stage checkpoint) is only continued, never started over."""
     job = recipe.run_dir
     path = job / STATE_FILE
-    planned = [{"name": s.name, "fingerprint": s.fingerprint, "status": "pending"} for s in stages]
-    if not path.is_file():
-        if any(ckpt.list_checkpoints(job / s.name) for s in stages):
-            raise TrainError(f"{job} holds stage checkpoints but no {STATE_FILE}: start a new run with name=<new name>")
-        return {"stage_mode": recipe.stage_mode, "stages": planned}
-    if not recipe.resume:
+    recorded = json.loads(path.read_text()).get("stages", []) if path.is_file() else []
+    progress = any(e.get("status") == "completed" for e in recorded) or \
+        any(ckpt.list_checkpoints(job / s.name) for s in stages)
+    if progress and not recipe.resume:
         raise TrainError(f"{job} already holds a staged run: continue it with resume=true, "
                          "or start a new run with name=<new name>")
-    state = json.loads(path.read_text())
-    recorded = state.get("stages", [])
-    for i, entry in enumerate(recorded):
+    planned = [{"name": s.name, "fingerprint": s.fingerprint, "status": "pending"} for s in stages]
+    for i, entry in enumerate(recorded if recipe.resume else []):
         if entry.get("status") != "completed":
             break
         if i >= len(stages) or (entry["name"], entry["fingerprint"]) != (stages[i].name, stages[i].fingerprint):
@@ -185,7 +189,10 @@ def _open_job(recipe: rcp.Recipe, stages: list[Stage]) -> dict:
             raise TrainError(f"stage {i + 1} `{entry['name']}` finished under another recipe (now: {now}); "
                              "resuming would build on a different model: start a new run with name=<new name>")
         planned[i] = entry
-    return {"stage_mode": recipe.stage_mode, "stages": planned}
+    state = {"stage_mode": recipe.stage_mode, "stages": planned}
+    if main:
+        _write_state(job, state)
+    return state
 
 
 def _carry(run: rcp.Recipe, previous: Path, pristine):
