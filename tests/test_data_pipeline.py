@@ -253,6 +253,25 @@ def test_system_prompts_do_not_make_records_near_duplicates(tmp_path):
     assert report["records_kept"] == 10
 
 
+def test_tool_chats_keep_their_tools_and_calls_tell_records_apart(tmp_path):
+    tools = [{"type": "function", "function": {"name": name, "description": f"{name} a value.",
+                                               "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+             for name in ("double", "halve")]
+
+    def called(name: str) -> dict:
+        return {"tools": tools, "messages": [
+            {"role": "user", "content": "What do you make of the value seven today?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": name, "arguments": {"x": "7"}}}]}]}
+
+    rows = [called("double"), called("halve"), called("double")]
+    report, folder = run(tmp_path, rows, write_jsonl=True, near_dedup={"enabled": False}, filters={"min_words": None})
+    kept = kept_jsonl(folder)
+    assert step(report, "exact_dedup")["dropped"] == 1  # the third repeats the first; the second calls another tool
+    assert [r["messages"][1]["tool_calls"][0]["function"]["name"] for r in kept] == ["double", "halve"]
+    assert all(r["tools"] == tools for r in kept)
+
+
 # --------------------------------------------------------------------------------------------------
 # shards
 

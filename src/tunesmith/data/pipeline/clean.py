@@ -14,6 +14,7 @@ import string
 import unicodedata
 
 from ..formats import Example
+from ..tools import answer_text, like
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters but \t \n \r
 _PUNCT_OR_SPACE = re.compile(r"[\W_]+")  # anything that is not a letter or digit
@@ -33,14 +34,15 @@ def map_example(example: Example, fn) -> Example:
     """The example with `fn` applied to its text (or to every message's content)."""
     if isinstance(example, str):
         return fn(example)
-    return [{**m, "content": fn(m["content"])} for m in example]
+    return like(example, [{**m, "content": fn(m["content"])} for m in example])  # tools kept
 
 
 def content_text(example: Example) -> str:
-    """What dedup and the quality filters judge: the text, or the non-system messages joined by lines."""
+    """What dedup and the quality filters judge: the text, or the non-system messages joined by lines
+    (an assistant turn's tool calls included: two chats that differ only in their calls differ)."""
     if isinstance(example, str):
         return example
-    return "\n".join(m["content"] for m in example if m["role"] != "system")
+    return "\n".join(answer_text(m) for m in example if m["role"] != "system")
 
 
 def exact_key(text: str) -> int:

@@ -24,6 +24,7 @@ from ..formats import detect_format
 from ..load import untrainable
 from ..render import Renderer, fit_length
 from ..sources import Record
+from ..tools import as_record
 from .config import PrepareConfig
 from .dedup import ExactDedup, NearDedup
 from .inputs import expand, stream
@@ -135,7 +136,7 @@ def _write(item: Cleaned, out: Outputs, data: DataConfig, tally: Tally) -> None:
     nothing to train (counted as a step of its own, `render`)."""
     t = time.perf_counter()
     if out.jsonl is not None:
-        row = {"text": item.example} if isinstance(item.example, str) else {"messages": item.example}
+        row = as_record(item.example)  # {"text"} or {"messages"[, "tools"]}
         if item.domain is not None:
             row["domain"] = item.domain
         out.jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
