@@ -40,6 +40,7 @@ from .safety import Diverged, DivergenceGuard, TrainError, run_folder, stopped
 from .step import LossModule, backward_window, mean_loss
 
 _STOP_AFTER: list[int] = []
+_KEEP_GROUP: list[bool] = []
 
 
 @contextlib.contextmanager
@@ -50,6 +51,19 @@ def stopping_after(step: int):
         yield
     finally:
         _STOP_AFTER.pop()
+
+
+@contextlib.contextmanager
+def keeping_process_group():
+    """Runs inside this block leave the process group up for the next one (a staged job's stages
+    share one group rather than tearing torchrun's down and joining it again); it is torn down on leaving."""
+    _KEEP_GROUP.append(True)
+    try:
+        yield
+    finally:
+        _KEEP_GROUP.pop()
+        if not _KEEP_GROUP and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -114,7 +128,8 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None) -> 
             status = run_steps(run, started)
             return close_run(run, status)
     finally:
-        distributed.teardown(dist)
+        if not _KEEP_GROUP:
+            distributed.teardown(dist)
 
 
 # --------------------------------------------------------------------------------------------------
