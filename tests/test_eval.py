@@ -121,6 +121,18 @@ def test_task_file_and_its_errors(tmp_path):
         FileTask(path, "python")
 
 
+def test_task_file_chrf_plus_plus_scores_each_example_with_word_bigrams(tmp_path):
+    import sacrebleu
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "reference": "the old dog sleeps in the garden"}) + "\n")
+    ex = FileTask(path, "chrf++").examples()[0]
+    pred = "the dog old sleeps in garden the"
+    pp, plain = FileTask(path, "chrf++").score(pred, ex), FileTask(path, "chrf").score(pred, ex)
+    assert pp.score == sacrebleu.corpus_chrf([pred], [[ex.reference]], word_order=2).score / 100
+    assert plain.score == sacrebleu.corpus_chrf([pred], [[ex.reference]]).score / 100 != pp.score
+
+
 def test_perplexity_equals_hf_loss(tokenizer, tmp_path):
     import torch
 

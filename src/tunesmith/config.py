@@ -413,7 +413,7 @@ class EvalConfig(Config):
     task: str | None = None
     "A task measured during training and by quickstart: sql, json, translate-XX, humaneval, or a JSONL task file."
     metric: str | None = None
-    "Metric for a JSONL task file (exact_match, contains, bleu, chrf, sql, python)."
+    "Metric for a JSONL task file (exact_match, contains, bleu, chrf, chrf++, sql, python)."
     every: int = Field(0, ge=0)
     "Measure the task every N steps and at the end of training (0 = not during training)."
     split: str = "validation"

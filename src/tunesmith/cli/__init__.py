@@ -352,7 +352,7 @@ def _add_model_verbs(sub) -> None:
                         "a JSONL task file, text:FILE for loss/perplexity, or "
                         "retrieval:builtin / retrieval:BEIR_FOLDER (with --model bm25 or an embedder), or "
                         "rerank:builtin / rerank:BEIR_FOLDER (BM25 top --top-k reranked by the model)")
-    p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, sql, python")
+    p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, chrf++, sql, python")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--shots", type=_shots_arg, default=0,

@@ -4,8 +4,8 @@
     {"prompt": "...", "reference": "...", "tests": "assert f(2) == 4", "entry_point": "f"}   # metric python
     {"prompt": "...", "reference": "SELECT ...", "db": "shop.sqlite"}                          # metric sql
 
-The metric is chosen with `metric=` (exact_match by default); `bleu` and `chrf` are corpus
-metrics, so each example's verdict there is a sentence-level chrF.
+The metric is chosen with `metric=` (exact_match by default); `bleu`, `chrf` and `chrf++` are corpus
+metrics, so each example's verdict there is a sentence-level chrF (chrF++ for `chrf++`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from ..jsonl import read_jsonl
 from ..data.tasks.base import Example, Verdict
 
-METRICS = ("exact_match", "contains", "bleu", "chrf", "sql", "python")
+METRICS = ("exact_match", "contains", "bleu", "chrf", "chrf++", "sql", "python")
 
 
 class FileTaskError(ValueError):
@@ -58,7 +58,7 @@ class FileTask:
         return self._examples
 
     def score(self, prediction: str, example: Example) -> Verdict:
-        from .metrics import chrf, exact_match, normalize_answer
+        from .metrics import chrf, chrf_pp, exact_match, normalize_answer
 
         if self.metric == "exact_match":
             ok = exact_match(prediction, example.reference)
@@ -66,8 +66,8 @@ class FileTask:
         if self.metric == "contains":
             ok = normalize_answer(example.reference) in normalize_answer(prediction)
             return Verdict(ok, float(ok), extracted=prediction.strip())
-        if self.metric in ("bleu", "chrf"):
-            s = chrf([prediction.strip()], [example.reference])
+        if self.metric in ("bleu", "chrf", "chrf++"):
+            s = (chrf_pp if self.metric == "chrf++" else chrf)([prediction.strip()], [example.reference])
             return Verdict(s >= 99.99, s / 100, extracted=prediction.strip())
         if self.metric == "python":
             from .code import score_python
