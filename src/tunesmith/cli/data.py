@@ -67,7 +67,7 @@ def cmd_data(args) -> int:
         pairs = load_pairs(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
         print(format_pair_inspection(pairs.train, tokenizer, pairs.stats, n=args.n, max_length=max_length))
         return 0
-    if recipe.objective.name == "listwise":  # ranking records: prompts and importance-weighted answers
+    if recipe.objective.name in ("listwise", "many_icl"):  # samples the objective builds (ranking prompts, many-shot sequences)
         splits = kind.load(recipe, tokenizer)
     else:
         splits = load_data(recipe.data, tokenizer, seed=recipe.train.seed, report=False)
