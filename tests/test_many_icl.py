@@ -60,7 +60,7 @@ def test_each_point_of_the_curve_equals_a_single_evaluation(tokenizer, tmp_path)
 
 
 def test_shared_prefix_generation_equals_plain_generation(tokenizer):
-    from tunesmith.eval.prefix import MIN_PREFIX, generate_greedy, shared_prefix
+    from tunesmith.eval.prefix import generate_greedy, shared_prefix
     from tunesmith.eval.runner import build_prompt
     from tunesmith.infer.generate import generate
 
