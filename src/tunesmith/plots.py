@@ -26,7 +26,7 @@ def plot_curves(lines: dict[str, list[tuple]], path: Path, ylabel: str, points: 
     if xscale == "symlog":  # ticks at the counts themselves, written as plain numbers
         ax.set_xscale("symlog", linthresh=1)
         xs = sorted({x for series in [*lines.values(), *points.values()] for x, *_ in series})
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xticks(ticks := _spaced(xs), [f"{x:g}" for x in ticks])
         ax.minorticks_off()
     elif xscale != "linear":
         ax.set_xscale(xscale)
@@ -40,3 +40,13 @@ def plot_curves(lines: dict[str, list[tuple]], path: Path, ylabel: str, points: 
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _spaced(xs: list[float], ratio: float = 1.4) -> list[float]:
+    """The counts of a log axis whose labels would not overlap: from the largest down, a count within
+    `ratio` of the last one kept is left unlabelled (16 next to 20 would print as "1620")."""
+    kept: list[float] = []
+    for x in reversed(xs):
+        if not kept or x <= 0 or kept[-1] / x >= ratio:
+            kept.append(x)
+    return kept[::-1]
