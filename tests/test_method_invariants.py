@@ -3,7 +3,6 @@ method's parameters; frozen parameters bit-identical after optimizer steps; merg
 non-zero deltas and merged != base (methods that merge); adapter save → load gives the same logits;
 a run interrupted and resumed reproduces the uninterrupted loss curve (method state included:
 sparse indices, HFT draws, ...). Method-specific behaviour is tested in each method's own file."""
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from tests.conftest import make_tiny_model, perturb, tiny_recipe, train_losses
 from tunesmith.methods import attach, build_method
 from tunesmith.methods.catalog import catalog
-from tunesmith.recipe import MethodConfig, method_from_dict
+from tunesmith.recipe import method_from_dict
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import stopping_after, train
 from tunesmith.train.metrics import read_metrics
