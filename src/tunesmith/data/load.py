@@ -1,7 +1,6 @@
 """From the recipe's `data` section to lists of Samples: read, split, format, render, filter, count."""
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from itertools import islice
@@ -13,7 +12,7 @@ from ..config import DataConfig
 from .errors import DataError
 from .formats import Example, detect_format, to_example
 from .render import Renderer, Sample, fit_length
-from .shards import ShardedSamples, is_shard_folder, open_shards, shard_stats
+from .shards import ShardedSamples, is_shard_folder, length_stats, open_shards, shard_stats
 from .skipped import NOTHING_TO_TRAIN, Skipped, announce, skip_lines
 from .sources import Record, read_records
 from .tools import answer_text
@@ -97,12 +96,8 @@ def load_shard_splits(cfg: DataConfig, tokenizer, seed: int = 0, report: bool = 
 
 def split_samples(samples: ShardedSamples, fraction: float, seed: int, name: str):
     """`split_records` over samples: the same seeded choice of held-out positions, both parts in order."""
-    n = len(samples)
-    n_val = max(1, round(fraction * n))
-    if n_val >= n:
-        raise DataError(f"{name}: data.val_fraction={fraction} leaves no training samples out of {n}")
-    held = np.zeros(n, dtype=bool)
-    held[random.Random(f"tunesmith-val:{seed}").sample(range(n), n_val)] = True
+    held = np.zeros(len(samples), dtype=bool)
+    held[held_out(len(samples), fraction, seed, f"{name}: ", "samples")] = True
     return samples.subset(np.flatnonzero(~held)), samples.subset(np.flatnonzero(held))
 
 
@@ -141,13 +136,18 @@ def read_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record] 
     return records, val_records, val_name
 
 
-def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out round(fraction * n) records (at least 1) chosen by `seed`; both parts keep file order."""
-    n = len(records)
+def held_out(n: int, fraction: float, seed: int, where: str = "", what: str = "records") -> list[int]:
+    """The positions, of n, held out for validation: round(fraction * n) (at least 1) chosen by `seed`,
+    the same for records read into memory and for samples in shards."""
     n_val = max(1, round(fraction * n))
     if n_val >= n:
-        raise DataError(f"data.val_fraction={fraction} leaves no training records out of {n}")
-    held = set(random.Random(f"tunesmith-val:{seed}").sample(range(n), n_val))
+        raise DataError(f"{where}data.val_fraction={fraction} leaves no training {what} out of {n}")
+    return random.Random(f"tunesmith-val:{seed}").sample(range(n), n_val)
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out round(fraction * n) records (at least 1) chosen by `seed`; both parts keep file order."""
+    held = set(held_out(len(records), fraction, seed))
     train = [r for i, r in enumerate(records) if i not in held]
     val = [r for i, r in enumerate(records) if i in held]
     return train, val
@@ -222,18 +222,5 @@ def no_usable(name: str, skipped: Skipped, cfg: DataConfig, what: str) -> str:
 def split_stats(samples: list[Sample], **counts) -> dict:
     """Counts (and any other facts given, e.g. where skipped records are) plus the token statistics
     of one split (lengths in tokens, percentiles by nearest rank)."""
-    lengths = sorted(len(s["input_ids"]) for s in samples)
-
-    def pct(q: float) -> int:
-        return lengths[max(0, math.ceil(q * len(lengths)) - 1)]
-
-    return {
-        **counts,
-        "samples": len(samples),
-        "tokens": sum(lengths),
-        "trained_tokens": int(sum(sum(1 for w in s["weights"] if w) for s in samples)),
-        "length_p50": pct(0.50),
-        "length_p90": pct(0.90),
-        "length_p99": pct(0.99),
-        "length_max": lengths[-1],
-    }
+    trained = sum(sum(1 for w in s["weights"] if w) for s in samples)
+    return length_stats([len(s["input_ids"]) for s in samples], trained, **counts)

@@ -347,11 +347,16 @@ def check_tokenizer(folder, meta: dict, tokenizer) -> None:
 
 def shard_stats(samples: ShardedSamples, **counts) -> dict:
     """`split_stats`'s keys computed from the length arrays alone (no sample is read)."""
-    lengths = np.sort(samples.lengths)
+    return length_stats(samples.lengths, int(samples.unit_counts.sum()), **counts)
+
+
+def length_stats(lengths, trained_tokens: int, **counts) -> dict:
+    """A split's statistics from its samples' lengths in tokens: counts (and any other facts given),
+    tokens, trained tokens and length percentiles by nearest rank (`split_stats`, `shard_stats`)."""
+    lengths = np.sort(np.asarray(lengths, dtype=np.int64))
 
     def pct(q: float) -> int:
         return int(lengths[max(0, int(np.ceil(q * len(lengths))) - 1)])
 
-    return {**counts, "samples": len(lengths), "tokens": int(lengths.sum()),
-            "trained_tokens": int(samples.unit_counts.sum()), "length_p50": pct(0.50), "length_p90": pct(0.90),
-            "length_p99": pct(0.99), "length_max": int(lengths[-1])}
+    return {**counts, "samples": len(lengths), "tokens": int(lengths.sum()), "trained_tokens": int(trained_tokens),
+            "length_p50": pct(0.50), "length_p90": pct(0.90), "length_p99": pct(0.99), "length_max": int(lengths[-1])}
