@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from .base import SPLITS, Task
 from .extract import ExtractTask
+from .intent import IntentTask
 from .retrieval import RetrievalTask
 from .sql import SqlTask
 from .translation import TranslationTask
 
-BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask}
+BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask, "intent": IntentTask}
 
 
 def get_task(name: str, **options) -> Task:
