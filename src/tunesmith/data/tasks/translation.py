@@ -67,7 +67,7 @@ def parse_direction(name: str) -> list[tuple[str, str]]:
     """[(source, target)] of a task name: translate-va, translate-va-en, translate-all."""
     known = ["en", *LANGUAGES]
     if name == "translate-all":
-        return [p for code in LANGUAGES for p in (("en", code), (code, "en"))]
+        return [p for code in LANGUAGES if LANGUAGES[code].mixed for p in (("en", code), (code, "en"))]
     codes = name.removeprefix("translate-").split("-")
     if not name.startswith("translate-") or len(codes) not in (1, 2) or any(c not in known for c in codes):
         raise TranslationError(f"unknown translation task `{name}`; use translate-XX (English -> XX), "

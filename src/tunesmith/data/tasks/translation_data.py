@@ -16,6 +16,11 @@ the ones real languages differ by:
 - morphology: suffixes for plural, definiteness, the object case, past and future;
 - a cipher: a fixed letter substitution over the finished sentence (`ci` is English in cipher).
 
+The English-rooted family (Obrish, Irvic, Elsic, Umbric and the low-resource Lunish) keeps English
+lemmas (`english_roots`, lightly respelled by `sound_changes`, with their own function words) under
+another word order and morphology: languages a small English model can partly read, for
+cross-lingual prompting (synth/ldp.py). They stay out of `translate-all`.
+
 A language is fixed: its words do not depend on any seed, so a model that learned Valian under one
 task seed knows it under another. A sister language (`parent`) takes the parent's roots through
 sound changes, the way related languages share cognates: what is learned on the parent helps.
@@ -182,6 +187,12 @@ class Language:
     n_train: int = 1000
     "Training pairs of this language's tasks by default: its resource level."
     lexicon: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    english_roots: bool = False
+    "Roots are the English lemmas themselves (through `sound_changes`: a spelling change)."
+    words: tuple[tuple[str, str], ...] = ()
+    "(lemma, word) pairs that replace the derived word, e.g. the language's own article."
+    mixed: bool = True
+    "Part of `translate-all` (the English-rooted family stays out, so that task keeps its sentences)."
 
 
 LANGUAGES: dict[str, Language] = {}
@@ -213,6 +224,34 @@ register_language(Language(
     onsets=("k", "g", "h", "z", "r", "sh", "kh", "t"), vowels=("a", "u", "i", "aa"), codas=("", "k", "r", "m"),
     n_train=1000))
 
+# The English-rooted family: English lemmas under another grammar (and a light respelling), so a
+# small model that reads English can partly read them — the setting of cross-lingual prompting for a
+# low-resource language. Four "high-resource" languages and Lunish, a low-resource one (200 pairs).
+# They stay out of `translate-all` (`mixed=False`), which keeps that task's sentences as they were.
+register_language(Language(
+    "ob", "Obrish", order="SOV", definite="word", plural="en", past="de", future="wil", negation="after",
+    adverb="before_verb", english_roots=True, words=(("the", "de"), ("some", "sam"), ("not", "nit")),
+    n_train=1000, mixed=False))
+register_language(Language(
+    "ir", "Irvic", order="VSO", adjective_after=True, definite="suffix", plural="i", object_case="o", past="ek",
+    future="ul", postpositions=True, place_first=True, english_roots=True,
+    sound_changes=(("c", "k"), ("w", "v")), words=(("the", "ta"), ("some", "kai"), ("not", "ni")),
+    n_train=1000, mixed=False))
+register_language(Language(
+    "el", "Elsic", order="SVO", adjective_after=True, definite="word", plural="es", past="ai", future="ra",
+    negation="before", adverb="after_verb", english_roots=True, sound_changes=(("th", "z"), ("sh", "ch")),
+    words=(("the", "le"), ("some", "des"), ("not", "pas")), n_train=1000, mixed=False))
+register_language(Language(
+    "um", "Umbric", order="OSV", definite="none", plural="a", object_case="n", past="te", future="ge",
+    negation="prefix", place_first=True, english_roots=True, sound_changes=(("ou", "u"), ("y", "i")),
+    words=(("some", "sum"), ("not", "un")), n_train=1000, mixed=False))
+register_language(Language(
+    "lu", "Lunish", order="SOV", adjective_after=True, definite="suffix", plural="er", object_case="m",
+    past="ti", future="sa", negation="prefix", postpositions=True, adverb="after_verb", english_roots=True,
+    sound_changes=(("w", "v"), ("th", "d"), ("ee", "ie")), words=(("the", "ne"), ("some", "nok"), ("not", "na")),
+    n_train=200, mixed=False))
+
+
 _FUNCTION_ROLES = {"the": "definite article", "a": "indefinite article", "some": "plural indefinite",
                    "not": "negation"}
 
@@ -229,9 +268,10 @@ def lexicon(code: str) -> dict[str, str]:
         return lang.lexicon
     if lang.cipher:
         words = {w: w for w in LEMMAS}
-    elif lang.parent:
-        words, used = {}, set()
-        for lemma, root in lexicon(lang.parent).items():
+    elif lang.parent or lang.english_roots:
+        words, used = {}, set(dict(lang.words).values())
+        roots = {w: w for w in LEMMAS} if lang.english_roots else lexicon(lang.parent)
+        for lemma, root in roots.items():
             word = root
             for a, b in lang.sound_changes:
                 word = word.replace(a, b)
@@ -251,6 +291,7 @@ def lexicon(code: str) -> dict[str, str]:
             used.add(word)
             words[lemma] = word
     lang.lexicon.update(words)
+    lang.lexicon.update(lang.words)
     return lang.lexicon
 
 
@@ -321,6 +362,9 @@ def describe_language(code: str) -> str:
     lang = LANGUAGES[code]
     if lang.cipher:
         return f"{lang.name} ({code}): English with every letter substituted"
-    origin = f"roots of {LANGUAGES[lang.parent].name} sound-shifted" if lang.parent else "own lexicon"
+    if lang.english_roots:
+        origin = "English roots" + (" respelled" if lang.sound_changes else "")
+    else:
+        origin = f"roots of {LANGUAGES[lang.parent].name} sound-shifted" if lang.parent else "own lexicon"
     return (f"{lang.name} ({code}): {origin}, {lang.order}, adjective {'after' if lang.adjective_after else 'before'} "
             f"the noun, {'postpositions' if lang.postpositions else 'prepositions'}, {lang.n_train} training pairs")
