@@ -1,0 +1,561 @@
+"""SELF-GUIDE (Zhao et al., 2024; methods.md §10): the model writes its own task data, then learns from it.
+
+    tunesmith synth self-guide examples/synth/json.yaml --out runs/self-guide-json synth.rounds=6
+
+    spec = load_task("examples/synth/json.yaml", ["synth.rounds=6"])
+    stats = self_guide(spec, "runs/self-guide-json")
+
+From an instruction and ~3 demonstrations (TASK.yaml):
+1. inputs: E rounds of `inputs_per_round` samples; each prompt shows the instruction, the gold inputs
+   shuffled ("high quality") and 1..10 earlier kept generations ("low quality", for diversity); a
+   classification prompt asks for an input of a random target label. Filters (filters.py): empty,
+   length outside mean ± 2σ of the gold inputs, template noise, exact duplicates (of gold or kept).
+2. outputs: each kept input is answered `samples` times by the same model, prompted exactly as the
+   evaluation prompts it with the demonstrations as earlier chat turns (a few-shot prompt); the
+   samples pass the output filters (length ± 2σ of the gold outputs for generation tasks, noise; a
+   classification output must name a label, vote.map_label) and the self-consistency vote (vote.py:
+   the most frequent answer if its share ≥ 20%, ties to the shortest).
+3. classification: down-sample to the smallest class; every task: the training chats.
+4. fine-tune through the normal harness (LoRA, loss on the answer only), then evaluate on `eval_task`.
+
+The training chats have exactly the shape the evaluation shows the model: `system_prompt` and the
+user message `template` with `{instruction}` and `{input}` filled in. For a built-in task the spec
+is built from the task itself (its system prompt and prompt text around what varies), and loading
+checks that the template reproduces the task's prompts, so training and evaluation cannot drift.
+
+Every stage leaves its file in the output folder and is skipped when run again: `raw/inputs-rNNN.jsonl`
+and `raw/outputs.jsonl` (the engine's samples, resumable mid-stage), `inputs.jsonl` (every generated
+input with its verdicts), `outputs.jsonl` (every sample with its verdicts and each input's vote),
+`train.jsonl`, the fine-tuning run `train/`, `eval.json` and `stats.json` (kept + dropped = generated).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from ..config import Config, RecipeError, invalid
+from ..recipe import _where, apply_overrides
+from .filters import NOISE, Verdict, check_input, check_output, first_failure, length_bounds
+from .vote import balance, map_label, normalise, vote
+
+
+class SelfGuideError(ValueError):
+    """A mistake in a TASK.yaml, its overrides or the output folder; the message says where."""
+
+
+# --------------------------------------------------------------------------------------------------
+# TASK.yaml
+
+
+class Demo(Config):
+    input: str
+    "An example input, as the user would give it."
+    output: str
+    "Its gold output (a label for classification)."
+
+
+class SynthSettings(Config):
+    rounds: int = Field(40, gt=0)
+    "Input-generation rounds E (paper: 40; a CPU run uses a handful)."
+    inputs_per_round: int = Field(10, gt=0)
+    "Inputs sampled per round, each from its own prompt (paper: 10)."
+    input_temperature: float = Field(0.7, ge=0)
+    "Sampling temperature of the inputs (paper: 0.7)."
+    input_top_k: int = Field(40, ge=0)
+    "top-k of the inputs (paper: 40; 0 = off)."
+    low_quality: int = Field(10, ge=0)
+    "Earlier kept inputs shown as low-quality exemplars: 1..this many, drawn per prompt (paper: 10)."
+    input_length_filter: bool = True
+    "Drop inputs whose length lies outside mean ± `sigmas`·σ of the gold inputs."
+    max_input_tokens: int = Field(200, gt=0)
+    "Longest generated input in tokens (paper: 500)."
+    samples: int = Field(10, gt=0)
+    "Outputs sampled per input for the vote (paper: n = 10)."
+    output_temperature: float = Field(0.2, ge=0)
+    "Sampling temperature of the outputs (paper: 0.2)."
+    output_top_k: int = Field(10, ge=0)
+    "top-k of the outputs (paper: 10)."
+    consistency: float = Field(0.2, ge=0, le=1)
+    "Keep the majority answer if its share of the counted samples is at least this (paper: 0.2)."
+    max_output_tokens: int = Field(500, gt=0)
+    "Longest sampled output in tokens (paper: 500)."
+    sigmas: float = Field(2.0, gt=0)
+    "Width of the length filters in standard deviations of the gold lengths (paper: 2)."
+    noise_tokens: list[str] = Field(default_factory=lambda: list(NOISE))
+    "Template tokens that mark a generation as noise (case-insensitive); the meta-prompt's markers are added."
+    batch_size: int = Field(8, gt=0)
+    "Prompts per generation batch."
+    seed: int = 0
+    "Seed of the prompts' random choices, the samples and the class balancing."
+
+
+class TrainSpec(Config):
+    enabled: bool = True
+    "Fine-tune on the synthetic data (false: stop after writing train.jsonl)."
+    recipe: str | None = None
+    "A recipe file; unset: LoRA on the model with the built-in SELF-GUIDE settings (DEFAULT_TRAIN)."
+    overrides: list[str] = Field(default_factory=list)
+    "Recipe overrides (`train.steps=30`), applied after the recipe or the built-in settings."
+
+
+class EvalSpec(Config):
+    limit: int = Field(50, ge=0)
+    "Test examples of `eval_task` measured after fine-tuning (0 = no evaluation)."
+    max_new_tokens: int = Field(128, gt=0)
+    "Longest answer in the evaluation."
+    batch_size: int = Field(16, gt=0)
+    "Evaluation batch size."
+
+
+class TaskSpec(Config):
+    instruction: str = Field(min_length=1)
+    "What the task asks, in words (shown in every synthesis prompt)."
+    demonstrations: list[Demo] = Field(min_length=1)
+    "About three solved examples: [{input, output}]."
+    type: Literal["generation", "classification"] = "generation"
+    "generation (outputs are free text) or classification (outputs are one of `labels`)."
+    labels: list[str] = Field(default_factory=list)
+    "The label strings of a classification task."
+    system_prompt: str | None = None
+    "The system message of the training chats (and the evaluation's); a built-in task's own."
+    template: str = "{instruction}\n\n{input}"
+    "The user message of a training chat: `{instruction}` and `{input}` are filled in."
+    eval_task: str | None = None
+    "A built-in task to evaluate on (json, intent, sql, ...); the template must reproduce its prompts."
+    synth: SynthSettings = Field(default_factory=SynthSettings)
+    "Synthesis settings (defaults: the paper's)."
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    "Fine-tuning."
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    "Evaluation after fine-tuning."
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if "{input}" not in self.template:
+            raise invalid("must contain `{input}`", "template")
+        if self.type == "classification":
+            if len(self.labels) < 2:
+                raise invalid("a classification task names at least two labels", "labels")
+            for i, d in enumerate(self.demonstrations):
+                if d.output not in self.labels:
+                    raise invalid(f"demonstration {i}: output {d.output!r} is not one of the labels", "demonstrations")
+        elif self.labels:
+            raise invalid("labels are for `type: classification`", "labels")
+        return self
+
+    def user_message(self, text: str) -> str:
+        """The user turn for one input (replace, not format: templates may hold JSON braces)."""
+        return self.template.replace("{instruction}", self.instruction).replace("{input}", text)
+
+    def chat(self, text: str, answer: str | None = None) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns = [{"role": "user", "content": self.user_message(text)}]
+        return system + turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
+    """Read and check a TASK.yaml (with `a.b=c` overrides); a mistake names file:line and the field."""
+    path, overrides = Path(path), list(overrides or [])
+    if not path.is_file():
+        raise SelfGuideError(f"task file not found: {path}")
+    text = path.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise SelfGuideError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise SelfGuideError(f"{path}: a task file is a mapping (instruction, demonstrations, type, ...)")
+    try:
+        apply_overrides(values, overrides)
+        spec = TaskSpec.build(values)
+        if spec.eval_task:
+            check_prompt_shape(spec)
+    except RecipeError as e:
+        where = _where(path, text, e, overrides) if e.loc else str(path)
+        raise SelfGuideError(f"{where}: {str(e).replace('unknown recipe key', 'unknown key')}") from None
+    return spec
+
+
+def check_prompt_shape(spec: TaskSpec, task=None) -> None:
+    """The training chats must look like what `eval_task` shows the model: the same system prompt
+    and user messages the template can produce. Raises RecipeError naming the field that differs."""
+    from ..eval.runner import get_eval_task
+
+    if task is None:
+        try:
+            task = get_eval_task(spec.eval_task)
+        except ValueError as e:
+            raise RecipeError(f"eval_task: {e}", ("eval_task",)) from None
+    if (getattr(task, "system_prompt", None) or None) != spec.system_prompt:
+        raise RecipeError(f"system_prompt: must be task {task.name}'s own, {task.system_prompt!r}",
+                          ("system_prompt",))
+    shape = template_pattern(spec)
+    for ex in task.examples("test")[:20]:
+        if not shape.fullmatch(ex.prompt):
+            raise RecipeError(f"template: does not produce task {task.name}'s prompts, e.g. {ex.prompt!r:.120}",
+                              ("template",))
+    if spec.type == "classification" and getattr(task, "labels", None) is not None \
+            and set(task.labels) != set(spec.labels):
+        raise RecipeError(f"labels: must be task {task.name}'s labels {list(task.labels)}", ("labels",))
+
+
+def template_pattern(spec: TaskSpec) -> re.Pattern:
+    """A regex matching the user messages of the template; group 1 is the input."""
+    before, after = spec.template.replace("{instruction}", spec.instruction).split("{input}", 1)
+    return re.compile(re.escape(before) + "(.+)" + re.escape(after), re.DOTALL)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: inputs
+
+MARKERS = ("[input]", "[output]", "high-quality", "written earlier")  # the meta-prompt's own words
+
+
+def input_prompt(spec: TaskSpec, gold: list[str], earlier: list[str], label: str | None) -> str:
+    """The input-generation meta-prompt (a user message): instruction, the gold inputs ("high
+    quality", already shuffled), earlier kept generations ("low quality") and, for classification,
+    the target label. The assistant's reply is opened with `[input]="` (see `open_reply`)."""
+    lines = [spec.instruction.strip(), "", "You write new example inputs for the task above.",
+             "High-quality example inputs (follow their format closely):"]
+    lines += [f'[input]="{g}"' for g in gold]
+    if earlier:
+        lines += ["", "More inputs written earlier (their format may be less accurate):"]
+        lines += [f'[input]="{e}"' for e in earlier]
+    ask = "Write one new input that differs from all of the above."
+    if label is not None:
+        ask += f' Its correct output must be "{label}".'
+    lines += ["", ask, 'Reply with the new input only, as [input]="..."']
+    return "\n".join(lines)
+
+
+def open_reply(tokenizer, user: str) -> str:
+    """The raw text the model continues: the chat with the assistant's turn opened and prefilled with
+    `[input]="`, so even a small model answers with an input, not a preamble."""
+    from ..infer.generate import render_prompt
+
+    return render_prompt(tokenizer, user) + '[input]="'
+
+
+def clean_input(text: str) -> str:
+    """A generated input without the closing quote of `[input]="..."`."""
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith('"') else text
+
+
+def round_jobs(spec: TaskSpec, tokenizer, r: int, kept: list[str]) -> list:
+    """The jobs of input round `r` (from 0): each prompt draws its own shuffle, earlier generations and
+    target label from a seed of (seed, round, index), so a rerun builds the same jobs."""
+    from .engine import Job
+
+    s = spec.synth
+    gold = [d.input for d in spec.demonstrations]
+    jobs = []
+    for i in range(s.inputs_per_round):
+        rng = random.Random(f"{s.seed}/inputs/{r}/{i}")
+        shuffled = rng.sample(gold, len(gold))
+        earlier = rng.sample(kept, rng.randint(1, min(len(kept), s.low_quality))) if kept and s.low_quality else []
+        label = rng.choice(spec.labels) if spec.type == "classification" else None
+        jobs.append(Job(f"in-{r:03d}-{i:03d}", open_reply(tokenizer, input_prompt(spec, shuffled, earlier, label)),
+                        {"round": r, "target_label": label}))
+    return jobs
+
+
+def judge_inputs(spec: TaskSpec, samples: dict, jobs: list, kept: list[str], seen: set[str]) -> list[dict]:
+    """The input records of one round with their verdicts; kept texts are appended to `kept`/`seen`."""
+    s = spec.synth
+    bounds = length_bounds([d.input for d in spec.demonstrations], s.sigmas) if s.input_length_filter else None
+    tokens = [*s.noise_tokens, *MARKERS]
+    records = []
+    for job in jobs:
+        for sample in samples.get(job.id, []):
+            text = clean_input(sample["text"])
+            verdicts = check_input(text, bounds=bounds, tokens=tokens, seen=seen)
+            dropped = first_failure(verdicts)
+            records.append({"id": f"{job.id}-{sample['sample']}", "round": job.meta["round"], "job": job.id,
+                            "sample": sample["sample"], "text": text, "raw": sample["text"],
+                            "target_label": job.meta["target_label"], "finish": sample.get("finish"),
+                            "verdicts": [v.as_dict() for v in verdicts], "kept": dropped is None,
+                            "dropped_by": dropped})
+            if dropped is None:
+                kept.append(text)
+                seen.add(text)
+    return records
+
+
+def synthesize_inputs(spec: TaskSpec, model, tokenizer, folder: Path, progress: bool = True) -> tuple[list, dict]:
+    """Stage 1: every round through the engine (each round's file resumes on its own); returns the
+    input records and the stage's timing."""
+    from .engine import read_samples, synthesize
+
+    s = spec.synth
+    kept: list[str] = []
+    seen = {d.input.strip() for d in spec.demonstrations}
+    records, gen_s, n_samples = [], 0.0, 0
+    for r in range(s.rounds):
+        jobs = round_jobs(spec, tokenizer, r, kept)
+        path = folder / "raw" / f"inputs-r{r:03d}.jsonl"
+        st = synthesize(model, tokenizer, jobs, path, n=1, temperature=s.input_temperature, top_k=s.input_top_k,
+                        max_new_tokens=s.max_input_tokens, stop=('"\n',), batch_size=s.batch_size, seed=s.seed,
+                        dedup=False, raw=True, progress=progress)
+        gen_s, n_samples = gen_s + st.generation_s, n_samples + st.samples
+        records += judge_inputs(spec, read_samples(path), jobs, kept, seen)
+    return records, {"generation_s": gen_s, "samples": n_samples}
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 2: outputs
+
+
+def output_prompt(spec: TaskSpec, text: str) -> list[dict]:
+    """The few-shot output prompt: the evaluation's chat with the demonstrations as earlier turns."""
+    chat = spec.chat(text)
+    shots = [m for d in spec.demonstrations for m in ({"role": "user", "content": spec.user_message(d.input)},
+                                                      {"role": "assistant", "content": d.output})]
+    return chat[:-1] + shots + chat[-1:]
+
+
+def judge_sample(spec: TaskSpec, text: str, bounds, tokens) -> tuple[str | None, list[Verdict]]:
+    """(the key the vote counts, the verdicts) of one sampled output."""
+    verdicts = check_output(text, bounds=bounds, tokens=tokens)
+    if spec.type == "classification":
+        label = map_label(text, spec.labels)
+        verdicts.append(Verdict("label", label is not None, "" if label else "names no label"))
+        return label, verdicts
+    return normalise(text), verdicts
+
+
+def judge_outputs(spec: TaskSpec, inputs: list[dict], samples: dict) -> list[dict]:
+    """One record per kept input: every sample with its verdicts and key, and the vote."""
+    s = spec.synth
+    bounds = (length_bounds([d.output for d in spec.demonstrations], s.sigmas)
+              if spec.type == "generation" else None)
+    tokens = [*s.noise_tokens, *MARKERS]
+    records = []
+    for rec in inputs:
+        rows, candidates = [], []
+        for sample in samples.get(rec["id"], []):
+            text = sample["text"].strip()
+            key, verdicts = judge_sample(spec, text, bounds, tokens)
+            passed = first_failure(verdicts) is None
+            rows.append({"sample": sample["sample"], "text": text, "key": key, "passed": passed,
+                         "dropped_by": first_failure(verdicts), "verdicts": [v.as_dict() for v in verdicts]})
+            if passed:
+                candidates.append((key, text))
+        v = vote(candidates, s.consistency)
+        answer = v.key if spec.type == "classification" and v.passed else v.answer
+        records.append({"id": rec["id"], "input": rec["text"], "target_label": rec["target_label"],
+                        "samples": rows, "vote": {**v.as_dict(), "answer": answer}, "kept": v.passed,
+                        "dropped_by": None if v.passed else "consistency"})
+    return records
+
+
+def synthesize_outputs(spec: TaskSpec, model, tokenizer, inputs: list[dict], folder: Path,
+                       progress: bool = True) -> tuple[list, dict]:
+    """Stage 2: `samples` outputs per kept input through the engine, judged and voted."""
+    from .engine import Job, read_samples, synthesize
+
+    s = spec.synth
+    kept = [r for r in inputs if r["kept"]]
+    jobs = [Job(r["id"], output_prompt(spec, r["text"])) for r in kept]
+    path = folder / "raw" / "outputs.jsonl"
+    st = synthesize(model, tokenizer, jobs, path, n=s.samples, temperature=s.output_temperature,
+                    top_k=s.output_top_k, max_new_tokens=s.max_output_tokens, batch_size=s.batch_size,
+                    seed=s.seed + 1, dedup=False, progress=progress)
+    return judge_outputs(spec, kept, read_samples(path)), {"generation_s": st.generation_s, "samples": st.samples}
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 3: the training chats
+
+
+def select(spec: TaskSpec, outputs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the voted records to train on, those dropped by class balancing)."""
+    voted = [r for r in outputs if r["kept"]]
+    if spec.type != "classification":
+        return voted, []
+    return balance(voted, lambda r: r["vote"]["answer"], seed=spec.synth.seed)
+
+
+def train_records(spec: TaskSpec, chosen: list[dict]) -> list[dict]:
+    return [{"id": r["id"], "messages": spec.chat(r["input"], r["vote"]["answer"])} for r in chosen]
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 4 and 5: fine-tune, evaluate
+
+# The built-in fine-tuning settings (no `train.recipe`): LoRA on all linear layers, loss on the
+# answer only (the recipe default), 3 epochs as in the paper, ~10 chats per step (paper: batch 10).
+DEFAULT_TRAIN = ("method.name=lora", "method.lora.rank=16", "method.lora.alpha=32", "train.epochs=3",
+                 "train.batch_tokens=1024", "train.lr=1e-3", "train.warmup=0.05", "model.frozen_dtype=bf16")
+
+
+def train_recipe(spec: TaskSpec, data: Path, folder: Path, model_name: str | None = None,
+                 adapter: str | None = None):
+    """The recipe that fine-tunes on `data` into `folder/train` (resumable: resume=true)."""
+    from ..recipe import load_recipe
+
+    base = [] if spec.train.recipe else list(DEFAULT_TRAIN)
+    pinned = [f"data.train={data}", f"output_dir={folder}", "name=train", "resume=true"]
+    chosen = [f"model.name={model_name}"] * bool(model_name) + [f"model.adapter={adapter}"] * bool(adapter)
+    try:
+        return load_recipe(spec.train.recipe, [*base, *chosen, *spec.train.overrides, *pinned])
+    except RecipeError as e:
+        raise SelfGuideError(f"train: {e}") from None
+
+
+def fine_tune(spec: TaskSpec, data: Path, folder: Path, model_name=None, adapter=None) -> dict:
+    """Stage 4 through the normal harness; returns where the tuned model is and how long it took."""
+    from ..train.loop import train
+
+    recipe = train_recipe(spec, data, folder, model_name, adapter)
+    t = time.perf_counter()
+    run = train(recipe)
+    if run.status != "completed":
+        raise SelfGuideError(f"training stopped at step {run.step}; run the command again to continue it")
+    return {"train_s": time.perf_counter() - t, "steps": run.step, "output": str(run.output),
+            "adapter": str(recipe.run_dir / "adapter") if (recipe.run_dir / "adapter").is_dir() else None,
+            "model": recipe.model.name}
+
+
+def evaluate_tuned(spec: TaskSpec, tuned: dict, folder: Path, dtype: str = "fp32", progress: bool = True) -> dict:
+    """Stage 5: the tuned model on `eval_task`'s test split, zero-shot (the training chats' shape)."""
+    from ..eval.runner import evaluate, get_eval_task, save_result
+    from ..infer.generate import load_for_inference
+
+    path = folder / "eval.json"
+    if path.is_file():  # measured by an earlier run of this folder
+        saved = json.loads(path.read_text())
+        return {"task": saved["task"], "split": saved["split"], "metric": saved["metric"],
+                "score": saved["summary"][saved["metric"]], "examples": saved["summary"]["examples"]}
+    task = get_eval_task(spec.eval_task)
+    if tuned["adapter"]:
+        model, tokenizer = load_for_inference(tuned["model"], tuned["adapter"], dtype=dtype)
+    else:  # full fine-tuning: the saved model folder
+        model, tokenizer = load_for_inference(tuned["output"], dtype=dtype)
+    result = evaluate(model, tokenizer, task, split="test", limit=spec.eval.limit,
+                      max_new_tokens=spec.eval.max_new_tokens, batch_size=spec.eval.batch_size, progress=progress)
+    save_result(result, path, model=tuned["model"])
+    return {"task": result.task, "split": "test", "metric": result.metric, "score": result.main,
+            "examples": result.summary["examples"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """All rows at once (written aside, then renamed): a file that exists is a finished stage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    from ..jsonl import read_jsonl
+
+    return [row for _, row in read_jsonl(path, SelfGuideError)]
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _stage(folder: Path, name: str, run) -> list[dict]:
+    """Run a synthesis stage unless its file exists; its timing goes to stages.json."""
+    path, log = folder / f"{name}.jsonl", folder / "stages.json"
+    if path.is_file():
+        return read_rows(path)
+    rows, timing = run()
+    write_jsonl(path, rows)
+    stages = json.loads(log.read_text()) if log.is_file() else {}
+    write_json(log, {**stages, name: timing})
+    return rows
+
+
+def self_guide(spec: TaskSpec, out: str | Path, *, model_name: str | None = None, adapter: str | None = None,
+               dtype: str = "fp32", model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Run (or continue) the whole pipeline into `out`; returns stats.json's content.
+
+    `model_name`/`adapter` pick the model that synthesises and is fine-tuned (default: the train
+    recipe's model); an already loaded `model`/`tokenizer` may be passed for synthesis instead.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.json").write_text(json.dumps(spec.model_dump(), indent=1, ensure_ascii=False) + "\n")
+    name = model_name or train_recipe(spec, folder / "train.jsonl", folder).model.name
+
+    def loaded():
+        nonlocal model, tokenizer
+        if model is None:
+            from ..infer.generate import load_for_inference
+
+            model, tokenizer = load_for_inference(name, adapter, dtype=dtype)
+        return model, tokenizer
+
+    inputs = _stage(folder, "inputs", lambda: synthesize_inputs(spec, *loaded(), folder, progress))
+    outputs = _stage(folder, "outputs", lambda: synthesize_outputs(spec, *loaded(), inputs, folder, progress))
+    chosen, unbalanced = select(spec, outputs)
+    write_jsonl(folder / "train.jsonl", train_records(spec, chosen))
+    model = tokenizer = None  # free the synthesis model before training
+    tuned, evaluation = None, None
+    if spec.train.enabled and chosen:
+        done = folder / "tuned.json"
+        if not done.is_file():
+            write_json(done, fine_tune(spec, folder / "train.jsonl", folder, name, adapter))
+        tuned = json.loads(done.read_text())
+        if spec.eval_task and spec.eval.limit:
+            evaluation = evaluate_tuned(spec, tuned, folder, dtype, progress)
+    stats = summarise(spec, inputs, outputs, chosen, unbalanced, folder, tuned, evaluation)
+    write_json(folder / "stats.json", stats)
+    return stats
+
+
+def summarise(spec: TaskSpec, inputs, outputs, chosen, unbalanced, folder: Path, tuned, evaluation) -> dict:
+    """stats.json: kept + sum(dropped) == generated, every drop counted once, by its first filter."""
+    stages = json.loads((folder / "stages.json").read_text())
+    dropped: dict[str, int] = {}
+    for r in inputs + outputs:
+        if r["dropped_by"]:
+            dropped[r["dropped_by"]] = dropped.get(r["dropped_by"], 0) + 1
+    if unbalanced:
+        dropped["balance"] = len(unbalanced)
+    sample_drops: dict[str, int] = {}
+    for r in outputs:
+        for s in r["samples"]:
+            if s["dropped_by"]:
+                sample_drops[s["dropped_by"]] = sample_drops.get(s["dropped_by"], 0) + 1
+    gen_s = sum(t["generation_s"] for t in stages.values())
+    n_samples = sum(t["samples"] for t in stages.values())
+    voted = [r for r in outputs if r["kept"]]
+    stats = {
+        "method": "self-guide", "task": spec.eval_task, "type": spec.type,
+        "generated": len(inputs), "kept": len(chosen), "dropped": dropped,
+        "outputs": {"inputs_answered": len(outputs), "samples": sum(len(r["samples"]) for r in outputs),
+                    "samples_dropped": sample_drops, "voted": len(voted),
+                    "self_consistency_rate": len(voted) / len(outputs) if outputs else None,
+                    "mean_majority_share": (sum(r["vote"]["share"] for r in outputs) / len(outputs)
+                                            if outputs else None)},
+        "generation_s": gen_s, "samples_per_s": n_samples / gen_s if gen_s else None,
+        "input_generation_s": stages.get("inputs", {}).get("generation_s"),
+        "output_generation_s": stages.get("outputs", {}).get("generation_s"),
+        "train_s": tuned["train_s"] if tuned else None, "train_steps": tuned["steps"] if tuned else None,
+        "eval": evaluation, "settings": spec.synth.model_dump(),
+    }
+    if spec.type == "classification":
+        counts = {label: sum(r["vote"]["answer"] == label for r in chosen) for label in spec.labels}
+        agree = [r["vote"]["answer"] == r["target_label"] for r in voted]
+        stats["labels"] = counts
+        stats["target_label_agreement"] = sum(agree) / len(agree) if agree else None
+    return stats
