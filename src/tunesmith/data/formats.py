@@ -8,10 +8,14 @@
   messages and `tool` messages holding the results.
 
 `data.columns` maps these roles to the user's column names, e.g. {output: response}.
+
+Any format: an optional `weight` field (a number >= 0, default 1) scales every trained token of the
+record in the loss (`record_weight`, applied by `render.weigh`).
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..config import DataConfig
@@ -59,6 +63,25 @@ def to_example(record: Record, fmt: str, cfg: DataConfig) -> Example:
         messages = _with_system_prompt(_chat_messages(record, cfg), cfg.system_prompt)
         return with_tools(messages, record.fields, record.where, cfg)
     raise DataError(f"data.format: unknown format '{fmt}'; choose one of auto, {', '.join(FORMATS)}")
+
+
+def record_weight(record: Record) -> float:
+    """The record's `weight` field: a finite number >= 0 (a numeric string too, as CSV cells are);
+    1.0 when absent or null."""
+    name = "weight"
+    value = record.fields.get(name)
+    if value is None:
+        return 1.0
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise DataError(f"{record.where}: field '{name}' is {value!r}; expected a number >= 0") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{record.where}: field '{name}' is {type(value).__name__}; expected a number >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{record.where}: field '{name}' is {value}; expected a finite number >= 0")
+    return float(value)
 
 
 def _field_list(fields: dict) -> str:

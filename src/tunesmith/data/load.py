@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from ..config import DataConfig
 from .errors import DataError
-from .formats import Example, detect_format, to_example
-from .render import Renderer, Sample, fit_length
+from .formats import Example, detect_format, record_weight, to_example
+from .render import Renderer, Sample, fit_length, weigh
 from .shards import ShardedSamples, is_shard_folder, length_stats, open_shards, shard_stats
 from .skipped import NOTHING_TO_TRAIN, Skipped, announce, skip_lines
 from .sources import Record, read_records
@@ -167,8 +167,9 @@ def _build(records: list[Record], fmt: str, cfg: DataConfig, renderer: Renderer,
         if reason:
             skipped.add(reason, record.where)
             continue
+        weight = record_weight(record)
         try:
-            sample = renderer(example)
+            sample = weigh(renderer(example), weight)
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
         if domains:

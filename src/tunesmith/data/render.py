@@ -2,7 +2,7 @@
 
 `weights[t]` is the loss weight for predicting `input_ids[t]` from the tokens before it, so
 `weights[0]` is always 0. 0 = not trained, 1 = trained (other values are left to importance-aware
-losses).
+losses, and to a record's `weight`, see `weigh`).
 
 Chats are rendered with the tokenizer's own chat template and tokenized once as a whole string, so
 training sees exactly the ids inference will see. Assistant turns are found by rendering message
@@ -212,6 +212,17 @@ class Renderer:
         # No special terminator (ChatML text on a base tokenizer): train the turn's suffix up to its
         # last visible character.
         return content_end + len(full[content_end:turn_end].rstrip())
+
+
+def weigh(sample: Sample, weight: float) -> Sample:
+    """The sample with every token weight multiplied by its record's `weight` (formats.record_weight).
+
+    The SFT loss sums weight * NLL over trained tokens and divides by the number of trained tokens,
+    so a record of weight 2 adds to the loss sum (and its gradient) exactly what the record twice
+    would, and one of weight 0 trains nothing (it is skipped as having no trained token)."""
+    if weight == 1.0:
+        return sample
+    return {**sample, "weights": [w * weight for w in sample["weights"]]}
 
 
 def fit_length(sample: Sample, max_length: int, overflow: str) -> tuple[Sample | None, bool]:
