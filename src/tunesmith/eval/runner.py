@@ -5,8 +5,9 @@
 
 The summary holds the task's main metric (`accuracy` = share of correct greedy answers, or pass@k
 from n samples with the unbiased estimator), the mean partial score, and for text tasks corpus BLEU
-and chrF. `shots=k` puts k training examples before each question as earlier chat turns: the
-in-context baseline that fine-tuning is compared against (eval/shots.py: one evaluation per shot
+and chrF; when examples carry `meta["group"]` (the knowledge task's conditions), `by_group` gives
+each group's count and accuracy. `shots=k` puts k training examples before each question as earlier
+chat turns: the in-context baseline that fine-tuning is compared against (eval/shots.py: one evaluation per shot
 count, `max` = as many as fit the context, a table and a curve).
 """
 from __future__ import annotations
@@ -107,6 +108,8 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
         })
     summary = {"examples": len(examples), "accuracy": sum(r["correct"] for r in records) / len(records),
                "mean_score": sum(partial) / len(partial), "generation_s": gen_s, "shots": shots}
+    if any("group" in ex.meta for ex in examples):
+        summary["by_group"] = by_group(examples, records)
     if samples > 1:
         for k in ks:
             summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in n_correct) / len(examples)
@@ -117,6 +120,14 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
         summary["bleu"], summary["chrf"], summary["chrf++"] = bleu(preds, refs), chrf(preds, refs), chrf_pp(preds, refs)
     metric = task.metric if task.metric in summary else ("pass@1" if "pass@1" in summary else "accuracy")
     return EvalResult(task.name, split, metric, summary, records)
+
+
+def by_group(examples: list[Example], records: list[dict]) -> dict:
+    """Accuracy per `meta["group"]` (e.g. the knowledge task's conditions), groups in first-seen order."""
+    groups: dict[str, list[bool]] = {}
+    for ex, r in zip(examples, records):
+        groups.setdefault(str(ex.meta.get("group", "-")), []).append(r["correct"])
+    return {g: {"examples": len(c), "accuracy": sum(c) / len(c)} for g, c in groups.items()}
 
 
 def save_result(result: EvalResult, path: str | Path, **context) -> Path:
@@ -133,7 +144,7 @@ def save_result(result: EvalResult, path: str | Path, **context) -> Path:
 def format_summary(result: EvalResult) -> str:
     rows = [("task", f"{result.task} ({result.split})"), ("examples", str(result.summary["examples"]))]
     for key, value in result.summary.items():
-        if key in ("examples",):
+        if key in ("examples", "by_group"):
             continue
         if key in ("accuracy", "mean_score") or key.startswith("pass@"):
             rows.append((key, f"{100 * value:.1f}%"))
@@ -141,5 +152,9 @@ def format_summary(result: EvalResult) -> str:
             rows.append((key, f"{value:.2f}"))
         else:
             rows.append((key, str(value)))
+    if result.summary.get("by_group"):
+        rows.append(("by group", "accuracy"))
+    for group, g in result.summary.get("by_group", {}).items():
+        rows.append((f"  {group}", f"{100 * g['accuracy']:.1f}%  ({g['examples']} examples)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

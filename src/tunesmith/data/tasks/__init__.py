@@ -11,11 +11,13 @@ from __future__ import annotations
 from .base import SPLITS, Task
 from .extract import ExtractTask
 from .intent import IntentTask
+from .knowledge import KnowledgeTask
 from .retrieval import RetrievalTask
 from .sql import SqlTask
 from .translation import TranslationTask
 
-BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask, "intent": IntentTask}
+BUILTIN = {"sql": SqlTask, "json": ExtractTask, "retrieval": RetrievalTask, "intent": IntentTask,
+           "knowledge": KnowledgeTask}
 
 
 def get_task(name: str, **options) -> Task:
