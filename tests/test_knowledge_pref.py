@@ -255,6 +255,10 @@ def test_synth_knowledge_writes_training_data_and_stats(tmp_path, capsys, tokeni
 
 
 def test_builtin_registration():
-    t = get_task("knowledge", n_test=8)
+    t = get_task("knowledge", n_test=16)  # the model-checked parametric facts: every condition can be built
     assert t.name == "knowledge" and t.metric == "accuracy" and "instruction" in t.system_prompt
+    assert [e.meta["group"] for e in t.examples("test")[:8]] == list(GROUPS)
+    known = set(kd.parametric_facts())
+    parametric = [e.meta["fact"] for e in t.examples("test") if e.meta["group"] == "parametric"]
+    assert parametric and all((r, s, o) in known for s, r, o in parametric)
     assert render("Q?", "Assume X.", ["A.", "B."]) == "Instruction: Assume X.\n\nContext:\n[1] A.\n[2] B.\n\nQuestion: Q?"

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..data.tasks import task_records
-from ..data.tasks.knowledge import MIX, KnowledgeError, KnowledgeTask
+from ..data.tasks.knowledge import GROUPS, MIX, KnowledgeError, KnowledgeTask
 
 
 def knowledge_task(n: int, seed: int = 0, world_seed: int = 0, mix: dict[str, float] | None = None) -> KnowledgeTask:
@@ -50,7 +50,8 @@ def synthesize_knowledge(out_dir: str | Path, *, n: int = 600, seed: int = 0, wo
     groups = Counter(ex.meta["group"] for ex in examples)
     stats = {"method": "knowledge-preference", "generated": len(examples), "kept": len(records), "dropped": {},
              "generation_s": build_s, "samples_per_s": None, "train_s": None, "model_sampling": False,
-             "by_group": dict(groups), "mix": dict(mix or MIX), "seed": seed, "world_seed": world_seed}
+             "by_group": {g: groups[g] for g in GROUPS if groups[g]}, "mix": dict(mix or MIX), "seed": seed,
+             "world_seed": world_seed}
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
