@@ -37,8 +37,9 @@ def _user_errors():
     from ..eval.files import FileTaskError
     from ..eval.rerank import RerankEvalError
     from ..eval.runner import EvalError
+    from .synth import SYNTH_ERRORS
 
-    return tuple(errors + [ExportError, InferError, EvalError, FileTaskError, RerankEvalError])
+    return tuple(errors + [ExportError, InferError, EvalError, FileTaskError, RerankEvalError, *SYNTH_ERRORS])
 
 
 def cmd_train(args) -> int:
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_verb(sub)
     add_grow_verb(sub)
     add_serve_verb(sub)
+    from .synth import add_synth_verb
+
+    add_synth_verb(sub, _model_args)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")
