@@ -83,14 +83,14 @@ def test_weight_as_csv_text_and_null(tokenizer, tmp_path):
 # ----------------------------------------------------------------------------- label scores
 
 
-def hand_logprobs(model, tokenizer, task, questions, labels):
+def hand_logprobs(model, tokenizer, task, questions, labels, demos=()):
     """Every (question, label) chat rendered in full and run alone; the label tokens' log-probs summed."""
-    renderer = Renderer(tokenizer)
+    renderer = Renderer(tokenizer, assistant_turns="last")
     out = torch.zeros(len(questions), len(labels))
     with torch.no_grad():
         for i, q in enumerate(questions):
             for j, label in enumerate(labels):
-                s = renderer.chat(chat(task, q, label))
+                s = renderer.chat(chat(task, q, label, demos))
                 logp = model(torch.tensor([s["input_ids"]])).logits[0].float().log_softmax(-1)
                 out[i, j] = sum(logp[t - 1, tok] for t, (tok, w) in enumerate(zip(s["input_ids"], s["weights"])) if w)
     return out
@@ -109,6 +109,10 @@ def test_label_logprobs_match_hand_computation(tokenizer):
     torch.testing.assert_close(conf, torch.softmax(want.double(), -1).float(), atol=1e-5, rtol=1e-4)
     one = label_logprobs(model, tokenizer, task, questions[:1], labels, progress=False)  # no shared prefix
     torch.testing.assert_close(one, want[:1], atol=1e-4, rtol=1e-5)
+    demos = [("Request: Play jazz", "music"), ("Request: Call Anna", "call")]  # in-context examples
+    got = label_logprobs(model, tokenizer, task, questions[:2], labels[:3], demos=demos, progress=False)
+    torch.testing.assert_close(got, hand_logprobs(model, tokenizer, task, questions[:2], labels[:3], demos),
+                               atol=1e-4, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- weighting

@@ -13,7 +13,9 @@ SYNTH_ERRORS = (SelfTrainError,)
 def add(sub, model_args) -> None:
     d = SelfTrainConfig()
     p = sub.add_parser("self-train", help="LiST self-training: a teacher adapter from K labelled examples "
-                                          "pseudo-labels an unlabelled pool; confidence-weighted student adapters")
+                                          "pseudo-labels an unlabelled pool; confidence-weighted student adapters",
+                       description="LiST-style self-training of LoRA adapters on a frozen base. --adapter: an "
+                                   "adapter already trained on the K labelled examples, used as the first teacher.")
     model_args(p)
     p.add_argument("--task", default=d.task, help="a built-in classification task with a label set (default: intent)")
     p.add_argument("--labelled", type=int, default=d.labelled, help="K labelled examples (the first K of train)")

@@ -6,8 +6,9 @@
    and the question in, the label word out: the answer the model would write anyway).
 2. Pseudo-labels: the teacher scores every label of the closed label set on every pool question —
    the log-probability of the label's answer tokens (label + end of turn, exactly as SFT trains them),
-   one forward pass, no sampling. The pseudo-label is the best label, its confidence the softmax of
-   these scores over the label set (an exact distribution over the possible answers).
+   one forward pass, no sampling. The pseudo-label is the best label (the greedy answer, restricted
+   to the label set), its confidence the softmax of these scores over the label set (an exact
+   distribution over the possible answers, where sampling would only estimate it).
 3. Student: a new LoRA adapter on the frozen base, trained on the labelled examples plus the
    pseudo-labelled pool, each pseudo-labelled record carrying `weight` = `pseudo_weights(...)`.
 4. The student is the next round's teacher; R rounds. The base model is never written: only the
@@ -83,11 +84,13 @@ class SelfTrainConfig:
 # label scoring
 
 
-def chat(task, question: str, answer: str | None = None) -> list[dict]:
-    """The chat a task question is asked (and, with `answer`, answered) in."""
+def chat(task, question: str, answer: str | None = None, demos: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """The chat a task question is asked (and, with `answer`, answered) in; `demos`, (question, answer)
+    pairs, go before it as earlier turns (in-context examples, as `eval.runner.build_prompt` puts them)."""
     system = [{"role": "system", "content": task.system_prompt}] if getattr(task, "system_prompt", None) else []
+    shots = [{"role": r, "content": c} for q, a in demos for r, c in (("user", q), ("assistant", a))]
     reply = [] if answer is None else [{"role": "assistant", "content": answer}]
-    return system + [{"role": "user", "content": question}] + reply
+    return system + shots + [{"role": "user", "content": question}] + reply
 
 
 def answer_rows(renderer, messages: list[dict], labels: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -162,16 +165,17 @@ def _score_batch(model, prefix_cache, p: int, suffixes: list[list[int]], answers
 
 @torch.inference_mode()
 def label_logprobs(model, tokenizer, task, questions: Sequence[str], labels: Sequence[str], *,
-                   batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """(N, L): log P(label's answer tokens | question) under `model`, for every question and label.
+                   demos: Sequence[tuple[str, str]] = (), batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """(N, L): log P(label's answer tokens | question) under `model`, for every question and label
+    (after the in-context `demos`, if any).
 
     The prefix shared by every question (system prompt, chat header) is computed once; each batch of
     questions continues a copy of it, and each label a copy of its question's cache."""
     from ..data.render import Renderer
     from ..eval.prefix import shared_prefix
 
-    renderer = Renderer(tokenizer)
-    rendered = [answer_rows(renderer, chat(task, q), labels) for q in questions]
+    renderer = Renderer(tokenizer, assistant_turns="last")
+    rendered = [answer_rows(renderer, chat(task, q, demos=demos), labels) for q in questions]
     p = shared_prefix([prompt for prompt, _ in rendered]) if len(rendered) > 1 else len(rendered[0][0]) - 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -253,11 +257,17 @@ def train_adapter(cfg: SelfTrainConfig, records: list[dict], folder: Path, model
     return result.output, time.perf_counter() - t0
 
 
-def _accuracy(model, tok, task, examples, labels, cfg: SelfTrainConfig, progress: bool) -> float:
-    """Share of `examples` whose best-scored label is the gold one (closed-set classification)."""
-    lp = label_logprobs(model, tok, task, [e.prompt for e in examples], labels, batch_size=cfg.score_batch,
+def label_accuracy(model, tok, task, examples, labels, *, demos=(), batch_size: int = 16,
+                   progress: bool = True) -> float:
+    """Share of `examples` whose best-scored label is the gold one: closed-set classification by the
+    label words' log-probabilities (how prompt-based fine-tuning classifies), no generation."""
+    lp = label_logprobs(model, tok, task, [e.prompt for e in examples], labels, demos=demos, batch_size=batch_size,
                         progress=progress)
     return sum(labels[i] == e.reference for i, e in zip(lp.argmax(-1).tolist(), examples)) / len(examples)
+
+
+def _accuracy(model, tok, task, examples, labels, cfg: SelfTrainConfig, progress: bool) -> float:
+    return label_accuracy(model, tok, task, examples, labels, batch_size=cfg.score_batch, progress=progress)
 
 
 def pseudo_label(model, tok, task, pool, labels, cfg: SelfTrainConfig, teacher: str, round_: int,
@@ -317,10 +327,10 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
     gold = [_record(task, e, e.reference) for e in labelled]
     _write_jsonl(out / "labelled.jsonl", gold)
     train_s, label_s, rounds = 0.0, 0.0, []
-    teacher = teacher_adapter
+    teacher, teacher_s = teacher_adapter, None
     if teacher is None:
-        teacher, seconds = train_adapter(cfg, gold, out / "teacher", model_name, cfg.teacher_steps)
-        train_s += seconds
+        teacher, teacher_s = train_adapter(cfg, gold, out / "teacher", model_name, cfg.teacher_steps)
+        train_s += teacher_s
     model, tok = load_for_inference(model_name, str(teacher), dtype=dtype)
     accuracy = [_accuracy(model, tok, task, val, labels, cfg, progress)] if val else []
     for r in range(1, cfg.rounds + 1):
@@ -341,7 +351,8 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
     stats = {"method": "list-self-train", "task": cfg.task, "model": model_name, "generated": len(pool) * cfg.rounds,
              "kept": sum(x["kept"] for x in rounds), "dropped": {"below_threshold": sum(x["dropped"] for x in rounds)},
              "generation_s": label_s, "samples_per_s": len(pool) * cfg.rounds / max(label_s, 1e-9),
-             "train_s": train_s, "val_accuracy": accuracy, "val_examples": len(val), "student": str(teacher),
+             "train_s": train_s, "teacher_train_s": teacher_s, "val_accuracy": accuracy,
+             "val_examples": len(val), "student": str(teacher),
              "rounds": rounds, "config": asdict(cfg)}
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats

@@ -1,8 +1,8 @@
 """The `intent` task: name the intent of a short assistant request, one of eight labels.
 
     task = IntentTask(seed=0)
-    ex = task.examples("test")[0]
-    ex.prompt      # 'Request: Wake me up at 6:40 am please'
+    ex = task.examples("test")[1]
+    ex.prompt      # 'Request: Alarm at 6:15 pm on Wednesday morning'
     ex.reference   # 'alarm'
     task.labels    # ('weather', 'alarm', 'music', 'timer', 'shopping', 'translate', 'call', 'reminder')
 
@@ -169,11 +169,10 @@ class IntentTask(GeneratedTask):
 
     def _generate(self) -> dict[str, list[Example]]:
         values = ValueSplit(rng_for("intent", self.seed, "values"))
-        for kind, domain in [("city", CITIES), ("day", DAYS), ("time", TIMES), ("genre", GENRES),
-                             ("place", PLACES), ("duration", DURATIONS), ("purpose", PURPOSES), ("item", ITEMS), ("language", LANGUAGES),
-                             ("phrase", PHRASES), ("first", FIRST_NAMES), ("last", LAST_NAMES),
-                             ("relation", RELATIONS),
-                             ("chore", CHORES)]:
+        for kind, domain in [("city", CITIES), ("day", DAYS), ("time", TIMES), ("genre", GENRES), ("place", PLACES),
+                             ("duration", DURATIONS), ("purpose", PURPOSES), ("item", ITEMS),
+                             ("language", LANGUAGES), ("phrase", PHRASES), ("first", FIRST_NAMES),
+                             ("last", LAST_NAMES), ("relation", RELATIONS), ("chore", CHORES)]:
             values.add(kind, domain)
 
         def draw_for(split, rng):
