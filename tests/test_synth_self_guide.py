@@ -113,21 +113,23 @@ def test_training_chats_have_the_evaluation_shape():
 def test_input_prompt_shows_gold_earlier_and_target_label():
     spec = TaskSpec.build(SENTIMENT)
     p = input_prompt(spec, ["Loved it.", "Awful."], ["Meh film."], "negative")
-    assert p.startswith(spec.instruction)
-    assert p.index('[input]="Loved it."') < p.index("earlier") < p.index('[input]="Meh film."')
-    assert 'must be "negative"' in p
-    assert "earlier" not in input_prompt(spec, ["Loved it."], [], None)
+    assert p.startswith(spec.instruction + "\n")
+    assert p.index('- "Loved it."') < p.index('- "Awful."') < p.index("written earlier") < p.index('- "Meh film."')
+    assert p.endswith('whose correct output is "negative":\n- "')
+    plain = input_prompt(spec, ["Loved it."], [], None)
+    assert "earlier" not in plain and plain.endswith('different from all of the above:\n- "')
 
 
-def test_round_jobs_are_reproducible_and_draw_low_quality_inputs(tokenizer):
+def test_round_jobs_are_reproducible_and_draw_low_quality_inputs():
     spec = TaskSpec.build({**SENTIMENT, "synth": {"inputs_per_round": 6, "low_quality": 2}})
-    a = round_jobs(spec, tokenizer, 1, ["one", "two", "three"])
-    b = round_jobs(spec, tokenizer, 1, ["one", "two", "three"])
-    assert [j.prompt for j in a] == [j.prompt for j in b] and len({j.id for j in a}) == 6
-    assert all(j.prompt.endswith('[input]="') for j in a)
+    a = round_jobs(spec, 1, ["one", "two", "three"])
+    assert [j.prompt for j in a] == [j.prompt for j in round_jobs(spec, 1, ["one", "two", "three"])]
+    assert len({j.id for j in a}) == 6 and all(j.prompt.endswith('- "') for j in a)
     assert {j.meta["target_label"] for j in a} <= set(LABELS)
-    for j in a:  # 1..2 earlier inputs shown
-        assert 1 <= sum(f'"{t}"' in j.prompt for t in ("one", "two", "three")) <= 2
+    for j in a:  # 1..2 earlier inputs shown, the target label asked for
+        assert 1 <= sum(f'- "{t}"' in j.prompt for t in ("one", "two", "three")) <= 2
+        assert f'output is "{j.meta["target_label"]}"' in j.prompt
+    assert not any("earlier" in j.prompt for j in round_jobs(spec, 0, []))
 
 
 # ---- judging outputs, balancing
@@ -179,12 +181,12 @@ def test_generation_outputs_vote_on_normalised_text_with_length_filter():
 
 def _tiny_spec(tmp_path, model_dir, **synth):
     data = {**JSON_TASK,
-            "synth": {"rounds": 2, "inputs_per_round": 4, "input_temperature": 1.0, "input_length_filter": False,
+            "synth": {"rounds": 2, "inputs_per_round": 3, "input_temperature": 1.0, "input_length_filter": False,
                       "max_input_tokens": 12, "samples": 3, "output_temperature": 1.0, "output_top_k": 0, "max_output_tokens": 8,
                       "sigmas": 1000.0, "batch_size": 4, **synth},
             "train": {"overrides": ["train.steps=2", "train.precision=fp32", "train.batch_tokens=256",
                                     "data.max_length=128", "model.frozen_dtype=same"]},
-            "eval": {"limit": 2, "max_new_tokens": 4, "batch_size": 2}}
+            "eval": {"limit": 1, "max_new_tokens": 4, "batch_size": 1}}
     return load_task(write_task(tmp_path, data))
 
 
@@ -198,19 +200,19 @@ def test_end_to_end_files_provenance_and_counts(tmp_path, tiny_model_dir):
     inputs = [json.loads(line) for line in (out / "inputs.jsonl").read_text().splitlines()]
     outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert len(inputs) == 8 and {r["round"] for r in inputs} == {0, 1}
+    assert len(inputs) == 6 and {r["round"] for r in inputs} == {0, 1}
     for r in inputs:
         assert {v["filter"] for v in r["verdicts"]} == {"empty", "noise", "duplicate"}
         assert r["kept"] == all(v["passed"] for v in r["verdicts"])
     assert [r["id"] for r in outputs] == [r["id"] for r in inputs if r["kept"]]
     for r in outputs:
         assert len(r["samples"]) == 3 and all("verdicts" in s and "key" in s for s in r["samples"])
-    assert stats["generated"] == 8
+    assert stats["generated"] == 6
     assert stats["kept"] + sum(stats["dropped"].values()) == stats["generated"]
     assert 0 < stats["kept"] == len(train) == sum(r["kept"] for r in outputs)  # 3 samples: a share is >= 1/3
     assert stats["outputs"]["samples"] == 3 * len(outputs)
     assert stats["outputs"]["self_consistency_rate"] == stats["outputs"]["voted"] / len(outputs)
-    assert stats["train_s"] > 0 and stats["train_steps"] == 2 and stats["eval"]["examples"] == 2
+    assert stats["train_s"] > 0 and stats["train_steps"] == 2 and stats["eval"]["examples"] == 1
     assert json.loads((out / "stats.json").read_text()) == stats
     for rec in train:
         assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]

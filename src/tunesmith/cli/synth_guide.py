@@ -17,7 +17,7 @@ def add(sub, model_args) -> None:
                    help="instruction, demonstrations [{input, output}], type, labels, eval_task, synth, train, eval "
                         "(examples/synth/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override TASK.yaml keys, e.g. synth.rounds=6 synth.samples=5 train.overrides=[train.steps=20]")
+                   help="override TASK.yaml keys, right after it: synth.rounds=6 synth.samples=5 'train.overrides=[train.steps=20]'")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: runs/self-guide-<task file name>); an existing one resumes")
     model_args(p)

@@ -1,6 +1,6 @@
 """SELF-GUIDE (Zhao et al., 2024; methods.md §10): the model writes its own task data, then learns from it.
 
-    tunesmith synth self-guide examples/synth/json.yaml --out runs/self-guide-json synth.rounds=6
+    tunesmith synth self-guide examples/synth/json.yaml synth.rounds=6 --out runs/self-guide-json
 
     spec = load_task("examples/synth/json.yaml", ["synth.rounds=6"])
     stats = self_guide(spec, "runs/self-guide-json")
@@ -85,6 +85,8 @@ class SynthSettings(Config):
     "top-k of the outputs (paper: 10)."
     consistency: float = Field(0.2, ge=0, le=1)
     "Keep the majority answer if its share of the counted samples is at least this (paper: 0.2)."
+    output_length_filter: bool = True
+    "Drop outputs (generation tasks) whose length lies outside mean ± `sigmas`·σ of the gold outputs."
     max_output_tokens: int = Field(500, gt=0)
     "Longest sampled output in tokens (paper: 500)."
     sigmas: float = Field(2.0, gt=0)
@@ -216,41 +218,33 @@ def template_pattern(spec: TaskSpec) -> re.Pattern:
 # --------------------------------------------------------------------------------------------------
 # stage 1: inputs
 
-MARKERS = ("[input]", "[output]", "high-quality", "written earlier")  # the meta-prompt's own words
+MARKERS = ("high-quality", "written earlier", '- "')  # the meta-prompt's own words and list marker
 
 
 def input_prompt(spec: TaskSpec, gold: list[str], earlier: list[str], label: str | None) -> str:
-    """The input-generation meta-prompt (a user message): instruction, the gold inputs ("high
-    quality", already shuffled), earlier kept generations ("low quality") and, for classification,
-    the target label. The assistant's reply is opened with `[input]="` (see `open_reply`)."""
-    lines = [spec.instruction.strip(), "", "You write new example inputs for the task above.",
-             "High-quality example inputs (follow their format closely):"]
-    lines += [f'[input]="{g}"' for g in gold]
+    """The input-generation meta-prompt: the instruction, the gold inputs ("high quality", already
+    shuffled), earlier kept generations ("low quality", for diversity) and, for classification, the
+    target label; it ends inside a new list item, which the model completes.
+
+    It is raw text the model continues, not a chat turn: on SmolLM2-135M a list to continue gave
+    more new, clean inputs than the paper's chat meta-instruction (benchmarks/synthesis/self_guide).
+    """
+    lines = [spec.instruction.strip(), "", "High-quality example inputs:", *(f'- "{g}"' for g in gold)]
     if earlier:
-        lines += ["", "More inputs written earlier (their format may be less accurate):"]
-        lines += [f'[input]="{e}"' for e in earlier]
-    ask = "Write one new input that differs from all of the above."
-    if label is not None:
-        ask += f' Its correct output must be "{label}".'
-    lines += ["", ask, 'Reply with the new input only, as [input]="..."']
+        lines += ["", "More example inputs, written earlier (their format may be less accurate):",
+                  *(f'- "{e}"' for e in earlier)]
+    ask = "A new input, different from all of the above"
+    lines += ["", ask + (f', whose correct output is "{label}":' if label is not None else ":"), '- "']
     return "\n".join(lines)
 
 
-def open_reply(tokenizer, user: str) -> str:
-    """The raw text the model continues: the chat with the assistant's turn opened and prefilled with
-    `[input]="`, so even a small model answers with an input, not a preamble."""
-    from ..infer.generate import render_prompt
-
-    return render_prompt(tokenizer, user) + '[input]="'
-
-
 def clean_input(text: str) -> str:
-    """A generated input without the closing quote of `[input]="..."`."""
+    """A generated input without the closing quote of its list item."""
     text = text.strip()
     return text[:-1].rstrip() if text.endswith('"') else text
 
 
-def round_jobs(spec: TaskSpec, tokenizer, r: int, kept: list[str]) -> list:
+def round_jobs(spec: TaskSpec, r: int, kept: list[str]) -> list:
     """The jobs of input round `r` (from 0): each prompt draws its own shuffle, earlier generations and
     target label from a seed of (seed, round, index), so a rerun builds the same jobs."""
     from .engine import Job
@@ -263,7 +257,7 @@ def round_jobs(spec: TaskSpec, tokenizer, r: int, kept: list[str]) -> list:
         shuffled = rng.sample(gold, len(gold))
         earlier = rng.sample(kept, rng.randint(1, min(len(kept), s.low_quality))) if kept and s.low_quality else []
         label = rng.choice(spec.labels) if spec.type == "classification" else None
-        jobs.append(Job(f"in-{r:03d}-{i:03d}", open_reply(tokenizer, input_prompt(spec, shuffled, earlier, label)),
+        jobs.append(Job(f"in-{r:03d}-{i:03d}", input_prompt(spec, shuffled, earlier, label),
                         {"round": r, "target_label": label}))
     return jobs
 
@@ -300,10 +294,10 @@ def synthesize_inputs(spec: TaskSpec, model, tokenizer, folder: Path, progress: 
     seen = {d.input.strip() for d in spec.demonstrations}
     records, gen_s, n_samples = [], 0.0, 0
     for r in range(s.rounds):
-        jobs = round_jobs(spec, tokenizer, r, kept)
+        jobs = round_jobs(spec, r, kept)
         path = folder / "raw" / f"inputs-r{r:03d}.jsonl"
         st = synthesize(model, tokenizer, jobs, path, n=1, temperature=s.input_temperature, top_k=s.input_top_k,
-                        max_new_tokens=s.max_input_tokens, stop=('"\n',), batch_size=s.batch_size, seed=s.seed,
+                        max_new_tokens=s.max_input_tokens, stop=('"\n', '\n-'), batch_size=s.batch_size, seed=s.seed,
                         dedup=False, raw=True, progress=progress)
         gen_s, n_samples = gen_s + st.generation_s, n_samples + st.samples
         records += judge_inputs(spec, read_samples(path), jobs, kept, seen)
@@ -336,7 +330,7 @@ def judge_outputs(spec: TaskSpec, inputs: list[dict], samples: dict) -> list[dic
     """One record per kept input: every sample with its verdicts and key, and the vote."""
     s = spec.synth
     bounds = (length_bounds([d.output for d in spec.demonstrations], s.sigmas)
-              if spec.type == "generation" else None)
+              if spec.type == "generation" and s.output_length_filter else None)
     tokens = [*s.noise_tokens, *MARKERS]
     records = []
     for rec in inputs:
