@@ -179,21 +179,28 @@ def test_generation_outputs_vote_on_normalised_text_with_length_filter():
 # ---- end to end on a tiny random model
 
 
-def _tiny_spec(tmp_path, model_dir, **synth):
+def _tiny_spec(folder, model_dir):
     data = {**JSON_TASK,
             "synth": {"rounds": 2, "inputs_per_round": 3, "input_temperature": 1.0, "input_length_filter": False,
-                      "max_input_tokens": 12, "samples": 3, "output_temperature": 1.0, "output_top_k": 0, "max_output_tokens": 8,
-                      "sigmas": 1000.0, "batch_size": 4, **synth},
+                      "max_input_tokens": 12, "samples": 3, "output_temperature": 1.0, "output_top_k": 0,
+                      "max_output_tokens": 8, "sigmas": 1000.0, "batch_size": 4},
             "train": {"overrides": ["train.steps=2", "train.precision=fp32", "train.batch_tokens=256",
                                     "data.max_length=128", "model.frozen_dtype=same"]},
             "eval": {"limit": 1, "max_new_tokens": 4, "batch_size": 1}}
-    return load_task(write_task(tmp_path, data))
+    return load_task(write_task(folder, data))
 
 
-def test_end_to_end_files_provenance_and_counts(tmp_path, tiny_model_dir):
-    spec = _tiny_spec(tmp_path, tiny_model_dir)
-    out = tmp_path / "sg"
-    stats = self_guide(spec, out, model_name=str(tiny_model_dir), progress=False)
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory, tiny_model_dir):
+    """One whole run on the tiny model (synthesis, 2 LoRA steps, 1 test example): (spec, folder, stats)."""
+    folder = tmp_path_factory.mktemp("self-guide")
+    spec = _tiny_spec(folder, tiny_model_dir)
+    stats = self_guide(spec, folder / "sg", model_name=str(tiny_model_dir), progress=False)
+    return spec, folder / "sg", stats
+
+
+def test_end_to_end_files_provenance_and_counts(guided):
+    spec, out, stats = guided
     for name in ("inputs.jsonl", "outputs.jsonl", "train.jsonl", "stats.json", "eval.json", "raw/outputs.jsonl",
                  "raw/inputs-r000.jsonl", "raw/inputs-r001.jsonl", "train/adapter", "tuned.json"):
         assert (out / name).exists(), name
@@ -218,18 +225,18 @@ def test_end_to_end_files_provenance_and_counts(tmp_path, tiny_model_dir):
         assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
         assert rec["messages"][1]["content"].startswith(spec.instruction + "\nText: ")
 
-    # a second run redoes nothing and says the same
-    (out / "stages.json").write_text((out / "stages.json").read_text())
-    before = {p: (out / p).read_bytes() for p in ("inputs.jsonl", "outputs.jsonl", "train.jsonl")}
+
+def test_a_second_run_redoes_nothing(guided, tiny_model_dir):
+    spec, out, stats = guided
+    before = {p: (out / p).read_bytes() for p in ("inputs.jsonl", "outputs.jsonl", "train.jsonl", "raw/outputs.jsonl")}
     again = self_guide(spec, out, model_name=str(tiny_model_dir), progress=False)
     assert again == stats and all((out / p).read_bytes() == b for p, b in before.items())
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    spec = _tiny_spec(tmp_path, tiny_model_dir, output_temperature=0.7)
+def test_kill_and_resume_equals_an_uninterrupted_run(guided, tiny_model_dir, tmp_path):
+    spec, full, _ = guided
+    spec = spec.model_copy(deep=True)
     spec.train.enabled = False
-    full = tmp_path / "full"
-    self_guide(spec, full, model_name=str(tiny_model_dir), progress=False)
     cut = tmp_path / "cut"  # as if killed while answering: round files done, outputs half written
     shutil.copytree(full / "raw", cut / "raw")
     raw = (cut / "raw" / "outputs.jsonl").read_text().splitlines(keepends=True)
@@ -237,3 +244,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
     self_guide(spec, cut, model_name=str(tiny_model_dir), progress=False)
     for name in ("inputs.jsonl", "outputs.jsonl", "train.jsonl"):
         assert (cut / name).read_text() == (full / name).read_text(), name
+    assert (cut / "raw" / "outputs.jsonl").read_text().count('"done": true') == len(spec_outputs(full))
+
+
+def spec_outputs(folder):
+    return (folder / "outputs.jsonl").read_text().splitlines()
