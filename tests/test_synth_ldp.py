@@ -198,6 +198,29 @@ def test_tiny_model_end_to_end_with_provenance_resume_and_lora(tokenizer, tmp_pa
     assert (out / "x2en.jsonl").read_text().count('"done": true') == 5
 
 
+def test_second_round_prompts_with_kept_synthetic_target_pairs(tokenizer, tmp_path):
+    from conftest import lively_model
+
+    lenient = FilterConfig(min_ratio=0.0, max_ratio=1e9, copy_similarity=1.01, drop_truncated=False)
+    cfg = LdpConfig(pool=4, shots=2, per_language=3, rounds=2, max_new_tokens=4, filters=lenient, tune=False,
+                    progress=False)
+    stats = run_ldp(lively_model(tokenizer, seed=1), tokenizer, cfg, tmp_path / "r")
+    assert [r["round"] for r in stats["rounds"]] == [0, 1] and stats["output"] is None
+    second = [json.loads(line) for line in (tmp_path / "r" / "x2en-r1.jsonl").read_text().splitlines()]
+    first = {json.loads(line)["meta"]["source"]: json.loads(line)["text"].strip()
+             for line in (tmp_path / "r" / "x2en.jsonl").read_text().splitlines() if '"text"' in line}
+    for rec in (r for r in second if "text" in r):
+        shots = rec["prompt"][1:-1]
+        assert rec["meta"]["exemplar_languages"] == ["lu", "lu"]
+        for user, answer in zip(shots[::2], shots[1::2]):  # round-0 outputs, now the target's own exemplars
+            src = user["content"].split("Lunish: ", 1)[1].split("\n")[0]
+            assert src != rec["meta"]["source"] and answer["content"] in first[src]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "pairs.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows} == {1}
+    with pytest.raises(LdpError, match="model_name"):
+        run_ldp(None, tokenizer, LdpConfig(), tmp_path / "x")
+
+
 def test_cli_rejects_bad_languages_before_loading(capsys, tmp_path):
     from tunesmith.cli import main
 

@@ -273,10 +273,13 @@ def fine_tune(train_path: Path, out_dir: Path, model_name: str, cfg: LdpConfig) 
 def run_ldp(model, tokenizer, cfg: LdpConfig, out_dir, *, model_name: str | None = None) -> dict:
     """The whole method into `out_dir`: x2en.jsonl (engine records, per round x2en-rN.jsonl),
     pairs.jsonl (one row per pool sentence: provenance and verdict), train.jsonl, the tuned run under
-    tuned/ and stats.json. Rerunning continues an interrupted synthesis."""
+    tuned/ and stats.json (`generated`/`kept`/`dropped` count the last round's candidate pairs,
+    `rounds` each round's). Rerunning continues an interrupted synthesis."""
     check_languages(cfg.target, cfg.high)
     if cfg.shots < 1 or cfg.pool < 1 or cfg.rounds < 1:
         raise LdpError(f"shots, pool and rounds must be >= 1 (got {cfg.shots}, {cfg.pool}, {cfg.rounds})")
+    if cfg.tune and not model_name:
+        raise LdpError("fine-tuning needs the base model's name or folder (model_name)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pool = unlabelled_pool(cfg.target, cfg.pool, cfg.seed)
