@@ -111,12 +111,12 @@ def test_samples_do_not_depend_on_the_batch_size(model, tokenizer, tmp_path):
     so log-probs agree to rounding, not bit for bit."""
     jobs = jobs_of(PROMPTS)
     runs = {}
-    for batch_size in (1, 6):
+    for batch_size in (1, 2, 6):  # alone; in chunks of 2 + 1 from one prefill; beside another (padded) prompt
         out = tmp_path / f"b{batch_size}.jsonl"
         synthesize(model, tokenizer, jobs, out, n=3, temperature=1.0, top_k=500, top_p=0.9, seed=5,
                    batch_size=batch_size, max_new_tokens=6, progress=False)
         runs[batch_size] = read_samples(out)
-    for batch_size in (6,):
+    for batch_size in (2, 6):
         for j in runs[1]:
             assert [r["text"] for r in runs[batch_size][j]] == [r["text"] for r in runs[1][j]]
             assert [r["seed"] for r in runs[batch_size][j]] == [r["seed"] for r in runs[1][j]]
@@ -165,7 +165,8 @@ def test_records_carry_their_provenance(model, tokenizer, tmp_path):
         for i, r in enumerate(mine[:-1]):
             assert set(r) == {"job", "sample", "prompt", "text", "finish", "logprob", "tokens", "seed",
                               "duplicate_of", "meta"}
-            assert (r["sample"], r["prompt"], r["meta"], r["seed"]) == (i, job.prompt, job.meta, job_seed(3, job.id) + i)
+            seed = job_seed(3, job.id) + i
+            assert (r["sample"], r["prompt"], r["meta"], r["seed"]) == (i, job.prompt, job.meta, seed)
             assert r["finish"] in ("stop", "length") and 1 <= r["tokens"] <= 10 and r["logprob"] < 0
 
 
@@ -188,7 +189,8 @@ def test_read_jobs_and_read_samples_name_the_bad_line(tmp_path):
     for body, where, what in [('{"prompt": 3}\n', ":1:", "`prompt`"),
                               ('{"prompt": "a"}\n{"text": "b"}\n', ":2:", "needs `prompt`"),
                               ('{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n', ":2:", "repeats"),
-                              ('{"messages": []}\n', ":1:", "`messages`"), ('{"prompt": "a"\n', ":1:", "not valid JSON")]:
+                              ('{"messages": []}\n', ":1:", "`messages`"),
+                              ('{"prompt": "a"\n', ":1:", "not valid JSON")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(body)
         with pytest.raises(SynthError, match=f"bad.jsonl{where}.*{what}"):

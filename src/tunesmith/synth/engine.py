@@ -5,10 +5,11 @@ How it decodes. Jobs (prompts) are sorted by token length and cut into groups of
 `max(1, batch_size // n)` prompts. A group is prefilled once, left-padded together (`left_pad`),
 and each prompt's n samples decode from copies of its KV cache (rows of the prefilled cache selected
 `n` times), so a prompt's tokens go through the model once however many samples it gets; when
-`n > batch_size` one prefill serves several chunks of `batch_size` rows. Finished rows leave the
-batch (their cache rows are dropped), so the batch shrinks as samples end. Positions are per row
-(the count of real tokens before it), so a row's rotary positions do not depend on the padding in
-front of it.
+`n > batch_size` one prefill serves several near-equal chunks of at most `batch_size` rows.
+Finished rows leave the batch (their cache rows are dropped), so the batch shrinks as samples end.
+Positions are per row (the count of real tokens before it), so a row's rotary positions do not
+depend on the padding in front of it. Different prompts that share a prefix (few-shot
+demonstrations) are each prefilled in full: sharing the prefix across prompts is not done.
 
 Randomness. Sample i of job j draws from its own `torch.Generator`, seeded with
 `job_seed(seed, j.id) + i` (a stable hash, not Python's salted `hash`), and only that row's draws
@@ -18,12 +19,19 @@ flip a draw only when two tokens are tied to that precision (practically never; 
 equal texts across batch sizes). Greedy decoding (temperature 0) gives one answer per prompt, so
 with n > 1 it warns and decodes n = 1.
 
+Records. `text` is the decoded completion without special tokens, cut before the first stop
+string; `tokens` and `logprob` cover every token decoded, the one that ended the sample included (an
+eos or end-of-turn token, or the token that completed a stop string), so `logprob` is the model's
+log-probability (untempered, before top-k/top-p) of the sample as it was drawn.
+
 Resuming. Records are appended and fsynced group by group. Calling `synthesize` again with the same
 jobs and file keeps the jobs that have their `done` line, drops a partial trailing line and the
 samples of unfinished jobs (the file is rewritten aside and renamed), and regenerates the rest.
 Groups are a function of the whole job list, and a group with unfinished jobs is decoded whole
 (only its unfinished jobs are written), so every job is computed exactly as in an uninterrupted run
-and the resumed file equals it byte for byte (same settings, batch size and machine).
+and the resumed file equals it byte for byte (same settings, batch size and machine). The settings
+are not written to the file: resuming with other settings (save a different n, which is checked)
+mixes them.
 """
 from __future__ import annotations
 
@@ -333,8 +341,10 @@ def _sample_group(decoder: _Decoder, prompts: list[list[int]], seeds: list[int],
                     if decoder.temperature:
                         gen = torch.Generator(device=decoder.device).manual_seed(base + i)
                     rows.append(_Row(prompt=p, sample=i, seed=base + i, generator=gen))
-            for start in range(0, len(rows), batch_size):
-                decoder.decode(prefilled, rows[start:start + batch_size], bar)
+            chunks = -(-len(rows) // batch_size)  # n > batch_size: near-equal chunks (10 rows by 8: 5 + 5)
+            size = -(-len(rows) // chunks)
+            for start in range(0, len(rows), size):
+                decoder.decode(prefilled, rows[start:start + size], bar)
     finally:
         decoder.model.train(was_training)
     return [rows[p * n:(p + 1) * n] for p in range(len(prompts))]
