@@ -36,6 +36,7 @@ mixes them.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -251,8 +252,6 @@ class _Decoder:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
         self.device = next(model.parameters()).device
         # transformers renamed `past_key_values` to `cache` (5.x); the cache object is updated in place either way
-        import inspect
-
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -404,6 +403,8 @@ def synthesize(model, tokenizer, jobs: list[Job], out_path, *, n: int = 1, tempe
         raise SynthError(f"n must be >= 1, got {n}")
     if isinstance(stop, str):
         stop = (stop,)
+    if not all(isinstance(s, str) for s in stop):
+        raise SynthError(f"stop strings must be strings, got {list(stop)!r:.120}")
     if raw and system_prompt is not None:
         raise SynthError("raw=True takes the prompt text as is: no system_prompt")
     if temperature == 0 and n > 1:
