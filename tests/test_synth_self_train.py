@@ -151,7 +151,7 @@ def test_two_rounds_through_the_cli(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "st"
     code = main(["synth", "self-train", "--model", str(tiny_model_dir), "--labelled", "8", "--pool", "8",
                  "--rounds", "2", "--teacher-steps", "2", "--student-steps", "2", "--validation", "4",
-                 "--threshold", "0.1", "--out", str(out), "--quiet"])
+                 "--threshold", "0.1", "--warm-start", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert "validation accuracy" in capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
@@ -173,6 +173,9 @@ def test_two_rounds_through_the_cli(capsys, tmp_path, tiny_model_dir):
         assert len(trained) == 8 + sum(p["weight"] > 0 for p in pseudo)
         assert all(weights[p["id"]] == p["weight"] for p in pseudo if p["weight"] > 0)
     assert stats["student"].endswith("round-2/adapter")
+    # --warm-start: a student continues its teacher's adapter
+    recipe = (out / "runs" / "round-2" / "recipe.yaml").read_text()
+    assert f"adapter: {out / 'runs' / 'round-1' / 'adapter'}" in recipe
     # The base on disk is byte-identical, and so are the base tensors under the final student adapter.
     assert digest(tiny_model_dir) == before
     base, _ = load_model(str(tiny_model_dir))

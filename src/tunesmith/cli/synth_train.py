@@ -26,6 +26,8 @@ def add(sub, model_args) -> None:
     p.add_argument("--no-balance", action="store_true", help="do not equalise the predicted classes' total weight")
     p.add_argument("--max-weight", type=float, default=d.max_weight, help="cap on the class-balancing factor")
     p.add_argument("--labelled-weight", type=float, default=d.labelled_weight, help="weight of each gold record")
+    p.add_argument("--warm-start", action="store_true", help="each student continues its teacher's adapter "
+                                                               "(default: a fresh adapter)")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps)
     p.add_argument("--student-steps", type=int, default=d.student_steps)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -44,9 +46,10 @@ def run_self_train(args) -> int:
 
     cfg = SelfTrainConfig(task=args.task, labelled=args.labelled, pool=args.pool, rounds=args.rounds,
                           threshold=args.threshold, balance=not args.no_balance, max_weight=args.max_weight,
-                          labelled_weight=args.labelled_weight, teacher_steps=args.teacher_steps,
-                          student_steps=args.student_steps, lr=args.lr, rank=args.rank, validation=args.validation,
-                          seed=args.seed, recipe=args.recipe, overrides=args.overrides)
+                          labelled_weight=args.labelled_weight, warm_start=args.warm_start,
+                          teacher_steps=args.teacher_steps, student_steps=args.student_steps, lr=args.lr,
+                          rank=args.rank, validation=args.validation, seed=args.seed, recipe=args.recipe,
+                          overrides=args.overrides)
     stats = self_train(cfg, args.out, model_name=args.model, teacher_adapter=args.adapter,
                        dtype=args.dtype, progress=not args.quiet)
     acc = " → ".join(f"{100 * a:.1f}%" for a in stats["val_accuracy"])

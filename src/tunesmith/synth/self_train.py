@@ -21,7 +21,8 @@ simpler: a pseudo-label's weight is its confidence, zero below `threshold`, and 
 predicted class's total weight is scaled to the mean class total (at most `max_weight` times), so a
 teacher that over-predicts one label cannot make the student learn that label only. The labelled
 set is used as training data, not as the meta-objective. LiST's students also warm up by distilling
-the teacher's soft labels; here each student is a fresh adapter trained on hard pseudo-labels.
+the teacher's soft labels; here each student is trained on hard pseudo-labels, as a fresh adapter
+or (`warm_start`) continuing its teacher's.
 
 Outputs in `out/`: `labelled.jsonl` (the teacher's training records), `round-<r>/pseudo.jsonl` (one
 record per pool question: the teacher, the label, the confidence, every label's probability and
@@ -64,6 +65,8 @@ class SelfTrainConfig:
     "The most a class's weights are scaled up by `balance`."
     labelled_weight: float = 1.0
     "Weight of each gold-labelled record in the student's data."
+    warm_start: bool = False
+    "Each student continues its teacher's adapter (else a fresh adapter on the frozen base)."
     teacher_steps: int = 40
     student_steps: int = 80
     lr: float = 1e-3
@@ -239,8 +242,10 @@ def _record(task, example, label: str, weight: float | None = None) -> dict:
     return row if weight is None else {**row, "weight": round(weight, 6)}
 
 
-def train_adapter(cfg: SelfTrainConfig, records: list[dict], folder: Path, model_name: str, steps: int):
-    """Train a fresh LoRA adapter on `records` through the normal harness; (adapter folder, seconds)."""
+def train_adapter(cfg: SelfTrainConfig, records: list[dict], folder: Path, model_name: str, steps: int,
+                  start: str | None = None):
+    """Train a LoRA adapter on `records` through the normal harness, fresh or continuing the adapter
+    `start`; (adapter folder, seconds)."""
     from ..recipe import load_recipe
     from ..train.loop import train
 
@@ -249,7 +254,8 @@ def train_adapter(cfg: SelfTrainConfig, records: list[dict], folder: Path, model
                  f"name={folder.name}", "data.val_fraction=0", f"train.steps={steps}", f"train.lr={cfg.lr}",
                  f"train.batch_tokens={cfg.batch_tokens}", "train.precision=fp32", "train.warmup=0.1",
                  "train.save_every=0", f"train.seed={cfg.seed}", "method.name=lora",
-                 f"method.lora.rank={cfg.rank}", f"method.lora.alpha={2 * cfg.rank}", *cfg.overrides]
+                 f"method.lora.rank={cfg.rank}", f"method.lora.alpha={2 * cfg.rank}",
+                 *([f"model.adapter={start}"] if start else []), *cfg.overrides]
     t0 = time.perf_counter()
     result = train(load_recipe(cfg.recipe, overrides))
     if result.output is None:
@@ -342,7 +348,8 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
         records += [{"messages": chat(task, p["question"], p["label"]), "id": p["id"], "weight": p["weight"]}
                     for p in pseudo if p["weight"] > 0]
         del model
-        teacher, seconds = train_adapter(cfg, records, out / f"round-{r}", model_name, cfg.student_steps)
+        teacher, seconds = train_adapter(cfg, records, out / f"round-{r}", model_name, cfg.student_steps,
+                                         str(teacher) if cfg.warm_start else None)
         train_s += seconds
         model, tok = load_for_inference(model_name, str(teacher), dtype=dtype)
         if val:
