@@ -1,6 +1,6 @@
 """SELF-GUIDE on the embedded SmolLM2-135M-Instruct: does training on its own synthetic data beat prompting?
 
-    OMP_NUM_THREADS=1 python benchmarks/synthesis/self_guide/run.py                 # json and intent, ~25 min
+    OMP_NUM_THREADS=1 python benchmarks/synthesis/self_guide/run.py     # json and intent: 6 min idle, 32 min under load
     python benchmarks/synthesis/self_guide/run.py --tasks json --rounds 2 --limit 10   # a quick look
 
 For each task (the generation task `json`; the classification task `intent`), from its TASK.yaml in
