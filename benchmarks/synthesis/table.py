@@ -44,6 +44,14 @@ def rows() -> list[dict]:
     return out
 
 
+def _score(row: dict) -> tuple[str, str]:
+    """Accuracy as a percentage whichever way a results file wrote it (a share or a percentage)."""
+    metric, score = row["metric"], row["score"]
+    if metric.startswith("accuracy"):
+        return "accuracy (%)", _fmt(100 * score if score <= 1.0 else score)
+    return metric, _fmt(score)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| method | task | setting | metric | score | kept / generated | dropped by filter | generation s "
             "| samples/s | training s |")
@@ -51,7 +59,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r.get("score") is None:
             continue
-        lines.append(f"| {r['method']} | {r['task']} | {r['setting']} | {r['metric']} | {_fmt(r['score'])} "
+        metric, score = _score(r)
+        lines.append(f"| {r['method']} | {r['task']} | {r['setting']} | {metric} | {score} "
                      f"| {_kept(r)} | {_dropped(r)} | {_fmt(r.get('generation_s'), 0)} "
                      f"| {_fmt(r.get('samples_per_s'), 2)} | {_fmt(r.get('train_s'), 0)} |")
     return "\n".join(lines)
