@@ -202,22 +202,28 @@ def _where(path: Path, text: str, error: RecipeError, overrides: list[str]) -> s
     return f"{path}:{line}" if line else str(path)
 
 
+def read_mapping(path: Path, error: type[Exception], what: str, holds: str) -> tuple[dict, str]:
+    """The YAML mapping in `path` and the file's text (for line numbers in later errors); a missing
+    file, bad YAML or another top-level type raises `error` naming the file."""
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    text = path.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise error(f"{path}: a {what} is a mapping {holds}")
+    return values, text
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe (or the defaults when `path` is None) and apply `a.b=c` overrides."""
     values: dict = {}
     overrides = list(overrides or [])
     text = ""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file not found: {p}")
-        text = p.read_text()
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections (model, data, method, train)")
+        values, text = read_mapping(Path(path), RecipeError, "recipe", "of sections (model, data, method, train)")
     apply_overrides(values, overrides)
     try:
         return Recipe.build(values)

@@ -38,11 +38,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from ..config import Config, RecipeError, invalid
-from ..recipe import _where, apply_overrides
+from ..recipe import _where, apply_overrides, read_mapping
 from .filters import NOISE, Verdict, check_input, check_output, first_failure, length_bounds
 from .vote import balance, map_label, normalise, vote
 
@@ -166,15 +165,7 @@ class TaskSpec(Config):
 def load_task(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
     """Read and check a TASK.yaml (with `a.b=c` overrides); a mistake names file:line and the field."""
     path, overrides = Path(path), list(overrides or [])
-    if not path.is_file():
-        raise SelfGuideError(f"task file not found: {path}")
-    text = path.read_text()
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise SelfGuideError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise SelfGuideError(f"{path}: a task file is a mapping (instruction, demonstrations, type, ...)")
+    values, text = read_mapping(path, SelfGuideError, "task", "(instruction, demonstrations, type, ...)")
     try:
         apply_overrides(values, overrides)
         spec = TaskSpec.build(values)
