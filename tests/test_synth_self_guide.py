@@ -7,9 +7,8 @@ import shutil
 import pytest
 import yaml
 
-from tunesmith.synth.self_guide import (SelfGuideError, TaskSpec, check_prompt_shape, input_prompt, judge_outputs,
-                                        load_task, output_prompt, round_jobs, select, self_guide, template_pattern,
-                                        train_records)
+from tunesmith.synth.self_guide import input_prompt, judge_outputs, output_prompt, round_jobs, select, self_guide, train_records
+from tunesmith.synth.task_spec import SelfGuideError, TaskSpec, check_prompt_shape, load_task, template_pattern
 
 JSON_TASK = {
     "instruction": "Extract the order as JSON with keys city, day, item, name, quantity.",

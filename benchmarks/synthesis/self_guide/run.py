@@ -75,7 +75,8 @@ def run_task(name: str, args) -> list[dict]:
     from tunesmith.data.tasks.base import Example
     from tunesmith.eval.runner import get_eval_task
     from tunesmith.infer.generate import load_for_inference
-    from tunesmith.synth.self_guide import load_task, read_rows, self_guide
+    from tunesmith.synth.self_guide import read_rows, self_guide
+    from tunesmith.synth.task_spec import load_task
 
     overrides = [f"synth.rounds={args.rounds}", f"synth.samples={args.samples}", f"eval.limit={args.limit}",
                  f"eval.max_new_tokens={args.max_new[name]}"]

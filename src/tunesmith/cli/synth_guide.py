@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..synth.self_guide import SelfGuideError
+from ..synth.task_spec import SelfGuideError
 
 SYNTH_ERRORS: tuple = (SelfGuideError,)
 
@@ -25,7 +25,8 @@ def add(sub, model_args) -> None:
 
 
 def cmd_self_guide(args) -> int:
-    from ..synth.self_guide import load_task, self_guide
+    from ..synth.self_guide import self_guide
+    from ..synth.task_spec import load_task
 
     spec = load_task(args.task, args.overrides)  # checked before any model loads
     out = Path(args.out or f"runs/self-guide-{Path(args.task).stem}")
