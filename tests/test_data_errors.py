@@ -244,3 +244,15 @@ def test_jsonl_prompts_not_utf8_name_their_line(tmp_path):
     assert next(rows)[1] == {"prompt": "b"}
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not valid UTF-8 \(byte 0xe9 at column 13"):
         next(rows)
+
+
+def test_write_jsonl_and_json_round_trip_whole_files(tmp_path):
+    from tunesmith.jsonl import read_jsonl, write_json, write_jsonl
+
+    rows = [{"text": "é ü", "n": 1}, {"text": "two\nlines", "n": 2}]
+    path = write_jsonl(tmp_path / "sub" / "rows.jsonl", iter(rows))
+    assert [row for _, row in read_jsonl(path)] == rows
+    write_jsonl(path, rows[:1])  # replaced whole, not appended
+    assert [row for _, row in read_jsonl(path)] == rows[:1]
+    assert json.loads(write_json(tmp_path / "stats.json", {"kept": 3}).read_text()) == {"kept": 3}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["rows.jsonl", "stats.json", "sub"]  # no temporary left

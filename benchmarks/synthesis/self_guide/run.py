@@ -57,7 +57,8 @@ def measure(model, tok, task, args, shots=0):
 def train_gold(spec, task, k: int, work: Path) -> tuple[dict, Path]:
     """LoRA on the first k gold training chats with the same recipe as the synthetic run."""
     from tunesmith.data.tasks import task_records
-    from tunesmith.synth.self_guide import train_recipe, write_jsonl
+    from tunesmith.jsonl import write_jsonl
+    from tunesmith.synth.self_guide import train_recipe
     from tunesmith.train.loop import train
 
     folder = work / "gold"

@@ -17,12 +17,12 @@ from the training split of world seed `world_seed`: evaluate with `tunesmith eva
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 from ..data.tasks import task_records
+from ..jsonl import write_json, write_jsonl
 from ..data.tasks.knowledge import GROUPS, MIX, KnowledgeError, KnowledgeTask
 
 
@@ -43,22 +43,14 @@ def synthesize_knowledge(out_dir: str | Path, *, n: int = 600, seed: int = 0, wo
     examples = task.examples("train")
     records = task_records(task, "train")
     build_s = time.perf_counter() - t0
-    _write_jsonl(out / "raw.jsonl", ({"id": ex.id, "group": ex.meta["group"], "prompt": ex.prompt,
+    write_jsonl(out / "raw.jsonl", ({"id": ex.id, "group": ex.meta["group"], "prompt": ex.prompt,
                                       "target": ex.reference, **{k: v for k, v in ex.meta.items() if k != "group"}}
                                      for ex in examples))
-    _write_jsonl(out / "train.jsonl", records)
+    write_jsonl(out / "train.jsonl", records)
     groups = Counter(ex.meta["group"] for ex in examples)
     stats = {"method": "knowledge-preference", "generated": len(examples), "kept": len(records), "dropped": {},
              "generation_s": build_s, "samples_per_s": None, "train_s": None, "model_sampling": False,
              "by_group": {g: groups[g] for g in GROUPS if groups[g]}, "mix": dict(mix or MIX), "seed": seed,
              "world_seed": world_seed}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    write_json(out / "stats.json", stats)
     return stats
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

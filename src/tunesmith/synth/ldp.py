@@ -20,7 +20,6 @@ Obrish, Irvic, Elsic, Umbric (high-resource) and Lunish (the low-resource target
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from difflib import SequenceMatcher
 from pathlib import Path
 
 from ..data.tasks.base import Example
+from ..jsonl import write_json, write_jsonl
 from ..data.tasks.translation import PROMPT, SYSTEM, clauses, extract_translation
 from ..data.tasks.translation_data import LANGUAGES, language_name, realize
 
@@ -295,8 +295,8 @@ def run_ldp(model, tokenizer, cfg: LdpConfig, out_dir, *, model_name: str | None
         if r + 1 < cfg.rounds and len(kept) <= cfg.shots:
             raise LdpError(f"round {r}: only {len(kept)} pairs kept; intra-lingual rounds need more than {cfg.shots}")
         exemplars = {cfg.target: kept}
-    _write_jsonl(out / "pairs.jsonl", rows)
-    _write_jsonl(out / "train.jsonl", training_records(kept, cfg.reverse))
+    write_jsonl(out / "pairs.jsonl", rows)
+    write_jsonl(out / "train.jsonl", training_records(kept, cfg.reverse))
     output, train_s = (fine_tune(out / "train.jsonl", out, model_name, cfg) if cfg.tune and kept else (None, None))
     dropped = {name: sum(row["verdict"] == name for row in rows) for name in FILTERS}
     stats = {"method": "ldp", "target": cfg.target, "high": list(cfg.high), "generated": len(rows), "kept": len(kept),
@@ -304,11 +304,5 @@ def run_ldp(model, tokenizer, cfg: LdpConfig, out_dir, *, model_name: str | None
              "samples_per_s": generated / gen_s if generated and gen_s else None,
              "train_s": train_s, "train_records": len(kept) * (2 if cfg.reverse else 1), "output": output,
              "rounds": rounds, "config": {k: v for k, v in asdict(cfg).items() if k != "progress"}}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_json(out / "stats.json", stats)
     return stats
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)

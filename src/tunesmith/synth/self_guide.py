@@ -33,12 +33,12 @@ The task file itself (TASK.yaml) is read and checked by synth/task_spec.py.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
 
 from ..config import RecipeError
+from ..jsonl import write_json, write_jsonl
 from .filters import Verdict, check_input, check_output, first_failure, length_bounds
 from .task_spec import SelfGuideError, TaskSpec
 from .vote import balance, map_label, normalise, vote
@@ -274,13 +274,6 @@ def evaluate_tuned(spec: TaskSpec, tuned: dict, folder: Path, dtype: str = "fp32
 # the pipeline
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """All rows at once (written aside, then renamed): a file that exists is a finished stage."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -289,10 +282,6 @@ def read_rows(path: Path) -> list[dict]:
     return [row for _, row in read_jsonl(path, SelfGuideError)]
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _stage(folder: Path, name: str, run) -> list[dict]:

@@ -33,7 +33,6 @@ log-probability, the weight, and the hidden gold label for diagnosis — never t
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from ..jsonl import write_json, write_jsonl
 
 
 class SelfTrainError(ValueError):
@@ -231,10 +232,6 @@ def pseudo_weights(confidence: Sequence[float], predicted: Sequence[str], *, thr
 # the loop
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 def _record(task, example, label: str, weight: float | None = None) -> dict:
@@ -249,7 +246,7 @@ def train_adapter(cfg: SelfTrainConfig, records: list[dict], folder: Path, model
     from ..recipe import load_recipe
     from ..train.loop import train
 
-    data = _write_jsonl(folder / "train.jsonl", records)
+    data = write_jsonl(folder / "train.jsonl", records)
     overrides = [f"model.name={model_name}", f"data.train={data}", f"output_dir={folder.parent / 'runs'}",
                  f"name={folder.name}", "data.val_fraction=0", f"train.steps={steps}", f"train.lr={cfg.lr}",
                  f"train.batch_tokens={cfg.batch_tokens}", "train.precision=fp32", "train.warmup=0.1",
@@ -331,7 +328,7 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
         raise SelfTrainError(f"{out} already holds a self-training run; choose another output folder")
     model_name = model_name or DEFAULT_MODEL
     gold = [_record(task, e, e.reference) for e in labelled]
-    _write_jsonl(out / "labelled.jsonl", gold)
+    write_jsonl(out / "labelled.jsonl", gold)
     train_s, label_s, rounds = 0.0, 0.0, []
     teacher, teacher_s = teacher_adapter, None
     if teacher is None:
@@ -343,7 +340,7 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
         t0 = time.perf_counter()
         pseudo = pseudo_label(model, tok, task, pool, labels, cfg, str(teacher), r, progress)
         label_s += time.perf_counter() - t0
-        _write_jsonl(out / f"round-{r}" / "pseudo.jsonl", pseudo)
+        write_jsonl(out / f"round-{r}" / "pseudo.jsonl", pseudo)
         records = [{**g, "weight": cfg.labelled_weight} for g in gold]
         records += [{"messages": chat(task, p["question"], p["label"]), "id": p["id"], "weight": p["weight"]}
                     for p in pseudo if p["weight"] > 0]
@@ -361,7 +358,7 @@ def self_train(cfg: SelfTrainConfig, out_dir: str | Path, model_name: str | None
              "train_s": train_s, "teacher_train_s": teacher_s, "val_accuracy": accuracy,
              "val_examples": len(val), "student": str(teacher),
              "rounds": rounds, "config": asdict(cfg)}
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    write_json(out / "stats.json", stats)
     return stats
 
 
