@@ -404,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .synth import add_synth_verb
 
     add_synth_verb(sub, _model_args)
+    from .dashboard import add_dashboard_verb
+    from .plan import add_plan_verb
+
+    add_plan_verb(sub)
+    add_dashboard_verb(sub)
 
     p = sub.add_parser("quickstart", help="measure, LoRA-tune and re-measure the embedded model on the sql task")
     p.add_argument("--recipe", default="recipes/quickstart.yaml")

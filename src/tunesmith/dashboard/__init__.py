@@ -1,0 +1,1 @@
+"""`tunesmith dashboard`: a local web page of runs, their curves and evaluations."""
