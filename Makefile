@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install quickstart test test-slow clean
+.PHONY: install quickstart test test-slow clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,9 +23,18 @@ $(STAMP): pyproject.toml
 
 # The test suite's own dependencies. llama-cpp-python compiles llama.cpp (minutes, once); its
 # multimodal library is not needed.
+# The dashboard's browser test drives Debian's Chromium through Playwright (no browser download).
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $${CMAKE_ARGS:-}" $(BIN)/python -m pip install -q -e ".[test]"
+	$(MAKE) --no-print-directory chromium
 	touch $(TEST_STAMP)
+
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+	@command -v chromium >/dev/null || { echo "make: Chromium is needed by the browser test: apt-get install chromium"; exit 1; }
 
 install: $(STAMP)
 
