@@ -219,7 +219,8 @@ def _build_optimizer(run: Run) -> None:
         run.print_main(f"[tunesmith] resume=true but {recipe.run_dir} has no checkpoint yet: starting fresh")
     run.dist.barrier()
     if run.dist.main:
-        run.log = MetricsLog(recipe.run_dir, resume_step=run.start_step if run.resume_from else None)
+        run.log = MetricsLog(recipe.run_dir, resume_step=run.start_step if run.resume_from else None,
+                             report_to=cfg.report_to, config=rcp.to_dict(recipe))
     run.params = [p for p in run.model.parameters() if p.requires_grad]
     run.guard = DivergenceGuard(vocab_size=run.model.config.vocab_size, token_loss=run.objective.token_loss,
                                 spikes=run.objective.trends_down, patience=cfg.divergence_patience)
