@@ -38,10 +38,13 @@ function fmt(v) {
   if (typeof v !== "number") return String(v);
   if (Number.isInteger(v)) return v.toLocaleString("en-US");
   const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(2);
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(2).replace(/\.?0+e/, "e");
   return v.toPrecision(4).replace(/\.?0+$/, "");
 }
 const pct = (v) => (typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "–");
+// A file path (a model folder, a data file) by its last part; the whole path shows on hover.
+const short = (v) => (typeof v === "string" && /^[./~]/.test(v) && v.includes("/") ? v.replace(/\/+$/, "").split("/").pop() : v);
+const cell = (v, attrs) => el("td", { ...attrs, title: v && short(v) !== v ? v : null, text: short(v) ?? "–" });
 const runHref = (id) => `#/run/${encodeURIComponent(id)}`;
 
 function ago(t) {
@@ -52,9 +55,12 @@ function ago(t) {
   return new Date(t * 1000).toISOString().slice(0, 10);
 }
 
+// Run `fn` now and every `ms` until the view changes; a failed poll is reported on the console and
+// the next one tries again (a server restarting for a moment should not break the page).
 function every(ms, fn) {
-  fn();
-  timers.push(setInterval(fn, ms));
+  const tick = () => Promise.resolve().then(fn).catch((e) => console.error(`poll failed: ${e.message || e}`));
+  tick();
+  timers.push(setInterval(tick, ms));
 }
 
 function showError(where, e) {
@@ -161,7 +167,7 @@ function runsView() {
           compare.disabled = selected.size < 2; } })),
       el("td", {}, el("a", { href: runHref(r.id), text: r.id })),
       el("td", {}, el("span", { class: `badge ${r.status}`, text: r.status })),
-      el("td", { text: r.method || "–" }), el("td", { text: r.model || "–" }), el("td", { text: r.data || "–" }),
+      cell(r.method), cell(r.model), cell(r.data),
       el("td", { class: "num", text: r.total_steps ? `${fmt(r.steps)} / ${fmt(r.total_steps)}` : fmt(r.steps) }),
       el("td", { class: "num", text: fmt(r.loss) }), el("td", { class: "num", text: fmt(r.best_val_loss) }),
       el("td", { text: evalCells(r.evals) }), el("td", { class: "muted", text: ago(r.updated) }))));
@@ -191,7 +197,7 @@ async function runView(id) {
     if (!run) return showError(head, new Error(`no run ${id} in this folder`));
     head.replaceChildren(el("div", { class: "facts" },
       ...[["status", el("span", { class: `badge ${run.status}`, id: "status", text: run.status })],
-        ["method", run.method], ["model", run.model], ["data", run.data], ["objective", run.objective],
+        ["method", run.method], ["model", short(run.model)], ["data", short(run.data)], ["objective", run.objective],
         ["steps", run.total_steps ? `${fmt(run.steps)} / ${fmt(run.total_steps)}` : fmt(run.steps)],
         ["last loss", fmt(run.loss)], ["best val loss", fmt(run.best_val_loss)], ["evaluations", evalCells(run.evals)]]
         .map(([k, v]) => el("div", {}, el("span", { text: k }), v || "–"))));
@@ -296,7 +302,7 @@ function trainView() {
   el("div", { class: "form-row" }, el("label", { for: "overrides", text: "Overrides (key=value, one a line)" }), overrides),
   el("button", { type: "submit" }, "Start training"), out);
   view.replaceChildren(el("h1", { text: "Train a recipe" }),
-    el("p", { class: "muted", text: `Runs \`tunesmith train\` into ${config.runs}/<name>; it keeps going if the dashboard stops.` }), form);
+    el("p", { class: "muted", text: `Runs tunesmith train into ${config.runs}/<name>, from the folder the dashboard was started in; the training keeps going if the dashboard stops.` }), form);
 }
 
 // ------------------------------------------------------------------------------------------------
