@@ -45,9 +45,6 @@ def build_app(runs: RunsFolder, *, bench: Path | None = None, launcher: Launcher
         raise DashboardError("tunesmith dashboard needs fastapi and uvicorn: pip install 'tunesmith[serve]'")
     app = FastAPI(title="tunesmith dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(status: int, message: str):
-        return JSONResponse({"error": message}, status_code=status)
-
     @app.get("/")
     def page():
         return _page_file("index.html")
@@ -55,7 +52,7 @@ def build_app(runs: RunsFolder, *, bench: Path | None = None, launcher: Launcher
     @app.get("/static/{name}")
     def static(name: str):
         if name not in PAGE_FILES:
-            return error(404, f"no file {name}")
+            return _error(404, f"no file {name}")
         return _page_file(name)
 
     @app.get("/api/config")
@@ -86,31 +83,40 @@ def build_app(runs: RunsFolder, *, bench: Path | None = None, launcher: Launcher
     @app.get("/api/bench")
     def bench_table():
         if bench is None:
-            return error(404, "no benchmark results (start the dashboard with --bench FILE)")
+            return _error(404, "no benchmark results (start the dashboard with --bench FILE)")
         try:
             return load_bench(bench)
         except ValueError as e:
-            return error(422, str(e))
+            return _error(422, str(e))
 
     @app.post("/api/train")
     async def start_training(request: Request):
         if launcher is None:
-            return error(403, "launching trainings is off: start the dashboard with --allow-train")
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
-            return error(413, f"the form is over {MAX_FORM_BYTES} bytes")
-        try:
-            return launcher.start(json.loads(body or b"null"))
-        except ValueError as e:  # LaunchError, or a body that is not JSON
-            return error(400, str(e) if isinstance(e, LaunchError) else f"the form is not valid JSON ({e})")
-
-    def _on_run(answer):
-        try:
-            return answer()
-        except UnknownRun as e:
-            return error(404, str(e))
+            return _error(403, "launching trainings is off: start the dashboard with --allow-train")
+        return _launch(launcher, await request.body())
 
     return app
+
+
+def _error(status: int, message: str):
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _on_run(answer):
+    """The answer about one run, or 404 when the id is not in the listing."""
+    try:
+        return answer()
+    except UnknownRun as e:
+        return _error(404, str(e))
+
+
+def _launch(launcher: Launcher, body: bytes):
+    if len(body) > MAX_FORM_BYTES:
+        return _error(413, f"the form is over {MAX_FORM_BYTES} bytes")
+    try:
+        return launcher.start(json.loads(body or b"null"))
+    except ValueError as e:  # LaunchError, or a body that is not JSON
+        return _error(400, str(e) if isinstance(e, LaunchError) else f"the form is not valid JSON ({e})")
 
 
 def _page_file(name: str):

@@ -45,7 +45,7 @@ class RunsFolder:
                                     "the folder that holds your runs)")
         self.live_window = live_window
         self.alive = alive or (lambda path: None)
-        self._cache: dict[Path, tuple[tuple, list[dict]]] = {}
+        self._cache: dict[tuple[Path, str], tuple[tuple, object]] = {}
 
     # ---------------------------------------------------------------------------------------------
     # the listing
@@ -87,7 +87,7 @@ class RunsFolder:
             "objective": section("objective").get("name"), "data": section("data").get("train"),
             "steps": train[-1]["step"] if train else 0, "total_steps": section("train").get("steps"),
             "loss": train[-1]["loss"] if train else None, "best_val_loss": min(val) if val else None,
-            "evals": eval_summaries(folder),
+            "evals": self._eval_summaries(folder),
         }
 
     def status(self, folder: Path) -> str:
@@ -119,17 +119,30 @@ class RunsFolder:
         return self._metrics(folder / "metrics.jsonl")
 
     def _metrics(self, path: Path) -> list[dict]:
-        """read_metrics (which stops at a torn last line), cached until the file changes."""
+        """read_metrics (which stops at a torn last line), read again only when the file changed."""
+        return self._cached(path, _metric_rows, [])
+
+    def _cached(self, path: Path, read, missing):
+        """`read(path)`, kept until the file's size or modification time changes: the page asks for
+        the listing every few seconds, and evaluation files can hold thousands of answers."""
         try:
             st = path.stat()
         except OSError:
-            return []
+            return missing
         key = (st.st_mtime_ns, st.st_size)
-        cached = self._cache.get(path)
+        cached = self._cache.get((path, read.__name__))
         if cached is None or cached[0] != key:
-            cached = (key, [r for r in read_metrics(path) if isinstance(r, dict)])
-            self._cache[path] = cached
+            cached = (key, read(path))
+            self._cache[(path, read.__name__)] = cached
         return cached[1]
+
+    def _eval_summaries(self, folder: Path) -> dict:
+        out = {}
+        for label, path in eval_files(folder):
+            found = self._cached(path, eval_summary, None)
+            if found is not None:
+                out[label] = found
+        return out
 
     def metrics(self, run_id: str, since: int = 0) -> dict:
         """Rows from index `since` on, and the index to ask from next. A cursor by row rather than by
@@ -169,15 +182,14 @@ def eval_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda lp: (order.get(lp[0], 2), lp[0]))
 
 
-def eval_summaries(folder: Path) -> dict:
-    out = {}
-    for label, path in eval_files(folder):
-        data = _read_json(path)
-        summary, metric = data.get("summary") or {}, data.get("metric")
-        if isinstance(summary, dict) and metric in summary:
-            out[label] = {"task": data.get("task"), "split": data.get("split"), "metric": metric,
-                          "value": summary[metric], "examples": summary.get("examples")}
-    return out
+def eval_summary(path: Path) -> dict | None:
+    """An evaluation's task, split and main metric; None for a file that is not one."""
+    data = _read_json(path)
+    summary, metric = data.get("summary") or {}, data.get("metric")
+    if not (isinstance(summary, dict) and isinstance(metric, str) and metric in summary):
+        return None
+    return {"task": data.get("task"), "split": data.get("split"), "metric": metric,
+            "value": summary[metric], "examples": summary.get("examples")}
 
 
 def compare_evals(folder: Path, limit: int = MAX_EXAMPLES) -> dict:
@@ -229,6 +241,10 @@ def load_bench(path: str | Path) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # small readers
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    return [r for r in read_metrics(path) if isinstance(r, dict)]
 
 
 def read_recipe(folder: Path) -> dict:
