@@ -309,3 +309,5 @@ def test_cli_names_a_missing_runs_folder(tmp_path, capsys):
     assert err.startswith("tunesmith: error: runs folder") and "nope" in err and "\n" not in err
     assert main(["dashboard", str(tmp_path), "--bench", str(tmp_path / "none.json")]) == 2
     assert "--bench" in capsys.readouterr().err
+    assert main(["dashboard", str(tmp_path), "--host", "0.0.0.0", "--allow-train"]) == 2
+    assert "--allow-train serves only this machine" in capsys.readouterr().err

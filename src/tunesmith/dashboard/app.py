@@ -17,6 +17,7 @@ The page polls rather than holding a socket open: nothing to reconnect when a la
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .launch import Launcher, LaunchError
@@ -32,6 +33,7 @@ STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
 MAX_FORM_BYTES = 64 << 10
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class DashboardError(ValueError):
@@ -126,7 +128,15 @@ def _page_file(name: str):
 
 def dashboard(root: str | Path, *, host: str = "127.0.0.1", port: int = 8765, bench: str | Path | None = None,
               allow_train: bool = False, live_window: float | None = None) -> None:
-    """Serve the dashboard until Ctrl-C."""
+    """Serve the dashboard until Ctrl-C. Another host than this machine's is allowed with a warning
+    (the page shows run data to whoever reaches the port), but never with the train form: a form that
+    starts processes is for the person at this machine."""
+    local = host in LOCAL_HOSTS
+    if allow_train and not local:
+        raise DashboardError(f"--allow-train serves only this machine: drop --host {host} (or the form)")
+    if not local:
+        print(f"[tunesmith] warning: --host {host} shows your runs to anyone who can reach port {port}",
+              file=sys.stderr, flush=True)
     launcher = Launcher(Path(root)) if allow_train else None
     kwargs = {"live_window": live_window} if live_window is not None else {}
     try:
