@@ -208,6 +208,20 @@ def test_a_failing_tracker_is_turned_off_and_the_log_goes_on(tmp_path, monkeypat
     assert mlflow_run(tmp_path)[1].info.status == "FAILED"  # its run is incomplete, and says so
 
 
+def test_a_tracker_that_cannot_start_stops_the_run_and_ends_the_others(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    def refuse(self, resuming, state):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(trk.WandbTracker, "open", refuse)
+    with pytest.raises(TrainError, match=r"train.report_to: wandb could not start \(PermissionError: read-only"):
+        MetricsLog(tmp_path, report_to=["mlflow", "wandb"])
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tunesmith").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 # ---- the key itself
 
 
@@ -239,10 +253,34 @@ def test_flatten_gives_mlflow_params():
 
 
 def test_trackers_are_imported_only_when_named(tmp_path):
-    code = ("import sys; from tunesmith.train.metrics import MetricsLog\n"
-            f"log = MetricsLog({str(tmp_path)!r}, report_to=sys.argv[1].split(',') if sys.argv[1] else [])\n"
-            "log.write({'step': 1, 'loss': 1.0}); log.close()\n"
-            "print(sorted(m for m in ('mlflow', 'wandb', 'tensorboard') if m in sys.modules))")
-    seen = [subprocess.run([sys.executable, "-c", code, names], capture_output=True, text=True, check=True).stdout
-            .strip().splitlines()[-1] for names in ("", "tensorboard", "mlflow")]
-    assert seen == ["[]", "['tensorboard']", "['mlflow']"]
+    code = ("import sys\nfrom tunesmith.train.metrics import MetricsLog\n"
+            "for i, names in enumerate([[], ['tensorboard'], ['mlflow']]):\n"
+            f"    log = MetricsLog({str(tmp_path)!r} + f'/{{i}}', report_to=names)\n"
+            "    log.write({'step': 1, 'loss': 1.0}); log.close()\n"
+            "    print(sorted(m for m in ('mlflow', 'wandb', 'tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-3:] == ["[]", "['tensorboard']", "['mlflow', 'tensorboard']"]
+
+
+def test_the_users_tracker_settings_win(tmp_path, monkeypatch):
+    store = tmp_path / "shared-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sql-sweep")
+    monkeypatch.setenv("WANDB_PROJECT", "sql")
+    run_dir = tmp_path / "run"
+    log = MetricsLog(run_dir, report_to=["mlflow", "wandb"])
+    log.write({"step": 1, "loss": 2.0})
+    log.close()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a resume finds the store the run began in
+    log = MetricsLog(run_dir, resume_step=1, report_to=["mlflow"])
+    log.write({"step": 2, "loss": 1.0})
+    log.close()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    state = json.loads((run_dir / "trackers.json").read_text())
+    run = client.get_run(state["mlflow"]["run_id"])
+    assert state["mlflow"]["tracking_uri"] == store.as_uri() and not (run_dir / "mlruns").exists()
+    assert client.get_experiment(run.info.experiment_id).name == "sql-sweep"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")) == [(1, 2.0), (2, 1.0)]
+    assert [r.project for r in wandb_history(run_dir)[1]] == ["sql"]

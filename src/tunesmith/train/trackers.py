@@ -208,14 +208,20 @@ class Trackers:
         self.active, self._skip = [], {}
         for name in names:
             tracker, state = make[name](), dict(states.get(name, {}))
-            continued = tracker.open(resume_step is not None, state)
+            try:
+                continued = tracker.open(resume_step is not None, state)
+                if not continued:  # a new tracker run gets the history so far
+                    for row in kept:
+                        tracker.log(row, row.get("step", 0))
+            except Exception as e:  # at start a tracker that cannot run stops the run, as a missing one does
+                with contextlib.suppress(Exception):
+                    tracker.close(failed=True)
+                self.close(failed=True)
+                raise TrainError(f"train.report_to: {name} could not start ({type(e).__name__}: {e})") from e
             states[name] = state
             self.active.append(tracker)
             # a continued run has every step up to the last one sent (TensorBoard drops those itself)
             self._skip[name] = sent_until if continued and name != "tensorboard" else 0
-            if not continued:
-                for row in kept:
-                    tracker.log(row, row.get("step", 0))
         if names:
             write_json(path, states)
 
