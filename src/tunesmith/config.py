@@ -374,7 +374,7 @@ class TrainConfig(Config):
     log_every: int = Field(1, gt=0)
     "Write metrics every N steps."
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
-    "Experiment trackers that get every metrics.jsonl row: `tensorboard` (`<run>/tb`), `mlflow` (file store `<run>/mlruns`, or MLFLOW_TRACKING_URI), `wandb` (offline run in `<run>/wandb` unless WANDB_MODE is set); a resume continues their runs; `[]` = metrics.jsonl alone. One not installed stops the run at start (TensorBoard alone is then skipped)."
+    "Experiment trackers that get every metrics.jsonl row: `tensorboard` (`<run>/tb`), `mlflow` (file store `<run>/mlruns`, or MLFLOW_TRACKING_URI), `wandb` (offline run in `<run>/wandb` unless WANDB_MODE is set); a resume continues their runs; `[]` = metrics.jsonl alone. Naming one that is not installed stops the run at start (TensorBoard alone, the default, is then skipped)."
     save_every: int = Field(0, ge=0)
     "Checkpoint every N steps (0 = only at the end)."
     keep_last: int = Field(2, gt=0)
