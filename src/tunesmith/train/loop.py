@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .batches import DataStream, MicroBatches
 from .effective_batch import apply_effective_batch
+from . import trackers
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .prepare import (Interrupt, decoder_layers, evaluate_task, prepare_model, save_output,
@@ -138,6 +139,7 @@ def train(recipe: rcp.Recipe, *, model=None, tokenizer=None, objective=None) -> 
 
 def open_run(run: Run, model, tokenizer, objective) -> None:
     recipe, cfg, dist = run.recipe, run.recipe.train, run.dist
+    trackers.available(cfg.report_to)  # a tracker that is not installed: said before the model loads, on every rank
     if recipe.resume:
         run.resume_from = ckpt.latest_checkpoint(recipe.run_dir, verified=True, note=run.print_main)
     elif ckpt.list_checkpoints(recipe.run_dir):
