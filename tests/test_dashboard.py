@@ -299,7 +299,8 @@ def test_train_form_launches_a_real_training(tmp_path, tiny_model_dir):
         run = call(f"{url}/api/runs")[1]["runs"][0]
         assert (run["id"], run["status"], run["steps"]) == ("from-form", "finished", 4)
         log = call(f"{url}/api/runs/from-form/log")[1]
-        assert "train.lr=5e-3" in log and "[tunesmith] report:" in log
+        assert log.startswith("$ -m tunesmith train tiny.yaml train.lr=5e-3 method.lora.rank=4 output_dir=runs "
+                              "name=from-form\n") and "[tunesmith] report:" in log
     assert "rank: 4" in (root / "from-form" / "recipe.yaml").read_text()
 
 

@@ -64,9 +64,17 @@ class Launcher:
         for o in overrides:
             if o.split("=", 1)[0] in RESERVED:
                 raise LaunchError(f"overrides: {o.split('=', 1)[0]} is set by the dashboard (the run goes in the runs folder)")
-        cmd = [sys.executable, "-m", "tunesmith", "train", str(path), *overrides,
-               f"output_dir={self.root}", f"name={name}"]
+        # paths as the user would type them: relative to the working directory when they lie in it,
+        # so the run's resolved recipe and its log name no machine-specific folders
+        cmd = [sys.executable, "-m", "tunesmith", "train", self._short(path), *overrides,
+               f"output_dir={self._short(self.root)}", f"name={name}"]
         return cmd, folder
+
+    def _short(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.cwd)) or "."
+        except ValueError:
+            return str(path)
 
     def start(self, form: dict) -> dict:
         cmd, folder = self.command(form)
