@@ -2,17 +2,20 @@
 
     python benchmarks/methods/run.py                   # all methods (~1 h on a 2-core CPU)
     python benchmarks/methods/run.py --methods lora,hft --steps 30
+    python benchmarks/methods/run.py --task intent     # another built-in task: results-intent.json/.md
 
-Each method LoRA-style fine-tunes the embedded SmolLM2-135M-Instruct on the built-in `sql` task
-(`recipes/quickstart.yaml`: bf16 autocast, packed 1024-token steps) for the same number of steps,
-then the tuned model is measured on
-  - the task: execution accuracy on `sql` test questions;
+Each method fine-tunes the embedded SmolLM2-135M-Instruct on a built-in task (`--task`, default
+`sql`) with `recipes/quickstart.yaml` (bf16 autocast, packed 1024-token steps; its data and eval
+task swapped for `--task`) for the same number of steps, then the tuned model is measured on
+  - the task: its main metric on test questions, zero-shot (`sql`: execution accuracy);
   - forgetting, as the change from the base model in
       · loss on held-out general text (English prose from Python's bundled documentation topics,
         `pydoc_data`, which every Python install ships and no method trains on), and
-      · score on a second, unrelated task (`json` extraction, two-shot, share of fields right).
-Every method runs in its own process, so peak memory is its own. Results go to
-`benchmarks/methods/results.json` and the table to `benchmarks/methods/results.md`.
+      · score on a second, unrelated task (`json` extraction, two-shot, share of fields right; when
+        `--task json`, `intent` classification, two-shot, accuracy).
+Every method runs in its own process, so peak memory is its own. Results of `sql` go to
+`benchmarks/methods/results.json` and the table to `results.md`; of another task to
+`results-<task>.json` and `results-<task>.md`, so the `sql` figures stay reproducible.
 """
 from __future__ import annotations
 
@@ -62,23 +65,28 @@ def general_text(path: Path, docs: int) -> Path:
 
 
 def measure(model, tokenizer, args, text_file: Path) -> dict:
-    """Task score, second-task score and general-text loss of a model."""
+    """Task score, second-task score and general-text loss of a model, keyed by the tasks' names.
+    `--json-limit 0` / `--docs 0` skip the two forgetting measures (None): on a shared CPU the
+    two-shot second task costs as much time as the task itself."""
     import torch
 
     from tunesmith.objectives.sft import perplexity
     from tunesmith.eval.runner import evaluate, get_eval_task
     from tunesmith.runtime import autocast
 
-    out = {}
-    with autocast(model.device, "bf16"):
-        sql = evaluate(model, tokenizer, get_eval_task("sql"), split="test", limit=args.sql_limit, max_new_tokens=64,
-                       batch_size=16, progress=False)
-        # two solved examples in the prompt show the format; the score is the share of fields right
-        js = evaluate(model, tokenizer, get_eval_task("json"), split="test", limit=args.json_limit, shots=2,
-                      max_new_tokens=96, batch_size=16, progress=False)
-    out["sql"], out["json"] = sql.main, js.summary.get("mean_score", js.main)
-    with torch.no_grad():
-        out["text_loss"] = perplexity(model, tokenizer, str(text_file), max_length=512)["loss"]
+    other = forget_task(args.task)
+    out = {other: None, "text_loss": None}
+    with autocast(model.device, args.precision):
+        main = evaluate(model, tokenizer, get_eval_task(args.task), split="test", limit=args.limit,
+                        max_new_tokens=MAX_NEW_TOKENS[args.task], batch_size=16, progress=False)
+        out[args.task] = main.main
+        if args.json_limit > 0:  # two solved examples in the prompt show the format; json: share of fields right
+            js = evaluate(model, tokenizer, get_eval_task(other), split="test", limit=args.json_limit, shots=2,
+                          max_new_tokens=MAX_NEW_TOKENS[other], batch_size=16, progress=False)
+            out[other] = js.summary.get("mean_score", js.main)
+    if args.docs > 0:
+        with torch.no_grad():
+            out["text_loss"] = perplexity(model, tokenizer, str(text_file), max_length=512)["loss"]
     return out
 
 
@@ -95,8 +103,8 @@ def run_one(label: str, args, text_file: Path) -> dict:
         return {"method": "base", **measure(model, tok, args, text_file)}
     overrides, lr = METHODS[label]
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [
-        *overrides, f"train.lr={lr}", f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0",
-        "eval.every=0", f"name=bench-{label.replace('+', 'plus').replace('@', '-at-')}", f"output_dir={args.runs}"])
+        *task_overrides(args.task), *precision_overrides(args.precision), *overrides, f"train.lr={lr}", f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0",
+        "eval.every=0", f"name={run_name(label, args.task)}", f"output_dir={args.runs}"])
     t = time.perf_counter()
     result = train(recipe)
     wall = time.perf_counter() - t
@@ -113,10 +121,39 @@ def run_one(label: str, args, text_file: Path) -> dict:
     return {**row, **measure(model, tok, args, text_file)}
 
 
+def task_overrides(task: str) -> list[str]:
+    """Recipe overrides that tune on `task`: none for sql, the recipe's own task, so its runs stay as they were."""
+    if task == "sql":
+        return []
+    return [f"data.train=task:{task}/train", f"data.validation=task:{task}/validation", f"eval.task={task}"]
+
+
+def precision_overrides(precision: str) -> list[str]:
+    """fp32 training and scoring for a CPU without native bf16 (no avx512_bf16/AMX), where bf16 autocast is
+    emulated and several times slower; the recipe's bf16 otherwise."""
+    return ["train.precision=fp32", "model.frozen_dtype=same"] if precision == "fp32" else []
+
+
+def run_name(label: str, task: str) -> str:
+    """The run directory's name: sql keeps its historical `bench-<label>`, other tasks get their own."""
+    stem = "bench" if task == "sql" else f"bench-{task}"
+    return f"{stem}-{label.replace('+', 'plus').replace('@', '-at-')}"
+
+
 def _last_loss(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     return sum(losses[-5:]) / len(losses[-5:])
+
+
+# Generation budget per task: enough for the longest gold answer, no more (decoding dominates eval time).
+MAX_NEW_TOKENS = {"sql": 64, "json": 96, "intent": 16}
+TASK_METRIC = {"sql": "accuracy", "json": "exact match", "intent": "accuracy"}
+
+
+def forget_task(task: str) -> str:
+    """The unrelated task whose score change measures forgetting: `json`, or `intent` for `json` itself."""
+    return "intent" if task == "json" else "json"
 
 
 BASE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted once)
@@ -124,33 +161,50 @@ BASE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted 
 
 def table(rows: list[dict], args) -> str:
     """The markdown table; % is of the base model's parameters."""
+    task, other = args.task, forget_task(args.task)
     base = next(r for r in rows if r["method"] == "base")
-    lines = [f"| method | sql accuracy | trainable | % | peak memory | tokens/s | train time | lr | final train loss | "
-             f"Δ general-text loss | Δ json score |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| base model | {100 * base['sql']:.1f}% | — | — | — | — | — | — | — | "
-             f"(loss {base['text_loss']:.3f}) | (score {100 * base['json']:.1f}%) |"]
+    lines = [f"| method | {task} {TASK_METRIC[task]} | trainable | % | peak memory | tokens/s | train time | lr | "
+             f"final train loss | Δ general-text loss | Δ {other} score |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| base model | {100 * base[task]:.1f}% | — | — | — | — | — | — | — | "
+             f"{_num(base['text_loss'], '(loss {:.3f})')} | {_num(base[other], '(score {:.1%})')} |"]
     for r in rows:
         if r["method"] == "base":
             continue
         lines.append(
-            f"| {r['method']} | {100 * r['sql']:.1f}% | {r['trainable']:,} | {100 * r['trainable'] / BASE_PARAMETERS:.2f} | "
+            f"| {r['method']} | {100 * r[task]:.1f}% | {r['trainable']:,} | {100 * r['trainable'] / BASE_PARAMETERS:.2f} | "
             f"{r['peak_mem_gb']:.2f} GB | {r['tokens_per_s']:.0f} | {r['train_s']:.0f} s | {r['lr']:g} | {r['final_loss']:.3f} | "
-            f"{r['text_loss'] - base['text_loss']:+.3f} | {100 * (r['json'] - base['json']):+.1f} points |")
+            f"{_diff(r['text_loss'], base['text_loss'], '{:+.3f}')} | "
+            f"{_diff(r[other], base[other], '{:+.1f} points', 100)} |")
     return "\n".join(lines)
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _diff(value, base, fmt: str, scale: float = 1.0) -> str:
+    """A change from the base model, or — where either was not measured (--json-limit 0, --docs 0)."""
+    return "—" if value is None or base is None else fmt.format(scale * (value - base))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated labels (default: all)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of 1024 tokens for every method")
-    p.add_argument("--sql-limit", type=int, default=60)
-    p.add_argument("--json-limit", type=int, default=40)
-    p.add_argument("--docs", type=int, default=40, help="general-text documents")
+    p.add_argument("--task", default="sql", help="built-in task to tune on and score (default: sql)")
+    p.add_argument("--limit", "--sql-limit", dest="limit", type=int, default=60, help="test questions of --task")
+    p.add_argument("--json-limit", type=int, default=40, help="second-task questions (0: skip that measure)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="training and scoring precision (bf16: the recipe's; fp32 for CPUs without native bf16)")
+    p.add_argument("--docs", type=int, default=40, help="general-text documents (0: skip that measure)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-methods"))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one method in this process
-    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--out", default=None, help="results JSON (default: results.json for sql, results-<task>.json)")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from results.json")
     args = p.parse_args()
+    if args.task not in MAX_NEW_TOKENS:
+        p.error(f"--task {args.task}: this benchmark scores only {', '.join(MAX_NEW_TOKENS)}")
+    args.out = args.out or str(HERE / ("results.json" if args.task == "sql" else f"results-{args.task}.json"))
     if args.table_only:
         return write_table(json.loads(Path(args.out).read_text()), args)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
@@ -171,7 +225,9 @@ def main() -> int:
             print(f"[bench] {label}: already in {out}, skipped", flush=True)
             continue
         print(f"[bench] {label} ...", flush=True)
-        cmd = [sys.executable, __file__, "--one", label, "--steps", str(args.steps), "--sql-limit", str(args.sql_limit),
+        cmd = [sys.executable, __file__, "--one", label, "--task", args.task, "--precision", args.precision,
+               "--steps", str(args.steps),
+               "--limit", str(args.limit),
                "--json-limit", str(args.json_limit), "--docs", str(args.docs), "--runs", args.runs]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -185,9 +241,12 @@ def main() -> int:
 
 
 def write_table(rows: list[dict], args) -> int:
-    md = HERE / "results.md"
-    md.write_text(f"# Methods on `sql`, {args.steps} steps × 1024 tokens, SmolLM2-135M-Instruct\n\n"
-                  f"Command: `python benchmarks/methods/run.py --steps {args.steps} --sql-limit {args.sql_limit} "
+    md = Path(args.out).with_suffix(".md")
+    task_arg = ("" if args.task == "sql" else f" --task {args.task}") + \
+        ("" if args.precision == "bf16" else f" --precision {args.precision}")
+    limit_arg = "--sql-limit" if args.task == "sql" else "--limit"  # the sql results were made with this spelling
+    md.write_text(f"# Methods on `{args.task}`, {args.steps} steps × 1024 tokens, SmolLM2-135M-Instruct\n\n"
+                  f"Command: `python benchmarks/methods/run.py{task_arg} --steps {args.steps} {limit_arg} {args.limit} "
                   f"--json-limit {args.json_limit} --docs {args.docs}`\n\n{table(rows, args)}\n")
     print(md.read_text())
     return 0
