@@ -6,7 +6,8 @@
 
 Each method fine-tunes the embedded SmolLM2-135M-Instruct on a built-in task (`--task`, default
 `sql`) with `recipes/quickstart.yaml` (bf16 autocast, packed 1024-token steps; its data and eval
-task swapped for `--task`) for the same number of steps, then the tuned model is measured on
+task swapped for `--task`; `--precision fp32` for a CPU without native bf16) for the same number
+of steps, then the tuned model is measured on
   - the task: its main metric on test questions, zero-shot (`sql`: execution accuracy);
   - forgetting, as the change from the base model in
       · loss on held-out general text (English prose from Python's bundled documentation topics,
@@ -103,8 +104,9 @@ def run_one(label: str, args, text_file: Path) -> dict:
         return {"method": "base", **measure(model, tok, args, text_file)}
     overrides, lr = METHODS[label]
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [
-        *task_overrides(args.task), *precision_overrides(args.precision), *overrides, f"train.lr={lr}", f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0",
-        "eval.every=0", f"name={run_name(label, args.task)}", f"output_dir={args.runs}"])
+        *task_overrides(args.task), *precision_overrides(args.precision), *overrides, f"train.lr={lr}",
+        f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0", "eval.every=0",
+        f"name={run_name(label, args.task)}", f"output_dir={args.runs}"])
     t = time.perf_counter()
     result = train(recipe)
     wall = time.perf_counter() - t
@@ -164,7 +166,8 @@ def table(rows: list[dict], args) -> str:
     task, other = args.task, forget_task(args.task)
     base = next(r for r in rows if r["method"] == "base")
     lines = [f"| method | {task} {TASK_METRIC[task]} | trainable | % | peak memory | tokens/s | train time | lr | "
-             f"final train loss | Δ general-text loss | Δ {other} score |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"final train loss | Δ general-text loss | Δ {other} score |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| base model | {100 * base[task]:.1f}% | — | — | — | — | — | — | — | "
              f"{_num(base['text_loss'], '(loss {:.3f})')} | {_num(base[other], '(score {:.1%})')} |"]
     for r in rows:
