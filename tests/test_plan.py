@@ -148,7 +148,7 @@ def test_candidates_enumerate_and_filter_by_memory(plan_recipe):
     recipe = load_recipe(plan_recipe)
     cands = enumerate_candidates(recipe, ["lora", "full"], ranks=[2, 4])
     labels = [c.label for c in cands]
-    assert labels[:3] == ["lora-r2-lr3.3e-3", "lora-r2-lr1.0e-2", "lora-r2-lr3.0e-2"]  # the recipe's lr ×⅓, ×1, ×3
+    assert labels[:3] == ["lora-r2-lr1.0e-2", "lora-r2-lr3.3e-3", "lora-r2-lr3.0e-2"]  # the recipe's lr ×1, ×⅓, ×3
     assert len(cands) == 2 * 3 + 3 and labels[-1] == "full-lr6.0e-5"  # full takes no rank: usual 2e-5 grid
     assert cands[-1].overrides == {"method.name": "full", "train.lr": 6e-5}
 
@@ -285,5 +285,20 @@ def test_candidate_file_plans_exactly_those(plan_recipe, tmp_path):
     assert [c["label"] for c in state["candidates"]] == ["mine-a", "mine-b"]
     assert state["candidates"][0]["overrides"] == {"train.lr": 3e-3, "method.lora.rank": 2}
     assert all(c["pilot"] == {} for c in state["candidates"])
+    # no pilots, no loss: ranked by the tokens each trains in the budget
+    work = {c["label"]: c["steps_in_budget"] * c["estimate"]["tokens_per_step"] for c in state["candidates"]}
+    assert state["winner"] == max(work, key=work.get)
     recipe = load_recipe(out / "winner.yaml")
     assert recipe.name.startswith("tiny-mine-")
+
+
+def test_example_candidate_file_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cands = cand_mod.read_candidates(root / "examples/plan/candidates.yaml")
+    assert [c.label for c in cands] == ["lora-r8", "lora-r32", "dora-r16", "full-big-batch"]
+    for c in cands:  # every override is a recipe key with a valid value
+        recipe = load_recipe(root / "recipes/lora-sft.yaml", c.override_list())
+        assert recipe.method.name == c.overrides["method.name"]
+        assert recipe.train.lr == c.overrides["train.lr"]

@@ -25,7 +25,8 @@ class PlanError(ValueError):
 # method class may declare its own `lr`, which wins over this table.
 USUAL_LR = {"full": 2e-5, "freeze": 5e-5, "hft": 2e-5, "moe": 2e-5, "lora": 2e-4, "longlora": 2e-4,
             "moe_lora": 2e-4, "mam": 2e-4, "adapter": 2e-4, "sparse": 2e-4, "prefix": 1e-3, "ia3": 3e-3}
-LR_GRID = (1 / 3, 1.0, 3.0)  # ×⅓, ×1, ×3 the usual rate: brackets the optimum without many pilots
+LR_GRID = (1.0, 1 / 3, 3.0)  # ×1, ×⅓, ×3 the usual rate: brackets the optimum without many pilots (the
+# usual first: where nothing else tells candidates apart, the earlier one ranks higher)
 DEFAULT_METHODS = ("lora", "full")
 
 
@@ -33,7 +34,7 @@ DEFAULT_METHODS = ("lora", "full")
 class Candidate:
     label: str
     overrides: dict  # recipe key -> value, applied over the user's recipe and overrides
-    estimate: dict | None = None  # {peak_gb, step_s, trainable}
+    estimate: dict | None = None  # {peak_gb, step_s, trainable, tokens_per_step, checkpointing}
     fits: bool | None = None
     note: str = ""  # why it was dropped, or that checkpointing was added
     steps_in_budget: int | None = None
@@ -170,7 +171,7 @@ def _fmt(x: float) -> str:
 
 def enumerate_candidates(recipe, methods: list[str] | None = None, lrs=None, ranks: list[int] | None = None,
                          batch_tokens: list[int] | None = None, grad_accum: list[int] | None = None) -> list[Candidate]:
-    """The grid: methods × learning rates (×⅓, ×1, ×3 the usual; `lrs="default"`: the usual only;
+    """The grid: methods × learning rates (×1, ×⅓, ×3 the usual; `lrs="default"`: the usual only;
     a list: those) × ranks (rank-taking methods, when asked) × micro-batches × accumulation."""
     from ..methods import method_class
 
@@ -247,7 +248,8 @@ def estimate_fit(cand: Candidate, load, memory_bytes: float, cache: dict, add_ch
         key = yaml.safe_dump({k: v for k, v in over.items() if k != "train.lr"}, sort_keys=True)
         if key not in cache:
             e = estimate(recipe)
-            cache[key] = {"peak_gb": e.peak_gb, "step_s": e.step_s, "trainable": e.trainable}
+            cache[key] = {"peak_gb": e.peak_gb, "step_s": e.step_s, "trainable": e.trainable,
+                          "tokens_per_step": e.tokens_per_step}
         return {**cache[key], "checkpointing": recipe.train.activation_checkpointing}
 
     try:

@@ -119,6 +119,10 @@ def _candidates(settings: PlanSettings, recipe, load, state: dict, say) -> list[
         state["precision"] = precision
         for c in cands:
             c.overrides["train.precision"] = precision
+            if precision == "fp32" and recipe.model.frozen_dtype != "same":
+                # low-precision frozen weights pay off under autocast in that precision; in fp32 they
+                # would be cast on every matmul (and methods that train base weights refuse them)
+                c.overrides["model.frozen_dtype"] = "same"
     say(f"[plan] {len(cands)} candidates; memory budget {memory / 1e9:.2f} GB; final run {settings.time_s / 60:.1f} min")
     cache: dict = {}
     for i, c in enumerate(cands):
@@ -163,9 +167,7 @@ def finish(cands: list[Candidate], settings: PlanSettings, state: dict) -> None:
     def key(c: Candidate):
         loss = c.predicted_final_loss if c.predicted_final_loss is not None else math.inf
         if not settings.pilots:
-            tokens = (c.steps_in_budget or 0) * c.overrides.get("train.batch_tokens", 1) \
-                * c.overrides.get("train.grad_accum", 1)
-            return (0, -tokens, 0.0)
+            return (0, -(c.steps_in_budget or 0) * (c.estimate or {}).get("tokens_per_step", 1), 0.0)
         return (1 if c.pilot.get("stopped_early") else 0, -c.pilot.get("rung", -1), loss)
 
     ranked = sorted((c for c in cands if c.fits), key=key)
