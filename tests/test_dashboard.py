@@ -104,6 +104,7 @@ def real_runs(tiny_model_dir, tmp_path_factory):
 
 
 def test_real_runs_listed_with_status_method_and_metrics(real_runs):
+    age(real_runs / "cut", 600)  # stopped ten minutes ago
     with serving(build_app(RunsFolder(real_runs, live_window=0))) as url:
         status, listing = call(f"{url}/api/runs")
         assert status == 200
@@ -136,6 +137,11 @@ def test_status_from_what_is_on_disk(tmp_path):
     for folder in (done, cut, dead):
         age(folder, 600)
     assert [runs.status(f) for f in (fresh, done, cut, dead)] == ["running", "finished", "interrupted", "failed"]
+    write_rows(dead / "metrics.jsonl", [{"step": 1, "loss": 2.0, "step_s": 250.0}])  # a slow model: 250 s a step
+    age(dead, 600)
+    assert runs.status(dead) == "running"  # quiet for 600 s, under three of its steps
+    age(dead, 800)
+    assert runs.status(dead) == "failed"
     write_rows(cut / "metrics.jsonl", [{"step": 4, "loss": 1.0}], "a")  # it was resumed and logs again
     assert runs.status(cut) == "running"
     # a process the dashboard launched decides while it is known: alive → running, ended → by the files

@@ -10,7 +10,8 @@ points outside it is not listed).
 Status, from what `tunesmith train` leaves on disk (it writes no lock or pid file):
 - finished: the run saved its output (`adapter/` or `model/`; a staged job: every stage completed);
 - running: the dashboard launched it and the process is alive, or a file of the run (metrics,
-  recipe, checkpoints, stage state) changed within the last `live_window` seconds;
+  recipe, checkpoints, stage state) changed within the last `live_window` seconds (or three of its
+  last steps' `step_s`, when its steps take longer than that);
 - interrupted: neither, and a checkpoint is there (`resume=true` continues it);
 - failed: neither, and no checkpoint (it stopped before its first save).
 """
@@ -98,10 +99,17 @@ class RunsFolder:
         elif any((folder / name).exists() for name in OUTPUTS):
             return "finished"
         alive = self.alive(folder)
-        if alive or (alive is None and time.time() - _newest_change(folder) < self.live_window):
+        if alive or (alive is None and time.time() - _newest_change(folder) < self.quiet_allowed(folder)):
             return "running"
         checkpoints = list(folder.glob("checkpoints/step-*")) + list(folder.glob("*/checkpoints/step-*"))
         return "interrupted" if checkpoints else "failed"
+
+    def quiet_allowed(self, folder: Path) -> float:
+        """How long a training may write nothing and still count as running: the live window, or three
+        of its last steps when its steps are slower than that (a large model on a CPU)."""
+        rows = self.rows(folder)
+        step_s = rows[-1].get("step_s") if rows else None
+        return max(self.live_window, 3 * step_s) if isinstance(step_s, (int, float)) else self.live_window
 
     # ---------------------------------------------------------------------------------------------
     # one run
