@@ -7,6 +7,18 @@ the page's recipe form (the live run: it is stopped with SIGTERM once the shots 
 ends as an interrupted run with a checkpoint), and photographs each view in Chromium: the run
 list, the live run, two runs compared, an evaluation before/after, the benchmark table, the form.
 Needs playwright and Debian's Chromium (`make test` installs both).
+
+The PNGs here: SmolLM2-135M-Instruct on 2 shared CPU cores (fp32; bf16 is slow without AVX512-BF16),
+run from a project folder holding recipes/ and runs/ (so every path shown is relative):
+
+    S="train.steps=16 train.batch_tokens=512 train.precision=fp32 model.frozen_dtype=same train.threads=1"
+    tunesmith quickstart $S train.eval_every=8 train.save_every=8 eval.limit=8 eval.max_new_tokens=48 \
+        output_dir=runs name=sql-lora-r16            # sql accuracy on 8 test questions: 0% -> 25%
+    tunesmith train recipes/quickstart.yaml $S train.eval_every=8 train.save_every=8 eval.task=null \
+        method.lora.rank=4 train.lr=3e-4 output_dir=runs name=sql-lora-r4
+    python docs/dashboard/shoot.py runs --compare sql-lora-r16,sql-lora-r4 --evals sql-lora-r16 --live-points 5 \
+        --live-override train.steps=24 --live-override train.batch_tokens=512 --live-override train.precision=fp32 \
+        --live-override model.frozen_dtype=same --live-override train.threads=1 --live-override eval.task=null
 """
 from __future__ import annotations
 

@@ -70,11 +70,12 @@ function showError(where, e) {
 // ------------------------------------------------------------------------------------------------
 // the chart: series of [x, y] points on shared axes, drawn as SVG paths
 
-function niceTicks(lo, hi, n) {
+// Round tick values covering [lo, hi] about n times; `whole`: only whole numbers (steps).
+function niceTicks(lo, hi, n, whole = false) {
   if (lo === hi) { lo -= Math.abs(lo) * 0.1 || 1; hi += Math.abs(hi) * 0.1 || 1; }
-  const raw = (hi - lo) / n;
+  const raw = Math.max((hi - lo) / n, whole ? 1 : 0);
   const mag = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw && (!whole || Number.isInteger(s)));
   const ticks = [];
   for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
   return { lo, hi, ticks };
@@ -90,7 +91,8 @@ function lineChart(title, series, { xLabel = "step" } = {}) {
     root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", text: "no rows yet" }));
     return box;
   }
-  const xs = niceTicks(Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0])), 6);
+  const xs = niceTicks(Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0])), 6,
+    pts.every((p) => Number.isInteger(p[0])));
   const ys = niceTicks(Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1])), 5);
   const X = (x) => L + ((x - xs.lo) / (xs.hi - xs.lo)) * (W - L - R);
   const Y = (y) => H - B - ((y - ys.lo) / (ys.hi - ys.lo)) * (H - T - B);
@@ -165,10 +167,10 @@ function runsView() {
       el("td", {}, el("input", { type: "checkbox", checked: selected.has(r.id), "aria-label": `select ${r.id}`,
         onchange: (ev) => { ev.target.checked ? selected.add(r.id) : selected.delete(r.id);
           compare.disabled = selected.size < 2; } })),
-      el("td", {}, el("a", { href: runHref(r.id), text: r.id })),
+      el("td", { class: "nowrap" }, el("a", { href: runHref(r.id), text: r.id })),
       el("td", {}, el("span", { class: `badge ${r.status}`, text: r.status })),
-      cell(r.method), cell(r.model), cell(r.data),
-      el("td", { class: "num", text: r.total_steps ? `${fmt(r.steps)} / ${fmt(r.total_steps)}` : fmt(r.steps) }),
+      cell(r.method), cell(r.model, { class: "nowrap" }), cell(r.data),
+      el("td", { class: "num nowrap", text: r.total_steps ? `${fmt(r.steps)} / ${fmt(r.total_steps)}` : fmt(r.steps) }),
       el("td", { class: "num", text: fmt(r.loss) }), el("td", { class: "num", text: fmt(r.best_val_loss) }),
       el("td", { text: evalCells(r.evals) }), el("td", { class: "muted", text: ago(r.updated) }))));
     if (!runs.length) body.append(el("tr", {}, el("td", { colspan: 11, text: "No runs in this folder yet." })));
@@ -221,7 +223,7 @@ async function evalSection(id, box) {
     .filter((x) => !only.checked || new Set(labels.map((l) => x.answers[l]?.correct)).size > 1)
     .map((x, i) => el("tr", { "data-example": x.id },
       el("td", { class: "num muted", text: i + 1 }),
-      el("td", {}, el("div", { class: "answer", text: x.prompt ?? "" })),
+      el("td", {}, el("div", { class: "answer prompt", text: x.prompt ?? "" })),
       el("td", {}, el("div", { class: "answer", text: x.reference ?? "" })),
       ...labels.map((l) => { const a = x.answers[l];
         return el("td", { class: a ? (a.correct ? "right" : "wrong") : null, "data-label": l },
