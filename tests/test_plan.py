@@ -170,6 +170,17 @@ def test_candidates_enumerate_and_filter_by_memory(plan_recipe):
     assert f"> memory {between / 1e9:.2f} GB" in pair[1].note
 
 
+def _fixed_step_time(monkeypatch):
+    """Pilots' step times as a fixed 0.5 s: the budget's step count, hence every prediction and cut,
+    then depends on the losses alone (on a busy machine measured times vary from run to run)."""
+    real = pilots.read_pilot
+
+    def read(run_dir):
+        out = real(run_dir)
+        return {**out, "step_s": 0.5 if out["step_s"] else None}
+    monkeypatch.setattr(pilots, "read_pilot", read)
+
+
 def _plan(plan_recipe, out, *extra):
     from tunesmith.cli import main
 
@@ -185,7 +196,9 @@ def _pilot_curves(out):
 @pytest.fixture(scope="module")
 def full_plan(plan_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("plan-out") / "whole"
-    assert _plan(plan_recipe, out) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        _fixed_step_time(mp)
+        assert _plan(plan_recipe, out) == 0
     return out
 
 
@@ -206,6 +219,7 @@ def test_plan_end_to_end(full_plan, capsys):
     assert ranks == list(range(1, 7))
     winner = next(c for c in cands if c["rank"] == 1)
     assert state["winner"] == winner["label"] and winner["pilot"]["steps_run"] == 8
+    assert winner["steps_in_budget"] == 120 and winner["step_s_source"] == "pilot"  # 1 min at 0.5 s a step
     assert all(winner["predicted_final_loss"] <= c["predicted_final_loss"] for c in finished)
     plan_md = (full_plan / "plan.md").read_text()
     assert f"**Winner: `{winner['label']}`**" in plan_md and "How the prediction is made" in plan_md
@@ -243,6 +257,7 @@ def test_interrupted_plan_continues_without_rerunning(plan_recipe, full_plan, tm
         return real(recipe, **kw)
 
     out = tmp_path / "again"
+    _fixed_step_time(monkeypatch)
     monkeypatch.setattr(loop, "train", stop_second)
     assert _plan(plan_recipe, out) == 130
     first, second = calls

@@ -144,8 +144,9 @@ def _pilots(settings: PlanSettings, state: dict, fitting: list[Candidate], load,
         state["rungs"] = rung_ends(steps, len(fitting))
         save()
     ends = state["rungs"]
+    cut = "; the worse half stops after each rung but the last" if len(ends) > 1 else ""
     say(f"[plan] pilots: {len(fitting)} candidates, rungs ending at steps {ends} "
-        f"({pilot_cost(ends, len(fitting))} pilot steps in all; the worse half stops at each rung)")
+        f"({pilot_cost(ends, len(fitting))} pilot steps in all{cut})")
     successive_halving(fitting, load, out / "pilots", ends, settings.time_s, save, say)
     state["pilot_wall_s"] = sum(c.pilot.get("wall_s", 0.0) for c in fitting)
 

@@ -49,7 +49,7 @@ HEADER = ["rank", "candidate", "method", "lr", "peak GB", "step s", "steps in bu
 def table(cands: list[Candidate], markdown: bool = True) -> str:
     body = rows(cands)
     if markdown:
-        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---:|" * 2 + "---|" + "---:|" * 9 + "---|"]
+        lines = ["| " + " | ".join(HEADER) + " |", "|---:|---|---|" + "---:|" * 9 + "---|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
     cols = HEADER[:12]
     width = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(cols)]
@@ -76,10 +76,12 @@ def write_outputs(out: Path, state: dict, cands: list[Candidate], settings, load
 
     out.mkdir(parents=True, exist_ok=True)
     winner = next((c for c in cands if c.label == state.get("winner")), None)
+    why = "the faster on this machine's measured matmul peak" if settings.precision == "auto" else "as asked"
+    precision = f"compute precision {state['precision']} ({why})." if state.get("precision") \
+        else "each candidate's settings as given."
     head = [f"# Plan for `{settings.recipe}`", "",
             f"Final run budget {settings.time_s / 60:.1f} min; memory budget {state.get('memory_gb', 0):.2f} GB; "
-            f"compute precision {state.get('precision', 'as given')} (the faster on this machine's measured "
-            "matmul peak)."]
+            + precision]
     if state.get("rungs"):
         head.append(f"Pilots: rungs ending at steps {state['rungs']}, {state.get('pilot_wall_s', 0):.0f} s in all "
                     "(not part of the budget).")
