@@ -146,6 +146,10 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     cfg.num_hidden_layers = layers
     if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
         cfg.layer_types = list(cfg.layer_types)[:layers]
+    freeze = recipe.method.freeze  # set only when the method is freeze
+    if freeze is not None and freeze.layers > layers:  # the top k of a cut model: all of it trains (the upper bound stated above)
+        recipe = copy.deepcopy(recipe)
+        recipe.method.freeze.layers = layers
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[recipe.model.dtype], attn_implementation="sdpa")
     model, _, method = prepare_model(recipe, model, None)
