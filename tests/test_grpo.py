@@ -279,7 +279,11 @@ def test_reward_rises_on_a_toy_task(tmp_path, tokenizer, yes_no_model):
     assert 0.2 < first < 0.8, curve  # the start really is a coin flip, so there is something to learn
     assert last > first + 0.2, curve
     assert all(r["pass_rate"] == r["reward_mean"] for r in rows)  # reward [task] is exactly the pass rate
-    assert all(r["ratio"] == pytest.approx(1.0) for r in rows)  # iterations=1: old logps are the current ones
+    # iterations=1: old logps are the current ones. A step whose groups all drew equal rewards trains
+    # nothing (no ratio is logged); sampling decides how often that happens
+    trained = [r for r in rows if r["trained_tokens"]]
+    assert len(trained) >= 15 and all("ratio" not in r for r in rows if not r["trained_tokens"])
+    assert all(r["ratio"] == pytest.approx(1.0) for r in trained)
     assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
     report = (result.run_dir / "report.md").read_text()
     assert "reward.png" in report and (result.run_dir / "reward.png").is_file()
