@@ -3,6 +3,7 @@
     tunesmith data inspect recipes/lora-sft.yaml
     tunesmith data prepare recipes/data-prepare.yaml prepare.inputs=raw/ prepare.output=shards/
     tunesmith train recipes/lora-sft.yaml data.train=shards/
+    tunesmith data long-docs --output long/ --min-tokens 8192 --max-tokens 16384
 """
 from __future__ import annotations
 
@@ -21,6 +22,33 @@ def add_data_verb(sub) -> None:
     q.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. prepare.inputs=raw/ prepare.workers=2")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_prepare)
+    q = dsub.add_parser("long-docs", help="long documents from local code: each installed package's (or folder's) "
+                                          "source files concatenated per sub-package, split train/held-out by package")
+    q.add_argument("--output", required=True, help="folder for train.jsonl, held_out.jsonl and summary.md")
+    q.add_argument("--packages", nargs="*", default=None,
+                   help="installed packages to read (default: those of torch, transformers, numpy, pydantic, ... "
+                        "that are installed); `--packages` alone = none, with --folder")
+    q.add_argument("--folder", action="append", default=[], help="a source folder read as a package (repeatable)")
+    q.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer counts the tokens")
+    q.add_argument("--min-tokens", type=int, default=4096, help="shortest document (and row) kept")
+    q.add_argument("--max-tokens", type=int, default=None, help="cut documents into rows of at most this many tokens")
+    q.add_argument("--held-out", nargs="+", default=None, help="packages held out (default: by --held-out-fraction)")
+    q.add_argument("--held-out-fraction", type=float, default=0.1, help="share of tokens held out, whole packages")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(fn=cmd_long_docs)
+
+
+def cmd_long_docs(args) -> int:
+    from ..data.long_docs import build_long_docs, format_summary, write_long_docs
+    from ..models.load import load_tokenizer
+
+    docs = build_long_docs(load_tokenizer(args.model), packages=args.packages, folders=args.folder,
+                           min_tokens=args.min_tokens, max_tokens=args.max_tokens, held_out=args.held_out,
+                           held_out_fraction=args.held_out_fraction, progress=not args.quiet)
+    folder = write_long_docs(docs, args.output)
+    print(format_summary(docs))
+    print(f"[tunesmith] long documents in {folder} (train.jsonl, held_out.jsonl, summary.md)")
+    return 0
 
 
 def cmd_prepare(args) -> int:
