@@ -156,7 +156,10 @@ def _export_gguf(args) -> int:
 def cmd_eval(args) -> int:
     from ..eval.runner import evaluate, format_summary, get_eval_task, save_result
     from ..infer.domains import domain_route
+    from .long_context import eval_long, is_long_task
 
+    if is_long_task(args.task):
+        return eval_long(args, _load)
     if args.task.partition(":")[0] in ("retrieval", "rerank"):
         from .embeddings import eval_rerank, eval_retrieval
 
@@ -352,7 +355,8 @@ def _add_model_verbs(sub) -> None:
                    help="sql, json, translate-XX (English -> XX; translate-XX-YY, translate-all), humaneval, "
                         "a JSONL task file, text:FILE for loss/perplexity, or "
                         "retrieval:builtin / retrieval:BEIR_FOLDER (with --model bm25 or an embedder), or "
-                        "rerank:builtin / rerank:BEIR_FOLDER (BM25 top --top-k reranked by the model)")
+                        "rerank:builtin / rerank:BEIR_FOLDER (BM25 top --top-k reranked by the model), or "
+                        "passkey / needle / kv (long context) / position-ppl:FILE (loss by position)")
     p.add_argument("--metric", default=None, help="for task files: exact_match, contains, bleu, chrf, chrf++, sql, python")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -361,7 +365,8 @@ def _add_model_verbs(sub) -> None:
                         "evaluates at each count (max: as many as fit the context) and writes a table and a curve")
     p.add_argument("--context", type=int, default=None,
                    help="--shots max: the context in tokens the prompt and answer must fit (default: the model's)")
-    p.add_argument("--samples", type=int, default=1, help="samples per example (for pass@k)")
+    p.add_argument("--samples", type=int, default=1, help="samples per example (for pass@k); passkey/needle/kv: "
+                                                           "prompts per length x depth cell")
     p.add_argument("--k", default="1", help="comma-separated k for pass@k, e.g. 1,5")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -374,6 +379,9 @@ def _add_model_verbs(sub) -> None:
     p.add_argument("--window", type=int, default=20, help="rerank --mode window: candidates per window")
     p.add_argument("--step", type=int, default=10, help="rerank --mode window: how far each window moves")
     p.add_argument("--passage-tokens", type=int, default=100, help="rerank: each passage cut to this many tokens")
+    from .long_context import add_long_args
+
+    add_long_args(p)
     _domain_arg(p)
     _fuse_args(p)
     p.set_defaults(fn=cmd_eval)
