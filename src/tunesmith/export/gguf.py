@@ -11,6 +11,10 @@ Format facts this follows (the GGUF spec and llama.cpp's loader; written with th
 - Tensors are given in numpy order (out, in) and stored reversed (ne0 = in). 1-D tensors (norms)
   stay F32 at every quant; q8_0 needs rows that are a multiple of 32 (others fall back to F16).
 - Tied embeddings: no output.weight; llama.cpp then uses token_embd as the head.
+- RoPE: `llama.rope.freq_base` (a static NTK scaling is only a larger θ); linear and YaRN scaling as
+  llama.cpp's `llama.rope.scaling.{type,factor,original_context_length,yarn_beta_fast,yarn_beta_slow}`.
+  Dynamic NTK, llama3 and longrope have no such keys and are refused; so is a GGUF LoRA trained with
+  other positions than its base (llama.cpp takes them from the base GGUF).
 - The tokenizer, chat template and Modelfile: `gguf_vocab.py`.
 - A GGUF LoRA: general.type "adapter", adapter.type "lora", adapter.lora.alpha; tensors
   `<weight>.lora_a` (r, in) and `.lora_b` (out, r). llama.cpp scales by alpha / r with r the rows of
@@ -33,6 +37,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from tunesmith.models.load import resolve
+from tunesmith.models.rope import describe_rope
 
 from .atomic import ExportError
 from .gguf_vocab import add_tokenizer, modelfile_text
@@ -76,16 +81,45 @@ def _gguf_path(out) -> Path:
 
 # ---- the Llama architecture
 
-def _rope_theta(config) -> float:
+# transformers' rope_type -> llama.cpp's scaling type; dynamic NTK, llama3 and longrope have no GGUF keys
+# a Llama GGUF is read with (llama.cpp's YaRN derives the attention factor 0.1·ln(factor)+1 itself)
+ROPE_SCALING = {"linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN}
+YARN_UNWRITTEN = ("attention_factor", "mscale", "mscale_all_dim")
+
+
+def _rope(config) -> dict:
+    """The config's RoPE as one dict (rope_type, rope_theta, factor, ...); ExportError for a scaling a
+    Llama GGUF cannot express."""
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ExportError(f"rope scaling `{kind}` is not supported by the GGUF export (only plain RoPE)")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if kind != "default" and kind not in ROPE_SCALING:
+        raise ExportError(f"rope scaling `{kind}` is not supported by the GGUF export (plain, linear and yarn "
+                          "are): export a transformers folder (--format hf)")
+    rope = {**scaling, **params, "rope_type": kind}
+    if kind == "yarn" and any(rope.get(k) is not None for k in YARN_UNWRITTEN):
+        raise ExportError(f"rope scaling `yarn` with {'/'.join(YARN_UNWRITTEN)} set is not supported by the GGUF export")
+    if kind == "yarn" and rope.get("truncate") is False:
+        raise ExportError("rope scaling `yarn` with truncate=false is not supported by the GGUF export")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ExportError("the model config has no rope_theta")
-    return float(theta)
+    return {**rope, "rope_theta": float(theta)}
+
+
+def _add_rope(w: gguf.GGUFWriter, config) -> None:
+    """rope.freq_base, and for linear/YaRN scaling llama.cpp's rope.scaling.* keys."""
+    rope = _rope(config)
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "default":
+        return
+    w.add_rope_scaling_type(ROPE_SCALING[rope["rope_type"]])
+    w.add_rope_scaling_factor(float(rope["factor"]))
+    if rope["rope_type"] == "yarn":
+        original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        w.add_rope_scaling_orig_ctx_len(int(original))
+        w.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast") or 32))
+        w.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow") or 1))
 
 
 def check_llama(config, where) -> None:
@@ -99,7 +133,7 @@ def check_llama(config, where) -> None:
         if getattr(config, flag, False):
             raise ExportError(f"{where}: {flag}=true is not supported by the GGUF export")
     try:
-        _rope_theta(config)
+        _rope(config)
     except ExportError as e:
         raise ExportError(f"{where}: {e}") from None
 
@@ -277,7 +311,7 @@ def export_gguf(source, out_path, quant: str = "f16", tokenizer=None, name: str 
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(_kv_heads(config))
-    w.add_rope_freq_base(_rope_theta(config))
+    _add_rope(w, config)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_vocab_size(config.vocab_size)
     w.add_rope_dimension_count(_head_dim(config))
@@ -360,6 +394,11 @@ def export_gguf_lora(adapter, out_path, base: str | None = None, quant: str = "f
         raise ExportError(f"{where}: the adapter names no base model; pass the base model (--model)")
     config = AutoConfig.from_pretrained(str(_source_folder(base)))
     check_llama(config, base)
+    trained = meta.get("rope")
+    if trained is not None and trained["rope_parameters"] != dict(config.rope_parameters or {}):
+        raise ExportError(f"{where}: the adapter was trained with other RoPE positions than {base} has "
+                          f"({describe_rope(trained)}), which a GGUF LoRA cannot carry; export a merged GGUF "
+                          "(--format gguf)")
     ranks = {a.shape[0] for a, _ in factors.values()}
     if len(ranks) != 1:
         raise ExportError(f"{where}: the layers have different ranks {sorted(ranks)}; a GGUF LoRA has one alpha")

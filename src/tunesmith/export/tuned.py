@@ -7,7 +7,9 @@
       adapter_model.safetensors }  the same adapter in PEFT's layout
 
 Loading rebuilds the method from its recorded options, applies it to the base model and copies
-the delta in; every key must match, so an adapter never half-loads. A folder holding only PEFT
+the delta in; every key must match, so an adapter never half-loads. The metadata's `rope` (the
+rope_parameters and max_position_embeddings of a run that changed them, model.rope.*) is written onto
+the base, so every loader computes the positions the adapter was trained with. A folder holding only PEFT
 files (an adapter trained elsewhere) loads through PEFT's reader for its method (`peft_format.FORMATS`):
 the same attach-and-copy, from the delta that reader produces.
 """
@@ -23,6 +25,8 @@ from torch import nn
 from tunesmith.methods import attach, build_method, delta_state
 from tunesmith.config import RecipeError
 from tunesmith.methods.options import MethodConfig, method_from_dict
+from tunesmith.models.load import ModelError
+from tunesmith.models.rope import changed_rope, set_rope
 
 from .atomic import ExportError, atomic_folder
 from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_folder, peft_payload, read_peft, write_peft
@@ -49,6 +53,9 @@ def save_tuned(model: nn.Module, method, base_model: str, out_dir) -> Path:
         raise ExportError(f"method `{method.name}` has no delta to save")
     meta = {"format": 1, "method": method.name, "base_model_name_or_path": str(base_model),
             "options": options.model_dump() if hasattr(options, "model_dump") else options}
+    rope = changed_rope(model)
+    if rope is not None:  # the positions it trained with (model.rope.*), restored by load_tuned
+        meta["rope"] = rope
     peft = peft_payload(model, method, base_model)
     with atomic_folder(out_dir, marker=METHOD_FILE if not (Path(out_dir) / ADAPTER_CONFIG).is_file() else ADAPTER_CONFIG) as tmp:
         (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -88,8 +95,10 @@ def load_tuned(model: nn.Module, path):
     """Apply the adapter at `path` (ours, or a PEFT folder of LoRA, IA3 or prefix tuning) to `model`;
     return (method, MethodConfig)."""
     folder = adapter_folder(path)
+    rope = None
     if (folder / METHOD_FILE).is_file():
-        cfg, _ = read_method(folder)
+        cfg, meta = read_method(folder)
+        rope = meta.get("rope")
         weights = folder / DELTA_FILE
         if not weights.is_file():
             raise ExportError(f"{folder} has no {DELTA_FILE}")
@@ -108,6 +117,11 @@ def load_tuned(model: nn.Module, path):
     except ValueError as e:
         raise ExportError(f"{folder}: {e}") from None
     load_delta(model, tensors, where=str(weights), method=method)
+    if rope is not None:
+        try:
+            set_rope(model, rope)
+        except (ModelError, KeyError, TypeError) as e:
+            raise ExportError(f"{folder / METHOD_FILE}: its `rope` cannot be applied to this model ({e})") from None
     return method, cfg
 
 
