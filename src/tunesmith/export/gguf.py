@@ -98,7 +98,8 @@ def _rope(config) -> dict:
                           "are): export a transformers folder (--format hf)")
     rope = {**scaling, **params, "rope_type": kind}
     if kind == "yarn" and any(rope.get(k) is not None for k in YARN_UNWRITTEN):
-        raise ExportError(f"rope scaling `yarn` with {'/'.join(YARN_UNWRITTEN)} set is not supported by the GGUF export")
+        raise ExportError(f"rope scaling `yarn` with {'/'.join(YARN_UNWRITTEN)} set is not supported by the "
+                          "GGUF export")
     if kind == "yarn" and rope.get("truncate") is False:
         raise ExportError("rope scaling `yarn` with truncate=false is not supported by the GGUF export")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))

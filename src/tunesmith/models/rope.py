@@ -64,7 +64,8 @@ def _lengths(config, cfg: RopeConfig) -> tuple[int, float]:
         raise ModelError(f"model.rope.target_length {cfg.target_length} is below the original length {original}: "
                          "scaling stretches the context, it cannot shrink it")
     factor = cfg.factor if cfg.factor is not None else cfg.target_length / original
-    if cfg.factor is not None and cfg.target_length is not None and not math.isclose(factor * original, cfg.target_length):
+    both = cfg.factor is not None and cfg.target_length is not None
+    if both and not math.isclose(factor * original, cfg.target_length):
         raise ModelError(f"model.rope.factor {cfg.factor} and model.rope.target_length {cfg.target_length} disagree "
                          f"({original} × {cfg.factor} = {original * cfg.factor:g}); give one of them")
     return int(original), float(factor)
@@ -98,7 +99,8 @@ def rope_parameters(config, cfg: RopeConfig) -> dict | None:
     if cfg.scaling != "none" and kind != "default":
         raise ModelError(f"model.rope.scaling={cfg.scaling}: the model already has `{kind}` RoPE scaling; "
                          "set model.rope.scaling=none to keep it (a new model.rope.theta may still be given)")
-    theta = float(cfg.theta if cfg.theta is not None else params.get("rope_theta", getattr(config, "default_theta", 10000.0)))
+    theta = cfg.theta if cfg.theta is not None else params.get("rope_theta", getattr(config, "default_theta", 1e4))
+    theta = float(theta)
     keep = {k: params[k] for k in ("partial_rotary_factor",) if k in params}
     if cfg.scaling == "none":
         return {**params, "rope_theta": theta}
@@ -131,7 +133,8 @@ def rope_record(model) -> dict | None:
     params = getattr(config, "rope_parameters", None)
     if not params:
         return None
-    return {"rope_parameters": dict(params), "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
+    return {"rope_parameters": dict(params),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
 
 
 def changed_rope(model) -> dict | None:
@@ -178,7 +181,8 @@ def _rebuild(model, name: str, old) -> None:
         with torch.device(buffer.device):
             new = type(old)(old.config)
     except (TypeError, KeyError, ValueError) as e:
-        raise ModelError(f"model.rope: cannot rebuild `{name}` ({type(old).__name__}) from the new config: {e}") from None
+        raise ModelError(f"model.rope: cannot rebuild `{name}` ({type(old).__name__}) from the new config: "
+                         f"{e}") from None
     new.to(dtype=buffer.dtype)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
