@@ -243,15 +243,13 @@ def _fields(path) -> dict:
         "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0,
         "llama.rope.scaling.original_context_length": 2048, "llama.rope.scaling.yarn_beta_fast": 16.0,
         "llama.rope.scaling.yarn_beta_slow": 1.0}),
-    (dict(scaling="ntk", factor=4.0), {"llama.rope.freq_base": pytest.approx(10000.0 * 4 ** (16 / 14), rel=1e-6)}),
 ])
 def test_gguf_writes_llama_cpp_scaling_keys(tokenizer, tmp_path, settings, expected):
     model = make_tiny_model(tokenizer)
     apply_rope(model, RopeConfig(**settings))
     fields = _fields(export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, progress=False).path)
     assert {k: fields.get(k) for k in expected} == expected
-    if settings["scaling"] == "ntk":
-        assert "llama.rope.scaling.type" not in fields
+    assert fields["llama.rope.freq_base"] == pytest.approx(10000.0)
 
 
 def test_gguf_refuses_dynamic_ntk(tokenizer, tmp_path):
