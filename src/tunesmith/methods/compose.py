@@ -8,7 +8,7 @@ from torch import nn
 from ..config import Config
 from .adapters import AdapterConfig, Adapters
 from .base import Compose
-from .freeze import Freeze, FreezeConfig
+from .freeze import Freeze, FreezeConfig, head_is_tied
 from .lora import LoRA, LoraConfig
 from .prefix import Prefix, PrefixConfig
 
@@ -37,6 +37,10 @@ class LongLoraConfig(Config):
     "Train the token embeddings (LongLoRA: yes)."
     norms: bool = True
     "Train every norm layer (LongLoRA: yes)."
+    shifted_attention: bool = True
+    "Train with S²-Attn (overrides model.attention; group size model.s2_group); inference uses full attention."
+    target_length: int | None = Field(None, gt=0)
+    "Stretch positions to this many tokens: linear interpolation by ⌈target/original⌉, unless model.rope says otherwise."
 
 
 class MAM(Compose):
@@ -62,7 +66,10 @@ class MAM(Compose):
 
 
 class LongLoRA(Compose):
-    """LongLoRA's trainable set: LoRA on the attention projections + trainable embeddings and norms."""
+    """LongLoRA's trainable set: LoRA on the attention projections + trainable embeddings and norms;
+    the lm_head stays frozen (a tied one is untied first, see `untie_head`). Its training attention
+    (`shifted_attention`) and positions (`target_length`) are set by the training set-up, which reads
+    these options before the method applies."""
 
     mergeable = True
     output = "adapter"
@@ -76,3 +83,22 @@ class LongLoRA(Compose):
         if cfg.embeddings or cfg.norms:
             parts.append(Freeze(FreezeConfig(layers=0, embeddings=cfg.embeddings, norms=cfg.norms)))
         super().__init__("longlora", parts, cfg, output="adapter")
+
+    def apply(self, model: nn.Module) -> None:
+        if self.cfg.embeddings:
+            untie_head(model)
+        super().apply(model)
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give a tied lm_head its own frozen copy of the embeddings, so training the embeddings leaves
+    the head as it was (LongLoRA keeps the head frozen). The config says untied from then on: a
+    merged export saves both tensors, and an adapter's saved embeddings load into the embeddings
+    alone (this runs again, before they are copied in)."""
+    if not head_is_tied(model):
+        return
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)  # nothing re-ties it

@@ -24,6 +24,7 @@ from ..models.attention import PACKED, segments_from_ids
 from ..models.embedding import DOMAINS_FILE
 from ..models.masks import attention_mask
 from ..models.moe import moe_modules, routing
+from ..models.s2attn import S2, s2_segments
 from .base import ObjectiveBase, ObjectiveError
 
 
@@ -31,11 +32,14 @@ def forward_hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states (B, T, d) of the decoder for a (possibly packed) batch.
 
     Samples never attend to each other: with per-sample attention (`models.attention`) each
-    sample's attention runs on its own; otherwise a block-causal mask isolates them. A batch with
+    sample's attention runs on its own, and S²-Attn (`models.s2attn`) keeps its blocks within
+    samples too; otherwise a block-causal mask isolates them. A batch with
     `route_ids` (data with domains) routes each token to its domain's expert in MoE layers."""
     body = getattr(model, model.base_model_prefix)
     if model.config._attn_implementation == PACKED:
         isolation = {"attention_mask": None, "tunesmith_segments": segments_from_ids(batch["segment_ids"])}
+    elif model.config._attn_implementation == S2:  # shifted blocks while training, full attention in eval
+        isolation = {"attention_mask": None, "tunesmith_segments": s2_segments(model, batch["segment_ids"])}
     else:
         eager = model.config._attn_implementation == "eager"
         isolation = {"attention_mask": attention_mask(batch["segment_ids"], additive=eager)}

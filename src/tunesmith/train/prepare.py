@@ -4,6 +4,7 @@ run, the final adapter or model, and the interrupt flag the harness checks betwe
 """
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -13,9 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import RopeConfig
 from ..methods import attach, build_method, cast_frozen
 from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model
+from ..models.rope import apply_rope, describe_rope
+from ..models.s2attn import use_s2_attention
 from . import checkpoint as ckpt
 from ..runtime import autocast
 from .safety import TrainError
@@ -32,18 +36,26 @@ def prepare_model(recipe, model=None, tokenizer=None):
     if model is None:
         model, loaded_tokenizer = _load(recipe)
         tokenizer = tokenizer or loaded_tokenizer
-    if recipe.model.attention == "packed":
+    # before the method: an adapter records the positions it trained with
+    rope = apply_rope(model, rope_config(recipe, model))
+    attention = training_attention(recipe)
+    if attention == "packed":
         use_packed_attention(model)
+    elif attention == "s2":
+        use_s2_attention(model, recipe.model.s2_group)
     else:
-        use_attention(model, recipe.model.attention)
+        use_attention(model, attention)
     torch.manual_seed(recipe.train.seed)  # the method's initialisation is part of the seeded run
     if recipe.model.adapter:
         from ..export.tuned import load_tuned, read_method
 
-        saved, _ = read_method(recipe.model.adapter)
+        saved, meta = read_method(recipe.model.adapter)
         if saved.name != recipe.method.name:
             raise TrainError(f"model.adapter {recipe.model.adapter} holds a `{saved.name}` adapter: continuing it "
                              f"needs method.name={saved.name} (the recipe says {recipe.method.name})")
+        if rope is not None and meta.get("rope") not in (None, rope):
+            raise TrainError(f"model.rope.*: the adapter at {recipe.model.adapter} was trained with other RoPE "
+                             f"positions ({describe_rope(meta['rope'])}); drop model.rope.* to continue with its own")
         method, recipe.method = load_tuned(model, recipe.model.adapter)  # the adapter's own options win
     else:
         method = build_method(recipe.method)
@@ -61,6 +73,27 @@ def prepare_model(recipe, model=None, tokenizer=None):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model, tokenizer, method
+
+
+def training_attention(recipe) -> str:
+    """model.attention, or `s2` for a method that trains with S²-Attn (longlora.shifted_attention)."""
+    options = getattr(recipe.method, recipe.method.name, None)
+    return "s2" if getattr(options, "shifted_attention", False) else recipe.model.attention
+
+
+def rope_config(recipe, model) -> RopeConfig:
+    """model.rope, or when it asks for nothing and the method has a `target_length` (LongLoRA) beyond the
+    model's context, position interpolation to it: linear scaling by ⌈target / original⌉ (Chen et al., 2024)."""
+    target = getattr(getattr(recipe.method, recipe.method.name, None), "target_length", None)
+    if target is None or recipe.model.rope != RopeConfig():
+        return recipe.model.rope
+    original = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if original is None:
+        raise TrainError(f"{recipe.method.name}.target_length: the model config has no max_position_embeddings "
+                         "to interpolate from; set model.rope.* instead")
+    if target <= original:
+        return recipe.model.rope
+    return RopeConfig(scaling="linear", factor=math.ceil(target / original))
 
 
 def _load(recipe):
