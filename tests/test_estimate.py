@@ -115,3 +115,57 @@ def test_preference_objectives_are_refused_by_name(tmp_path, tiny_model_dir):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, "objective.name=dpo")
     with pytest.raises(RecipeError, match="dpo"):
         est.estimate(recipe)
+
+
+def _counted_flops(config, length: int) -> float:
+    """Matmul FLOPs of one forward and backward, counted by torch (eager attention: QKᵀ and AV as
+    full N×N products, the causal mask applied after)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    ids = torch.randint(3, config.vocab_size, (1, length))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.get_total_flops()
+
+
+def test_attention_flops_grow_with_the_square_of_the_length(tmp_path, wide_model_dir):
+    """The estimate's attention term against torch's FLOP counter at two lengths: the counted
+    quadratic part (F(2N) − 2F(N) = 2bN²) is the full square, the estimate's the causal half."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(wide_model_dir)
+    config.num_hidden_layers = 2
+    n = 256
+    counted = [_counted_flops(config, k * n) for k in (1, 2)]
+    b = (counted[1] - 2 * counted[0]) / (2 * n * n)
+    assert b > 0
+    per_step = []
+    for k in (1, 2):
+        recipe = tiny_recipe(tmp_path, wide_model_dir, "method.name=full", f"data.max_length={k * n}",
+                             f"train.batch_tokens={k * n}")
+        probe = est._probe(recipe, config, 2, False)
+        assert probe["tokens"] == k * n
+        per_step.append(probe["attention_flops_per_token"] * k * n)
+    assert per_step[1] == pytest.approx(4 * per_step[0], rel=1e-9)  # ∝ N²
+    assert per_step[0] == pytest.approx(b / 2 * n * n, rel=1e-6)
+
+
+def test_attention_span_matches_hand_built_masks():
+    """Mean keys per query of a causal mask and of an S²-Attn group mask (unshifted heads), built by
+    hand, against `attention_span` (which counts n/2 for the (n+1)/2 keys a causal query sees)."""
+    from tunesmith.bench.throughput import attention_span
+
+    n, group = 512, 64
+    pos = torch.arange(n)
+    causal = pos[:, None] >= pos[None, :]
+    grouped = causal & (pos[:, None] // group == pos[None, :] // group)
+    assert causal.sum() / n == pytest.approx(attention_span([n]) + 0.5)
+    assert grouped.sum() / n == pytest.approx(attention_span([n], "s2", group, n) + 0.5)
+    # S²: ∝ N·G (a fixed group: the span stays); the default group (a quarter of the row) grows with it
+    assert attention_span([2 * n], "s2", group, 2 * n) == attention_span([n], "s2", group, n) == group / 2
+    assert attention_span([2 * n], "s2", 0, 2 * n) == 2 * attention_span([n], "s2", 0, n) == n / 4
+    # a packed row: documents shorter than the group keep their own causal span
+    assert attention_span([100, 28], "s2", 64, 128) == pytest.approx((64 ** 2 + 36 ** 2 + 28 ** 2) / 128 / 2)

@@ -32,6 +32,10 @@ whose prompts do not train.
 
 Step time = model FLOPs of a step (as `tunesmith bench` counts them) / the measured matmul peak of
 this machine for the precision (`tunesmith bench --peak`, cached), at 100% and at the given MFU.
+The linear layers cost the same per token at any length; attention does not: a token attends to
+half its document on average, so a row of N tokens in one document costs ∝ N² (at 16K tokens
+two thirds of the embedded model's FLOPs), and with `model.attention: s2` ∝ N·G. Both memory and
+FLOPs are taken at the recipe's row length itself, never scaled from a shorter row.
 """
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     """Parameters by kind and saved activation bytes of the recipe's model cut to `layers` layers."""
     from transformers import AutoModelForCausalLM
 
-    from ..bench.throughput import flops_per_token
+    from .throughput import attention_span, flops_per_token
     from ..models.load import DTYPES
     from ..objectives import build_objective
     from ..train.prepare import prepare_model, training_mode
@@ -162,8 +166,9 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)
     tokens = int(batch["segment_ids"].gt(0).sum())
     lengths = batch["segment_ids"][0].bincount()[1:].tolist()
-    out["context"] = sum(n * n for n in lengths) / max(sum(lengths), 1) / 2
+    out["context"] = attention_span(lengths, recipe.model.attention, recipe.model.s2_group, batch["input_ids"].shape[1])
     out["flops_per_token"] = flops_per_token(model, out["context"])
+    out["attention_flops_per_token"] = out["flops_per_token"] - flops_per_token(model, 0.0)
     out["tokens"] = tokens
     out["method"] = method.name
     return out
@@ -230,6 +235,7 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     transient = 16 * head_tokens * config.vocab_size
     peak = runtime + weights + optimizer + max(activations + transient, gradients)
     fpt = _extrapolate(one, two, layers, "flops_per_token")
+    attention_fpt = _extrapolate(one, two, layers, "attention_flops_per_token")
     device = pick_device(recipe.train.device)
     threads = set_threads(recipe.train.threads) if device.type == "cpu" else torch.get_num_threads()
     try:
@@ -243,6 +249,7 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
         peak_bytes=peak, tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_tflops=peak_tflops,
         mfu=mfu, trainable=trainable, parameters=parameters,
         info={"method": one["method"], "layers": layers, "activations_per_layer": per_layer,
+              "attention_flops_per_token": attention_fpt, "attention": recipe.model.attention,
               "checkpointing": ckpt, "precision": recipe.train.precision, "tokens_per_micro_batch": one["tokens"],
               "device": device.type, "threads": threads})
 
@@ -259,7 +266,9 @@ def format_estimate(e: Estimate) -> str:
     lines.append(f"peak memory     {e.peak_gb:.2f} GB (runtime + weights + optimizer + "
                  "max(activations + backward transient, gradients))")
     lines.append(f"model FLOPs     {e.flops_per_token / 1e9:.3f} GFLOP/token, "
-                 f"{e.flops_per_token * e.tokens_per_step / 1e12:.2f} TFLOP per step")
+                 f"{e.flops_per_token * e.tokens_per_step / 1e12:.2f} TFLOP per step "
+                 f"(attention {100 * e.info['attention_flops_per_token'] / e.flops_per_token:.0f}%, "
+                 f"{e.info['attention']})")
     if e.peak_tflops:
         lines.append(f"step time       {e.step_s:.2f} s at {100 * e.mfu:.0f}% MFU "
                      f"({e.step_s_at_peak:.2f} s at the measured {e.info['precision']} matmul peak, "

@@ -13,11 +13,13 @@ written to a run folder.
 
 Model FLOPs per token (Kaplan et al. / Chinchilla convention, on the matmuls only): forward 2·N,
 backward 2·N for activation gradients plus 2·N_trained for weight gradients, with N the weights of
-the Linear layers (lm_head included) and attention's 4·d·T_ctx per layer (×3 for training). An
+the Linear layers (lm_head included) and attention's 4·d·T_ctx per layer (×3 for training), T_ctx
+the mean span a token attends to (`attention_span`: half its document; S²-Attn: half a group). An
 activation-checkpointed step recomputes the forward: that is work done, but not model FLOPs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -208,15 +210,33 @@ def _step_shares(one_step, index: int, model: nn.Module, device: torch.device) -
     return shares
 
 
-def _attention_context(rows: list, max_length: int) -> float:
-    """The mean number of positions a token attends to: half the token-weighted mean row
-    length, or half of `max_length` when the rows are not tokenized."""
+def attention_span(lengths: list[int], attention: str = "packed", s2_group: int = 0, width: int = 0) -> float:
+    """The mean number of keys a token attends to, over the documents of a row: causal attention
+    over a document of n tokens spans n/2 on average, so its FLOPs grow as n² (Σn²/2 / Σn per
+    token). S²-Attn (LongLoRA) attends within groups of G tokens (`s2_group`, default a quarter of
+    the row `width`; half the heads shifted by G/2, the same work): G/2 per token, FLOPs ∝ n·G."""
+    if attention == "s2":
+        group = s2_group or max(width // 4, 1)
+        pieces = [min(group, n - start) for n in lengths for start in range(0, n, group)]
+    else:
+        pieces = lengths
+    return sum(n * n for n in pieces) / max(sum(lengths), 1) / 2
+
+
+def _attention_context(rows: list, recipe) -> float:
+    """The mean attention span of the rows' tokens (`attention_span`), or half of `data.max_length`
+    when the rows are not tokenized."""
     lengths = [len(x["input_ids"]) for x in rows] if rows and "input_ids" in rows[0] else []
-    return (sum(n * n for n in lengths) / max(sum(lengths), 1)) / 2 if lengths else max_length / 2
+    if not lengths:
+        return recipe.data.max_length / 2
+    width = recipe.train.batch_tokens if recipe.data.packing else recipe.data.max_length
+    return attention_span(lengths, recipe.model.attention, recipe.model.s2_group, width)
 
 
-def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refresh_peak: bool = False) -> BenchResult:
-    """Time `steps` training steps of `recipe` after `warmup` untimed ones."""
+def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refresh_peak: bool = False,
+          items: list | None = None) -> BenchResult:
+    """Time `steps` training steps of `recipe` after `warmup` untimed ones, on the recipe's training
+    data or on `items` (samples with `input_ids` and `weights`, e.g. synthetic rows of one length)."""
     from ..methods import count_parameters
     from ..models.load import load_tokenizer
     from ..objectives import build_objective, objective_class
@@ -236,14 +256,14 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.name)
-    splits = kind.load(recipe, tokenizer)
+    train = kind.load(recipe, tokenizer).train if items is None else items
     model, tokenizer, method = prepare_model(recipe, None, tokenizer)
     model.to(device)
     training_mode(model, cfg)
     objective = build_objective(recipe, model)
     runner = LossModule(model, objective, method)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream = MicroBatches(splits.train, objective, recipe.data, cfg, cfg.seed, pad_id)
+    stream = MicroBatches(train, objective, recipe.data, cfg, cfg.seed, pad_id)
     optimizer = build_optimizer(model, cfg, method)
     method.on_train_start(model, warmup + steps + 1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -270,7 +290,7 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
     peak_mem = peak_memory_gb(device)
     shares = _step_shares(one_step, warmup + steps, model, device) if breakdown else {}
 
-    context = _attention_context(splits.train, recipe.data.max_length)
+    context = _attention_context(train, recipe)
     fpt = flops_per_token(model, context, head_fraction=units / max(tokens, 1) if objective.token_loss else 1.0)
     dtype = cfg.precision
     peak = matmul_peak(device, dtype, threads, refresh=refresh_peak)
@@ -283,6 +303,17 @@ def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refre
         info={"device": _machine_key(device, dtype, threads), "allocator": allocator_in_use(), "method": method.name, "trainable": n_train,
               "parameters": n_total, "precision": cfg.precision, "batch_tokens": cfg.batch_tokens,
               "grad_accum": cfg.grad_accum, "achieved_tflops": achieved, "step_s": times})
+
+
+def run_bench(recipe, steps: int | None, warmup: int | None, breakdown: bool, json_path: str | None) -> int:
+    """`tunesmith bench RECIPE`: print the figures (and write them to `json_path`)."""
+    result = bench(recipe, steps=8 if steps is None else steps, warmup=2 if warmup is None else warmup,
+                   breakdown=breakdown)
+    print(format_bench(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=1)
+    return 0
 
 
 def format_bench(r: BenchResult) -> str:

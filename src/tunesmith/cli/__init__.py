@@ -213,7 +213,7 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import bench, format_bench, matmul_peak
+    from ..bench import matmul_peak, run_bench, run_lengths
     from ..recipe import RecipeError, load_recipe
     from ..runtime import allocator_in_use, pick_device, set_threads
 
@@ -238,15 +238,9 @@ def cmd_bench(args) -> int:
     if not args.recipe:
         raise RecipeError("tunesmith bench needs a recipe (or --peak alone)")
     recipe = load_recipe(args.recipe, overrides)
-    result = bench(recipe, steps=args.steps, warmup=args.warmup, breakdown=not args.no_breakdown)
-    print(format_bench(result))
-    if args.json:
-        import dataclasses
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=1)
-    return 0
+    if args.lengths:
+        return run_lengths(recipe, args.lengths, args.steps, args.warmup, args.json)
+    return run_bench(recipe, args.steps, args.warmup, not args.no_breakdown, args.json)
 
 
 def cmd_estimate(args) -> int:
@@ -426,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time a recipe's training step: tokens/s, memory, MFU, where the time goes")
     p.add_argument("recipe", nargs="?", default=None)
     p.add_argument("overrides", nargs="*", help="recipe overrides, and steps=N / warmup=N")
-    p.add_argument("--steps", type=int, default=8, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 8; 2 per length with --lengths)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 with --lengths)")
+    p.add_argument("--lengths", default=None, help="time synthetic rows of these lengths instead, e.g. 1k,2k,4k,8k,16k "
+                                                   "(each in a fresh process; long rows checkpoint where they must)")
     p.add_argument("--peak", action="store_true", help="measure this machine's bf16/fp32 matmul peak (cached for MFU)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing step")
     p.add_argument("--json", default=None, help="also write the figures to this file")

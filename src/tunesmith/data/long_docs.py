@@ -183,7 +183,7 @@ def build_long_docs(tokenizer, packages: list[str] | None = None, folders: list[
     seen: set[str] = set()
     skipped: dict[str, int] = {}
     docs: list[LongDoc] = []
-    for name, key, files in tqdm(groups, desc="long-docs", unit="package", disable=not progress):
+    for name, key, files in tqdm(groups, desc="long-docs", unit="folder", disable=not progress):
         text = concatenate(files, seen, skipped)
         rows = cut(text, tokenizer, min_tokens, max_tokens) if text else []
         if not rows:
