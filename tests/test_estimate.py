@@ -153,19 +153,32 @@ def test_attention_flops_grow_with_the_square_of_the_length(tmp_path, wide_model
     assert per_step[0] == pytest.approx(b / 2 * n * n, rel=1e-6)
 
 
+def _mean_keys(lengths: list[int], group: int | None = None) -> float:
+    """Keys per query of a hand-built mask over a packed row: causal, within the sample, and (S²-Attn)
+    within the block, averaged over the unshifted heads and the heads shifted by group/2."""
+    pos = torch.arange(sum(lengths))
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (pos[:, None] >= pos[None, :]) & (sample[:, None] == sample[None, :])
+    if group is None:
+        return float(mask.sum()) / len(pos)
+    halves = [mask & ((pos[:, None] + s) // group == (pos[None, :] + s) // group) for s in (0, group // 2)]
+    return float(sum(h.sum() for h in halves)) / 2 / len(pos)
+
+
 def test_attention_span_matches_hand_built_masks():
-    """Mean keys per query of a causal mask and of an S²-Attn group mask (unshifted heads), built by
-    hand, against `attention_span` (which counts n/2 for the (n+1)/2 keys a causal query sees)."""
+    """`attention_span` against masks built by hand (it counts n/2 for the (n+1)/2 keys a causal
+    query sees: the same FLOPs convention as the rest of the count)."""
     from tunesmith.bench.throughput import attention_span
 
-    n, group = 512, 64
-    pos = torch.arange(n)
-    causal = pos[:, None] >= pos[None, :]
-    grouped = causal & (pos[:, None] // group == pos[None, :] // group)
-    assert causal.sum() / n == pytest.approx(attention_span([n]) + 0.5)
-    assert grouped.sum() / n == pytest.approx(attention_span([n], "s2", group, n) + 0.5)
-    # S²: ∝ N·G (a fixed group: the span stays); the default group (a quarter of the row) grows with it
-    assert attention_span([2 * n], "s2", group, 2 * n) == attention_span([n], "s2", group, n) == group / 2
-    assert attention_span([2 * n], "s2", 0, 2 * n) == 2 * attention_span([n], "s2", 0, n) == n / 4
-    # a packed row: documents shorter than the group keep their own causal span
-    assert attention_span([100, 28], "s2", 64, 128) == pytest.approx((64 ** 2 + 36 ** 2 + 28 ** 2) / 128 / 2)
+    n = 512
+    assert _mean_keys([n]) == pytest.approx(attention_span([n]) + 0.5)
+    assert _mean_keys([300, 150, 62]) == pytest.approx(attention_span([300, 150, 62]) + 0.5)
+    for lengths, group in (([n], 64), ([n], 128), ([100, 28], 64), ([300, 150, 62], 96)):
+        width = sum(lengths)
+        assert _mean_keys(lengths, group) == pytest.approx(attention_span(lengths, "s2", group, width) + 0.5)
+    assert _mean_keys([n], n // 4) == pytest.approx(attention_span([n], "s2", 0, n) + 0.5)  # default: a quarter
+    # S²: N/G blocks of G, and the shifted heads' G/2 + (N/G − 1)·G + G/2, so G/2 − G²/8N per token:
+    # FLOPs ∝ N·G for a fixed group; the default group (N/4) grows with the row, FLOPs ∝ N²/4
+    for rows in (n, 4 * n, 32 * n):
+        assert attention_span([rows], "s2", 64, rows) == pytest.approx(64 / 2 - 64 ** 2 / (8 * rows))
+        assert attention_span([rows], "s2", 0, rows) == pytest.approx(rows / 8 - rows / 128)

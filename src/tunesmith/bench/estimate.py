@@ -143,7 +143,7 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     from .throughput import attention_span, flops_per_token
     from ..models.load import DTYPES
     from ..objectives import build_objective
-    from ..train.prepare import prepare_model, training_mode
+    from ..train.prepare import prepare_model, training_attention, training_mode
     from ..train.step import LossModule
 
     cfg = copy.deepcopy(config)
@@ -166,11 +166,12 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)
     tokens = int(batch["segment_ids"].gt(0).sum())
     lengths = batch["segment_ids"][0].bincount()[1:].tolist()
-    out["context"] = attention_span(lengths, recipe.model.attention, recipe.model.s2_group, batch["input_ids"].shape[1])
+    out["context"] = attention_span(lengths, training_attention(recipe), recipe.model.s2_group, batch["input_ids"].shape[1])
     out["flops_per_token"] = flops_per_token(model, out["context"])
     out["attention_flops_per_token"] = out["flops_per_token"] - flops_per_token(model, 0.0)
     out["tokens"] = tokens
     out["method"] = method.name
+    out["attention"] = training_attention(recipe)
     return out
 
 
@@ -249,7 +250,7 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
         peak_bytes=peak, tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_tflops=peak_tflops,
         mfu=mfu, trainable=trainable, parameters=parameters,
         info={"method": one["method"], "layers": layers, "activations_per_layer": per_layer,
-              "attention_flops_per_token": attention_fpt, "attention": recipe.model.attention,
+              "attention_flops_per_token": attention_fpt, "attention": one["attention"],
               "checkpointing": ckpt, "precision": recipe.train.precision, "tokens_per_micro_batch": one["tokens"],
               "device": device.type, "threads": threads})
 

@@ -210,17 +210,32 @@ def _step_shares(one_step, index: int, model: nn.Module, device: torch.device) -
     return shares
 
 
+def _block_pieces(lengths: list[int], group: int, shift: int) -> list[int]:
+    """Documents laid end to end in a row, cut at block boundaries shift + m·group: the pieces' sizes."""
+    pieces, start = [], 0
+    for n in lengths:
+        cut, end = start, start + n
+        while cut < end:
+            nxt = min(end, ((cut - shift) // group + 1) * group + shift)
+            pieces.append(nxt - cut)
+            cut = nxt
+        start = end
+    return pieces
+
+
 def attention_span(lengths: list[int], attention: str = "packed", s2_group: int = 0, width: int = 0) -> float:
     """The mean number of keys a token attends to, over the documents of a row: causal attention
     over a document of n tokens spans n/2 on average, so its FLOPs grow as n² (Σn²/2 / Σn per
-    token). S²-Attn (LongLoRA) attends within groups of G tokens (`s2_group`, default a quarter of
-    the row `width`; half the heads shifted by G/2, the same work): G/2 per token, FLOPs ∝ n·G."""
-    if attention == "s2":
-        group = s2_group or max(width // 4, 1)
-        pieces = [min(group, n - start) for n in lengths for start in range(0, n, group)]
-    else:
-        pieces = lengths
-    return sum(n * n for n in pieces) / max(sum(lengths), 1) / 2
+    token). S²-Attn (LongLoRA; `models/s2attn.py`) attends within blocks of G tokens (`s2_group`,
+    default a quarter of the row `width`) and the document: half the heads in blocks from 0, half
+    in blocks shifted by G/2; about G/2 per token, FLOPs ∝ N·G."""
+    from ..models.s2attn import group_size
+
+    if attention != "s2":
+        return sum(n * n for n in lengths) / max(sum(lengths), 1) / 2
+    group = group_size(width, s2_group)
+    halves = [_block_pieces(lengths, group, shift) for shift in (0, group // 2)]
+    return sum(p * p for half in halves for p in half) / 2 / max(sum(lengths), 1) / 2
 
 
 def _attention_context(rows: list, recipe) -> float:
@@ -229,8 +244,10 @@ def _attention_context(rows: list, recipe) -> float:
     lengths = [len(x["input_ids"]) for x in rows] if rows and "input_ids" in rows[0] else []
     if not lengths:
         return recipe.data.max_length / 2
+    from ..train.prepare import training_attention
+
     width = recipe.train.batch_tokens if recipe.data.packing else recipe.data.max_length
-    return attention_span(lengths, recipe.model.attention, recipe.model.s2_group, width)
+    return attention_span(lengths, training_attention(recipe), recipe.model.s2_group, width)
 
 
 def bench(recipe, steps: int = 8, warmup: int = 2, breakdown: bool = True, refresh_peak: bool = False,
