@@ -166,7 +166,8 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)
     tokens = int(batch["segment_ids"].gt(0).sum())
     lengths = batch["segment_ids"][0].bincount()[1:].tolist()
-    out["context"] = attention_span(lengths, training_attention(recipe), recipe.model.s2_group, batch["input_ids"].shape[1])
+    width = batch["input_ids"].shape[1]
+    out["context"] = attention_span(lengths, training_attention(recipe), recipe.model.s2_group, width)
     out["flops_per_token"] = flops_per_token(model, out["context"])
     out["attention_flops_per_token"] = out["flops_per_token"] - flops_per_token(model, 0.0)
     out["tokens"] = tokens

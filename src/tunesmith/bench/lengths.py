@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 
@@ -29,7 +30,7 @@ class LengthRow:
     tokens_per_s: float
     s_per_step: float
     peak_mem_gb: float
-    estimated_gb: float | None
+    estimated_gb: float
     checkpointing: bool
     loss_chunk: int
     mfu: float | None
@@ -58,8 +59,6 @@ def device_memory_gb(device: torch.device) -> float:
                     return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
@@ -118,10 +117,9 @@ def _bench_length(recipe, steps: int, warmup: int) -> dict:
 
 
 def bench_lengths(recipe, lengths: list[int], steps: int = 2, warmup: int = 1, budget_gb: float | None = None,
-                  auto: bool = True, log=print) -> list[LengthRow]:
+                  log=print) -> list[LengthRow]:
     """Time `steps` steps (after `warmup`) at every length, each in a fresh process (module docstring).
-    `budget_gb` (default: this device's memory × FIT_SHARE) decides the long-row settings; `auto=False`
-    keeps the recipe's."""
+    `budget_gb` (default: this device's memory × FIT_SHARE) decides the long-row settings."""
     from ..objectives import objective_class
     from ..recipe import RecipeError
     from ..runtime import pick_device
@@ -133,8 +131,8 @@ def bench_lengths(recipe, lengths: list[int], steps: int = 2, warmup: int = 1, b
         budget_gb = FIT_SHARE * device_memory_gb(pick_device(recipe.train.device))
     out = []
     for n in lengths:
-        r, estimated, chosen = long_row_settings(at_length(recipe, n), budget_gb) if auto else (at_length(recipe, n), None, [])
-        if chosen or (estimated or 0) > budget_gb:
+        r, estimated, chosen = long_row_settings(at_length(recipe, n), budget_gb)
+        if chosen or estimated > budget_gb:
             fits = "fits" if estimated <= budget_gb else "still over: it may run out of memory"
             log(f"[tunesmith] {n} tokens: {' and '.join(chosen) or 'the recipe settings'}: estimated "
                 f"{estimated:.2f} GB of {budget_gb:.2f} GB ({fits})")
@@ -167,8 +165,7 @@ def format_lengths(rows: list[LengthRow]) -> str:
     lines = [f"{'length':>7} {'tokens/s':>10} {'s/step':>8} {'peak GB':>8} {'est. GB':>8} {'MFU':>6}  "
              "checkpointing  loss chunk"]
     for r in rows:
-        est = f"{r.estimated_gb:8.2f}" if r.estimated_gb is not None else f"{'-':>8}"
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else f"{'-':>6}"
-        lines.append(f"{r.length:>7} {r.tokens_per_s:>10,.0f} {r.s_per_step:>8.2f} {r.peak_mem_gb:>8.2f} {est} {mfu}  "
-                     f"{'on' if r.checkpointing else 'off':<13}  {r.loss_chunk or 'off'}")
+        lines.append(f"{r.length:>7} {r.tokens_per_s:>10,.0f} {r.s_per_step:>8.2f} {r.peak_mem_gb:>8.2f} "
+                     f"{r.estimated_gb:>8.2f} {mfu}  {'on' if r.checkpointing else 'off':<13}  {r.loss_chunk or 'off'}")
     return "\n".join(lines)
