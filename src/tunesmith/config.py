@@ -246,6 +246,26 @@ def one_of(model_name: str, doc: str, names: tuple[str, ...], blocks: dict[str, 
 # the sections that belong to no method or objective
 
 
+class RopeConfig(Config):
+    """How the model's rotary positions are stretched (written into the saved model/adapter so inference,
+    export and eval use the same positions)."""
+
+    scaling: Literal["none", "linear", "ntk", "dynamic", "yarn"] = "none"
+    "`linear` = position interpolation; `ntk` = NTK-aware (a larger θ); `dynamic` = dynamic NTK; `yarn` = YaRN."
+    factor: float | None = Field(None, ge=1)
+    "How many times the original context to reach; default: target_length / original_length."
+    target_length: int | None = Field(None, gt=0)
+    "The context to reach, in tokens (sets factor and the saved max_position_embeddings; `dynamic` keeps the original max_position_embeddings)."
+    original_length: int | None = Field(None, gt=0)
+    "The context the model was trained at; default: its config's max_position_embeddings."
+    theta: float | None = Field(None, gt=0)
+    "A new RoPE base θ (ProLong raises it), applied with or without a scaling."
+    beta_fast: float = Field(32.0, gt=0)
+    "YaRN only: rotations above this count per context keep their frequency (extrapolate)."
+    beta_slow: float = Field(1.0, gt=0)
+    "YaRN only: rotations below this count per context are fully interpolated."
+
+
 class ModelConfig(Config):
     name: str = "smollm2-135m-instruct"
     "A local HF folder, a .gguf file, a hub id already in the local HF cache, or `smollm2-135m-instruct`."
@@ -255,8 +275,12 @@ class ModelConfig(Config):
     "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
     adapter: str | None = None
     "Start from this adapter (an adapter folder, a PEFT LoRA or a run folder), e.g. an SFT stage's, and keep training it."
-    attention: Literal["packed", "sdpa", "eager"] = "packed"
-    "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask."
+    attention: Literal["packed", "sdpa", "eager", "s2"] = "packed"
+    "Training attention: `packed` runs sdpa per sample (no O(T²) mask); `sdpa`/`eager` use a block-causal mask; `s2` = shifted sparse attention (LongLoRA; full attention at inference)."
+    s2_group: int = Field(0, ge=0)
+    "S²-Attn group size in tokens; 0 = a quarter of the row length."
+    rope: RopeConfig = Field(default_factory=RopeConfig)
+    "RoPE position scaling (see model.rope.*)."
 
 
 COLUMN_ROLES = ("text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected",
