@@ -303,7 +303,7 @@ def test_other_architecture_is_refused(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(attention_bias=True), "attention_bias=true"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope scaling `linear`"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling `dynamic`"),
 ])
 def test_unsupported_llama_options_are_refused(tokenizer, tmp_path, change, message):
     from transformers import LlamaForCausalLM

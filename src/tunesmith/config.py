@@ -29,7 +29,6 @@ class RecipeError(ValueError):
         self.loc = loc
 
 
-# --------------------------------------------------------------------------------------------------
 # messages
 
 
@@ -138,7 +137,6 @@ def describe(error: ValidationError, root: type, prefix: tuple = ()) -> RecipeEr
     return RecipeError(text, found[0][1] if found else None)
 
 
-# --------------------------------------------------------------------------------------------------
 # the shared base
 
 
@@ -242,13 +240,11 @@ def one_of(model_name: str, doc: str, names: tuple[str, ...], blocks: dict[str, 
     return model
 
 
-# --------------------------------------------------------------------------------------------------
 # the sections that belong to no method or objective
 
 
 class RopeConfig(Config):
-    """How the model's rotary positions are stretched (written into the saved model/adapter so inference,
-    export and eval use the same positions)."""
+    """How rotary positions are stretched; saved with the model/adapter, so every loader uses them."""
 
     scaling: Literal["none", "linear", "ntk", "dynamic", "yarn"] = "none"
     "`linear` = position interpolation; `ntk` = NTK-aware (a larger θ); `dynamic` = dynamic NTK; `yarn` = YaRN."
@@ -454,7 +450,6 @@ class EvalConfig(Config):
     "Seed of the built-in task's generator."
 
 
-# --------------------------------------------------------------------------------------------------
 # recipe stages: each stage overrides some keys of the data, train and eval sections
 
 

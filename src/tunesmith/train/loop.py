@@ -26,6 +26,7 @@ from .. import recipe as rcp
 from ..methods import count_parameters
 from ..models.embedding import model_folder
 from ..models.load import load_tokenizer
+from ..models.rope import changed_rope, describe_rope
 from ..objectives import build_objective, objective_class
 from . import checkpoint as ckpt
 from . import distributed
@@ -165,6 +166,8 @@ def open_run(run: Run, model, tokenizer, objective) -> None:
             f"{cfg.precision}{strategy}")
     if run.method.describe(run.model):
         run.print_main(f"[tunesmith] {run.method.name}: {run.method.describe(run.model)}")
+    if changed_rope(run.model):
+        run.print_main(f"[tunesmith] rope: {describe_rope(changed_rope(run.model))}")
     run.objective.prepare(run)
     _plan_steps(run)
     _build_optimizer(run)
