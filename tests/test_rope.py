@@ -228,6 +228,11 @@ def test_adapter_on_unchanged_positions_records_none(tokenizer, tiny_model_dir, 
     save_tuned(model, method, str(tiny_model_dir), tmp_path / "yarn")
     saved = json.loads((tmp_path / "yarn" / "tunesmith_method.json").read_text())["rope"]
     assert saved == rope_record(model) and saved["rope_parameters"]["rope_type"] == "yarn"
+    # the multi-LoRA server shares one base: an adapter on other positions gets a base of its own
+    from tunesmith.serve.multilora import lora_factors
+
+    # (without the check it would read the adapter's tensors and return its factors, or refuse them)
+    assert lora_factors(tmp_path / "yarn", make_tiny_model(tokenizer)) is None
 
 
 # ---- GGUF

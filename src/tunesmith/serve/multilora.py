@@ -23,6 +23,7 @@ from tunesmith.export.atomic import ExportError
 from tunesmith.export.peft_format import adapter_folder, read_peft
 from tunesmith.export.tuned import DELTA_FILE, METHOD_FILE, read_method
 from tunesmith.methods.base import set_module
+from tunesmith.models.rope import rope_record
 
 from .engine import Route
 
@@ -56,10 +57,13 @@ class MultiLoRALinear(nn.Linear):
 
 def lora_factors(path, model: nn.Module) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
     """(scale, {module: (A, B)}) of a plain-LoRA adapter folder (ours or PEFT's) on `model`; None when
-    the adapter is another method or a LoRA variant without this form (DoRA)."""
+    the adapter is another method, a LoRA variant without this form (DoRA), or trained on other RoPE
+    positions than `model` runs with (it then needs a base of its own)."""
     folder = adapter_folder(path)
-    cfg, _ = read_method(folder)
+    cfg, meta = read_method(folder)
     if cfg.name != "lora" or cfg.lora.dora or cfg.lora.init != "default":
+        return None
+    if meta.get("rope") and meta["rope"] != rope_record(model):
         return None
     opts = cfg.lora
     if (folder / METHOD_FILE).is_file():
