@@ -233,6 +233,13 @@ def test_adapter_on_unchanged_positions_records_none(tokenizer, tiny_model_dir, 
 
     # (without the check it would read the adapter's tensors and return its factors, or refuse them)
     assert lora_factors(tmp_path / "yarn", make_tiny_model(tokenizer)) is None
+    # a merge writes the base's config: an adapter on stretched positions is refused, a plain one is not
+    from tunesmith.export.merge import read_merge_recipe
+    from tunesmith.export.merge_inputs import classify
+
+    assert classify(read_merge_recipe({"merge": {"method": "linear", "models": [str(tmp_path / "plain")]}}))
+    with pytest.raises(ExportError, match=r"stretched positions \(yarn ×2"):
+        classify(read_merge_recipe({"merge": {"method": "linear", "models": [str(tmp_path / "yarn")]}}))
 
 
 # ---- GGUF

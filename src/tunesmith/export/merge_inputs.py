@@ -17,6 +17,7 @@ from torch import nn
 from tunesmith.config import Config, RecipeError, invalid
 from tunesmith.methods import MethodError, method_class
 from tunesmith.models import merging
+from tunesmith.models.rope import describe_rope
 
 from .atomic import ExportError
 from .peft_format import ADAPTER_CONFIG, adapter_folder, read_adapter
@@ -150,6 +151,9 @@ def classify(spec: MergeSpec) -> list[Source]:
                 cfg, meta = read_method(folder)
             except ExportError as e:
                 raise ExportError(f"{label}: {e}") from None
+            if meta.get("rope"):
+                raise ExportError(f"{label}: trained on stretched positions ({describe_rope(meta['rope'])}), which a "
+                                  "merge into the base's config would drop; export it alone (tunesmith export)")
             lora = cfg.name == "lora" and not cfg.lora.dora
             if not lora and not method_class(cfg.name).mergeable:
                 raise ExportError(f"{label}: a `{cfg.name}` adapter does not fold into the weights, so it has no "
