@@ -173,3 +173,37 @@ def test_cli_grid_and_position_ppl_write_their_files(capsys, tmp_path, tiny_mode
     capsys.readouterr()
     assert main(["eval", "--task", "kv", "--model", str(tiny_model_dir), "--lengths", "2q"]) == 2
     assert capsys.readouterr().err.strip().startswith("tunesmith: error: --lengths")
+
+
+def test_cli_rope_flag_scales_positions_for_the_evaluation_only(capsys, tmp_path, tiny_model_dir):
+    """`--rope scaling=linear,factor=4` gives the loss of the model with its positions divided by 4 (a
+    different loss from the plain model's), the same as applying the recipe keys by hand; bad keys are one line."""
+    from tunesmith.cli.long_context import parse_rope
+    from tunesmith.config import RopeConfig
+    from tunesmith.infer.generate import load_for_inference
+    from tunesmith.models.rope import apply_rope
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "the sky is blue and the grass is green " * 30}) + "\n")
+    losses = {}
+    for rope in (None, "scaling=linear,factor=4"):
+        out = tmp_path / f"ppl-{rope is not None}"
+        argv = ["eval", "--task", f"position-ppl:{texts}", "--model", str(tiny_model_dir), "--lengths", "128",
+                "--bucket", "128", "--output", str(out)] + (["--rope", rope] if rope else [])
+        assert main(argv) == 0, capsys.readouterr()
+        saved = json.loads((out / "positions.json").read_text())
+        assert saved["rope"] == rope
+        losses[rope] = saved["buckets"][0]["loss"]
+    assert "linear ×4" in capsys.readouterr().out
+    model, tok = load_for_inference(str(tiny_model_dir))
+    text = [json.loads(texts.read_text())["text"]]
+    plain = position_perplexity(model, tok, text, 128, 128)[0]["loss"]
+    apply_rope(model, RopeConfig(scaling="linear", factor=4))
+    scaled = position_perplexity(model, tok, text, 128, 128)[0]["loss"]
+    # same process, same kernels: equal to the last bits; a random tiny model's loss moves little with positions
+    assert (losses[None], losses["scaling=linear,factor=4"]) == pytest.approx((plain, scaled), rel=1e-12)
+    assert scaled != pytest.approx(plain, rel=1e-9)
+    assert parse_rope("theta=250000").theta == 250000
+    for bad in ("scaling=cubic", "facter=2", "linear"):
+        with pytest.raises(EvalError, match="--rope"):
+            parse_rope(bad)

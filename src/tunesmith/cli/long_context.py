@@ -32,10 +32,51 @@ def add_long_args(p) -> None:
                    help="passkey/needle/kv: where the fact sits, as fractions of the filler text (0 = start)")
     p.add_argument("--needles", type=int, default=4, help="needle: needles in the text, the asked one among them")
     p.add_argument("--bucket", default="1k", help="position-ppl: positions per bucket of the loss table")
+    p.add_argument("--rope", default=None, metavar="KEY=VALUE,...",
+                   help="evaluate with the RoPE scaled without training, as the recipe's model.rope.* keys would: "
+                        "e.g. scaling=linear,factor=2 | scaling=yarn,target_length=16384 | theta=250000")
+
+
+def parse_rope(spec: str):
+    """`--rope scaling=yarn,factor=2` as a RopeConfig (the recipe's `model.rope.*` keys, one flag)."""
+    from ..config import RecipeError, RopeConfig
+    from ..eval.runner import EvalError
+
+    fields = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in RopeConfig.model_fields:
+            raise EvalError(f"--rope: `{part}` should be KEY=VALUE with KEY one of {', '.join(RopeConfig.model_fields)}")
+        fields[key.strip()] = value.strip()
+    try:
+        return RopeConfig(**fields)
+    except RecipeError as e:
+        raise EvalError(f"--rope {e}") from None
+
+
+def _with_rope(args, load):
+    """`load`, then the RoPE `--rope` asks for applied to the loaded model (refused over an adapter's own)."""
+    if not args.rope:
+        return load
+    from ..eval.runner import EvalError
+    from ..models.rope import apply_rope, changed_rope, describe_rope
+
+    cfg = parse_rope(args.rope)
+
+    def loaded(a):
+        model, tokenizer = load(a)
+        if changed_rope(model):
+            raise EvalError(f"--rope: the adapter already runs with {describe_rope(changed_rope(model))}; "
+                            "evaluate it as trained, or without the adapter")
+        print(f"[tunesmith] RoPE for this evaluation: {describe_rope(apply_rope(model, cfg))}")
+        return model, tokenizer
+
+    return loaded
 
 
 def eval_long(args, load) -> int:
     """Run a long-context task and write its files; `load(args)` gives (model, tokenizer)."""
+    load = _with_rope(args, load)
     if args.task.startswith(POSITION_PPL):
         return _position_ppl(args, load)
     from ..eval.long_context import parse_depths, parse_lengths
@@ -45,7 +86,7 @@ def eval_long(args, load) -> int:
 
     lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
     out = Path(args.output or f"eval-{args.task}")
-    identity = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype,
+    identity = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "rope": args.rope,
                 **({"needles": args.needles} if args.task == "needle" else {})}
     done = _earlier(out / "records.jsonl", args.task, args.seed, identity)
     model, tokenizer = load(args)
@@ -105,7 +146,8 @@ def _position_ppl(args, load) -> int:
     with domain_route(model, args.domain, args.adapter, args.model):
         rows = position_perplexity(model, tokenizer, tqdm(texts, desc="position-ppl", unit="text"), length, bucket)
     write_json(out / "positions.json", {"file": path, "texts": len(texts), "length": length, "bucket": bucket,
-                                        "model": args.model, "adapter": args.adapter, "buckets": rows})
+                                        "model": args.model, "adapter": args.adapter, "rope": args.rope,
+                                        "buckets": rows})
     table = format_positions(rows)
     (out / "positions.md").write_text(f"# Loss by position: {path} ({len(texts)} texts, cut to {length} tokens)"
                                       f"\n\n{table}\n")
