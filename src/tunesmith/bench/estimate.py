@@ -25,7 +25,16 @@ Peak memory is the sum of parts, each counted rather than guessed:
 - the runtime: what this process holds after importing torch and transformers and the tokenizer
   (the interpreter, the libraries, their caches), measured here.
 
-Peak = runtime + weights + optimizer + max(activations + backward transient, gradients): the
+- what the allocator holds beyond the live bytes (`HEAP_SLACK`): measured, this was the whole
+  undercount at long rows (1.35-1.7x at 1k-4k before it was counted), not attention — CPU sdpa's
+  backward is flash-style (one layer's attention backward at 4k tokens: ~30 MB beyond its inputs,
+  nothing N x N), and the live bytes sampled during real steps matched activations + transient.
+  glibc's heap keeps the holes each layer's forward leaves between tensors that outlive it, about
+  0.7 of a layer's heap-resident saved set per layer, with checkpointing or without; storages over
+  32 MiB are mmapped and returned, so they do not count (the fp32 logits of a 1024-token loss chunk,
+  MLP activations from ~5.5k tokens on for the embedded model). It grows linearly with the row.
+
+Peak = runtime + weights + optimizer + max(activations + backward transient + allocator held, gradients): the
 gradients of a full fine-tune are complete when the activations are gone. The micro-batch is
 assumed full (every row `batch_tokens` long, every token trained): an upper bound for SFT data
 whose prompts do not train.
@@ -44,6 +53,32 @@ import resource
 from dataclasses import dataclass, field
 
 import torch
+
+
+# glibc malloc serves a request from its heap once the dynamic mmap threshold has risen past it
+# (it rises to the size of each mmapped block freed, up to DEFAULT_MMAP_THRESHOLD_MAX: 32 MiB on
+# 64-bit); larger storages are always mmapped and go back to the OS when freed.
+HEAP_CEILING = 32 * 2 ** 20
+# What the heap holds beyond its live bytes at a step's peak, as a share of every layer's full
+# heap-resident working set (the bytes a layer saves for backward in storages <= HEAP_CEILING, as
+# if no layer were checkpointed) plus a backward transient small enough for the heap. glibc keeps
+# freed chunks mapped and cannot reuse all of them: each layer's forward leaves holes between the
+# tensors that outlive it. Sampled with mallinfo2 during `tunesmith bench` steps of LoRA on the
+# embedded model (fp32, 1k-2k rows): without checkpointing the heap from the second step on held
+# 0.55-0.8 of the layers' working set beyond the live bytes (the first step ~0); with checkpointing
+# (live: layer inputs, one recomputed layer) already the first step held ~0.7 of it. jemalloc is not
+# measured here: 0 (its retention is what `runtime.JEMALLOC`'s note compares).
+HEAP_SLACK = {"system": 0.7, "jemalloc": 0.0}
+
+
+def training_allocator() -> str:
+    """The allocator a training process started now would run on (`runtime.reexec_with_allocator`):
+    jemalloc when preloaded or preloadable, else the system's."""
+    import os
+
+    from ..runtime import allocator_env
+
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") or allocator_env() is not None else "system"
 
 
 @dataclass
@@ -115,8 +150,9 @@ def _parameter_bytes(model) -> dict[str, float]:
     return out
 
 
-def _saved_bytes(runner, model, batch, precision: str) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward in one forward (weights excluded)."""
+def _saved_bytes(runner, model, batch, precision: str) -> tuple[int, int]:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward (weights excluded):
+    all of them, and those in storages small enough for the allocator's heap (`HEAP_CEILING`)."""
     from ..runtime import autocast
 
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -133,7 +169,7 @@ def _saved_bytes(runner, model, batch, precision: str) -> int:
         with autocast(torch.device("cpu"), precision):
             loss, _ = runner(batch)
     del loss
-    return sum(seen.values())
+    return sum(seen.values()), sum(n for n in seen.values() if n <= HEAP_CEILING)
 
 
 def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]:
@@ -163,7 +199,7 @@ def _probe(recipe, config, layers: int, checkpointing: bool) -> dict[str, float]
     runner = LossModule(model, build_objective(recipe, model), method)
     batch = _synthetic_batch(recipe, config.vocab_size)
     out = _parameter_bytes(model)
-    out["saved"] = _saved_bytes(runner, model, batch, recipe.train.precision)
+    out["saved"], out["saved_heap"] = _saved_bytes(runner, model, batch, recipe.train.precision)
     tokens = int(batch["segment_ids"].gt(0).sum())
     lengths = batch["segment_ids"][0].bincount()[1:].tolist()
     width = batch["input_ids"].shape[1]
@@ -197,6 +233,19 @@ def _extrapolate(one: dict, two: dict, layers: int, key: str) -> float:
     return one[key] + (layers - 1) * (two[key] - one[key])
 
 
+def _activations(probes: tuple, layers: int, every: int, key: str) -> float:
+    """Saved bytes (`key`) of the whole model from the one- and two-layer probes. With the
+    checkpointing probes as well: checkpointed layers (every `every`-th) keep their inputs, the
+    others everything, and one layer is recomputed at a time in backward (its full set, once)."""
+    one, two = probes[:2]
+    if len(probes) == 2:
+        return _extrapolate(one, two, layers, key)
+    c1, c2 = probes[2:]
+    per_layer = two[key] - one[key]
+    checkpointed = len(range(0, layers, every))
+    return (one[key] - per_layer) + checkpointed * (c2[key] - c1[key]) + (layers - checkpointed) * per_layer + per_layer
+
+
 def estimate(recipe, mfu: float = 0.35) -> Estimate:
     """Predict the recipe's peak memory and step time (see the module docstring)."""
     from transformers import AutoConfig
@@ -226,16 +275,16 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     gradients = 4 * trainable
     optimizer = 2 * 4 * trainable
     per_layer = two["saved"] - one["saved"]
-    if ckpt:  # checkpointed layers keep their inputs; the others everything; one layer is recomputed at a time
-        c1, c2 = _probe(recipe, config, 1, True), _probe(recipe, config, 2, True)
-        checkpointed = len(range(0, layers, max(recipe.train.checkpoint_every, 1)))
-        activations = (one["saved"] - per_layer) + checkpointed * (c2["saved"] - c1["saved"]) \
-            + (layers - checkpointed) * per_layer + per_layer
-    else:
-        activations = _extrapolate(one, two, layers, "saved")
+    probes = (one, two, *((_probe(recipe, config, 1, True), _probe(recipe, config, 2, True)) if ckpt else ()))
+    every = max(recipe.train.checkpoint_every, 1)
+    activations = _activations(probes, layers, every, "saved")
     head_tokens = min(recipe.train.loss_chunk or one["tokens"], one["tokens"])
     transient = 16 * head_tokens * config.vocab_size
-    peak = runtime + weights + optimizer + max(activations + transient, gradients)
+    logits_bytes = 4 * head_tokens * config.vocab_size  # the largest of the transient's tensors (fp32 logits)
+    heap = layers * (two["saved_heap"] - one["saved_heap"]) + (transient if logits_bytes <= HEAP_CEILING else 0)
+    allocator = training_allocator()
+    held = HEAP_SLACK[allocator] * heap
+    peak = runtime + weights + optimizer + max(activations + transient + held, gradients)
     fpt = _extrapolate(one, two, layers, "flops_per_token")
     attention_fpt = _extrapolate(one, two, layers, "attention_flops_per_token")
     device = pick_device(recipe.train.device)
@@ -247,13 +296,13 @@ def estimate(recipe, mfu: float = 0.35) -> Estimate:
     tokens_per_step = one["tokens"] * recipe.train.grad_accum
     return Estimate(
         parts={"runtime": runtime, "weights": weights, "gradients": gradients, "optimizer": optimizer,
-               "activations": activations, "backward transient": transient},
+               "activations": activations, "backward transient": transient, "allocator held": held},
         peak_bytes=peak, tokens_per_step=tokens_per_step, flops_per_token=fpt, peak_tflops=peak_tflops,
         mfu=mfu, trainable=trainable, parameters=parameters,
         info={"method": one["method"], "layers": layers, "activations_per_layer": per_layer,
               "attention_flops_per_token": attention_fpt, "attention": one["attention"],
               "checkpointing": ckpt, "precision": recipe.train.precision, "tokens_per_micro_batch": one["tokens"],
-              "device": device.type, "threads": threads})
+              "device": device.type, "threads": threads, "allocator": allocator})
 
 
 def format_estimate(e: Estimate) -> str:
@@ -266,7 +315,8 @@ def format_estimate(e: Estimate) -> str:
         extra = f"  ({e.info['activations_per_layer'] / 1e6:.1f} MB per layer)" if name == "activations" else ""
         lines.append(f"  {name:<14}{gb(b)}{extra}")
     lines.append(f"peak memory     {e.peak_gb:.2f} GB (runtime + weights + optimizer + "
-                 "max(activations + backward transient, gradients))")
+                 f"max(activations + backward transient + allocator held, gradients); "
+                 f"{e.info.get('allocator', 'system')} allocator)")
     lines.append(f"model FLOPs     {e.flops_per_token / 1e9:.3f} GFLOP/token, "
                  f"{e.flops_per_token * e.tokens_per_step / 1e12:.2f} TFLOP per step "
                  f"(attention {100 * e.info['attention_flops_per_token'] / e.flops_per_token:.0f}%, "
