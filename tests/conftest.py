@@ -18,18 +18,19 @@ def tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
+def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128,
+                    positions: int = 2048):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=positions,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -66,14 +67,17 @@ def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tokenizer, tmp_path_factory):
-    """A tiny model saved as an HF folder (config, safetensors, tokenizer): loads like any user model."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = make_tiny_model(tokenizer)
+def save_model_dir(model, tokenizer, path):
+    """`model` and `tokenizer` saved as an HF folder (config, safetensors, tokenizer)."""
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory):
+    """A tiny model saved as an HF folder (config, safetensors, tokenizer): loads like any user model."""
+    return save_model_dir(make_tiny_model(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny-model"))
 
 
 def trained_runs(sample, tokenizer) -> list[str]:

@@ -4,9 +4,8 @@ estimate says a step would not fit (and measured to need less)."""
 import json
 
 import pytest
-import torch
 
-from tests.conftest import tiny_recipe
+from tests.conftest import make_tiny_model, save_model_dir, tiny_recipe
 from tunesmith.bench import lengths as bl
 from tunesmith.recipe import to_yaml
 
@@ -14,17 +13,8 @@ from tunesmith.recipe import to_yaml
 @pytest.fixture(scope="module")
 def mid_model_dir(tokenizer, tmp_path_factory):
     """4 layers, hidden 128: activations are a visible share of a step's peak at 1-2K tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("mid-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    model = make_tiny_model(tokenizer, layers=4, hidden=128, intermediate=512, positions=4096)
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("mid-model"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_recipe
+from tests.conftest import make_tiny_model, save_model_dir, tiny_recipe
 from tunesmith.bench import estimate as est
 from tunesmith.recipe import RecipeError
 
@@ -17,17 +17,8 @@ from tunesmith.recipe import RecipeError
 @pytest.fixture(scope="module")
 def wide_model_dir(tokenizer, tmp_path_factory):
     """4 layers, hidden 256: big enough that activations and the loss are a real share of a peak."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("wide-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    model = make_tiny_model(tokenizer, layers=4, hidden=256, intermediate=704, positions=4096)
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("wide-model"))
 
 
 @pytest.mark.parametrize("extra", [
