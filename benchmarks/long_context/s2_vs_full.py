@@ -56,8 +56,6 @@ def _attention_step(impl: str, n: int, group: int, docs: int, device):
 
 def _layer_step(impl: str, n: int, group: int, docs: int, device):
     """A closure running one forward + backward of the embedded model cut to its first decoder layer."""
-    import torch
-
     from tunesmith.models.attention import use_packed_attention
     from tunesmith.models.load import load_model
     from tunesmith.models.s2attn import use_s2_attention
