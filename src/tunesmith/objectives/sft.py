@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from ..models.embedding import DOMAINS_FILE
 from ..models.masks import attention_mask
 from ..models.moe import moe_modules, routing
 from ..models.s2attn import S2, s2_segments
+from ..models.varlen import VARLEN, varlen_segments
 from .base import ObjectiveBase, ObjectiveError
 
 
@@ -38,6 +40,8 @@ def forward_hidden(model, batch: dict) -> torch.Tensor:
     body = getattr(model, model.base_model_prefix)
     if model.config._attn_implementation == PACKED:
         isolation = {"attention_mask": None, "tunesmith_segments": segments_from_ids(batch["segment_ids"])}
+    elif model.config._attn_implementation == VARLEN:  # one variable-length kernel call per layer (CUDA)
+        isolation = {"attention_mask": None, "tunesmith_segments": varlen_segments(model, batch["segment_ids"])}
     elif model.config._attn_implementation == S2:  # shifted blocks while training, full attention in eval
         isolation = {"attention_mask": None, "tunesmith_segments": s2_segments(model, batch["segment_ids"])}
     else:
@@ -63,15 +67,19 @@ def _chunk_loss(head, h, targets, weights):
     return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
-def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024):
+def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024, kernel: str = "chunked"):
     """Sum over trained positions of weight * NLL(next token). Returns (loss_sum, n_trained).
-    `chunk` <= 0: no chunks (the whole logits at once, as most trainers compute them)."""
+    `chunk` <= 0: no chunks (the whole logits at once, as most trainers compute them). `kernel`
+    (LOSS_KERNELS): `fused`/`liger` compute the gradients in the forward instead (`fused_token_loss`)."""
     w = weights[:, 1:]  # weight of predicting token t+1 from position t
     keep = w > 0
     h = hidden[:, :-1][keep]  # (n, d)
     targets = input_ids[:, 1:][keep]
     w = w[keep].to(torch.float32)
     n = int(keep.sum())
+    kernel = resolve_loss_kernel(kernel, head, hidden.device)
+    if kernel != "chunked" and n and torch.is_grad_enabled():
+        return fused_token_loss(head, h, targets, w, chunk if chunk > 0 else 1024, kernel), n
     total = hidden.new_zeros((), dtype=torch.float32)
     if chunk <= 0:  # one piece, kept for backward: the (n, vocab) fp32 logits are materialised
         return total + _chunk_loss(head, h, targets, w), n
@@ -86,10 +94,90 @@ def weighted_token_loss(head, hidden, input_ids, weights, chunk: int = 1024):
     return total, n
 
 
-def causal_lm_loss(model, batch: dict, chunk: int = 1024):
+LOSS_KERNELS = ("auto", "chunked", "fused", "liger")
+
+
+def resolve_loss_kernel(kernel: str, head, device: torch.device) -> str:
+    """`chunked` for a head that is not a plain bias-free Linear (an adapter on it, hooks: its
+    forward must run); `auto` = Liger's kernel on CUDA when `liger-kernel` is installed, else `fused`."""
+    if kernel not in LOSS_KERNELS:
+        raise ObjectiveError(f"loss kernel `{kernel}`: expected one of {', '.join(LOSS_KERNELS)}")
+    plain = type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks \
+        and not head._forward_pre_hooks
+    if kernel == "chunked" or not plain:
+        return "chunked"
+    if kernel == "auto":
+        return "liger" if device.type == "cuda" and _liger() is not None else "fused"
+    if kernel == "liger" and (device.type != "cuda" or _liger() is None):
+        return "fused"  # Liger is Triton: CUDA only, and optional
+    return kernel
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Σ w·NLL(target | h·Wᵀ) over the rows of h, chunk by chunk, with the gradients of h and W
+    computed in the forward (softmax − one-hot, times w): the (n, vocab) logits never exist whole
+    and the lm_head is not recomputed in backward (the chunked checkpoint runs it twice)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w, chunk: int, dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hc, wc = h.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for i in range(0, h.shape[0], chunk):
+            x, t, ww = hc[i:i + chunk], targets[i:i + chunk], w[i:i + chunk]
+            logits = (x @ wc.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * ww).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                g = g.mul_(ww[:, None]).to(dtype)
+                if need_h:
+                    grad_h[i:i + chunk] = g @ wc
+                if need_w:
+                    grad_w += (g.T @ x).float()
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+def fused_token_loss(head, h, targets, w, chunk: int = 1024, kernel: str = "fused"):
+    """Σ w·NLL through a plain Linear head: Liger's fused linear + cross-entropy (CUDA, when every
+    weight is 1: its loss has no per-token weights) or `_FusedLinearCE`."""
+    dtype = _compute_dtype(h)
+    if kernel == "liger" and bool((w == 1).all()):
+        out = _liger()(h.to(dtype), head.weight.to(dtype), targets, reduction="sum")
+        return (out[0] if isinstance(out, tuple) else out).float()
+    return _FusedLinearCE.apply(h, head.weight, targets, w, chunk, dtype)
+
+
+def causal_lm_loss(model, batch: dict, chunk: int = 1024, kernel: str = "chunked"):
     """(loss_sum, n_trained_tokens, metrics) for a batch from `tunesmith.data.collate`."""
     hidden = forward_hidden(model, batch)
-    loss_sum, n = weighted_token_loss(model.get_output_embeddings(), hidden, batch["input_ids"], batch["weights"], chunk)
+    loss_sum, n = weighted_token_loss(model.get_output_embeddings(), hidden, batch["input_ids"], batch["weights"],
+                                      chunk, kernel)
     return loss_sum, n, {}
 
 
@@ -98,16 +186,19 @@ class SFT(ObjectiveBase):
 
     name, unit, token_loss = "sft", "trained_tokens", True
 
-    def __init__(self, chunk: int = 1024):
+    def __init__(self, chunk: int = 1024, kernel: str = "chunked"):
         self.chunk = chunk
+        self.kernel = kernel
         self.domains: list[str] = []
 
     @classmethod
     def build(cls, recipe, model=None, **extras):
-        return cls(recipe.train.loss_chunk)
+        # train.loss_kernel once the recipe schema has it; until then TUNESMITH_LOSS_KERNEL (benchmarks)
+        kernel = getattr(recipe.train, "loss_kernel", None) or os.environ.get("TUNESMITH_LOSS_KERNEL", "chunked")
+        return cls(recipe.train.loss_chunk, kernel)
 
     def __call__(self, model, batch):
-        return causal_lm_loss(model, batch, self.chunk)
+        return causal_lm_loss(model, batch, self.chunk, self.kernel)
 
     def prepare(self, run) -> None:
         """Data with domains: their names saved with the run; an MoE with fewer experts is refused now."""

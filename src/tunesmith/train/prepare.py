@@ -20,6 +20,7 @@ from ..models.attention import use_attention, use_packed_attention
 from ..models.load import DTYPES, load_model
 from ..models.rope import apply_rope, describe_rope
 from ..models.s2attn import use_s2_attention
+from ..models.varlen import use_varlen_attention
 from . import checkpoint as ckpt
 from ..runtime import autocast
 from .safety import TrainError
@@ -41,6 +42,8 @@ def prepare_model(recipe, model=None, tokenizer=None):
     attention = training_attention(recipe)
     if attention == "packed":
         use_packed_attention(model)
+    elif attention == "varlen":
+        use_varlen_attention(model)
     elif attention == "s2":
         use_s2_attention(model, recipe.model.s2_group)
     else:
@@ -76,9 +79,23 @@ def prepare_model(recipe, model=None, tokenizer=None):
 
 
 def training_attention(recipe) -> str:
-    """model.attention, or `s2` for a method that trains with S²-Attn (longlora.shifted_attention)."""
+    """model.attention, or `s2` for a method that trains with S²-Attn (longlora.shifted_attention);
+    `packed` becomes `varlen` (one variable-length kernel call per layer, no per-row gather) when the
+    run is on CUDA and such a kernel is installed, except for prefix tuning (its keys need `packed`)."""
     options = getattr(recipe.method, recipe.method.name, None)
-    return "s2" if getattr(options, "shifted_attention", False) else recipe.model.attention
+    if getattr(options, "shifted_attention", False):
+        return "s2"
+    prefix = any(name in recipe.method.name for name in ("prefix", "mam"))  # methods with prefix keys
+    if recipe.model.attention == "packed" and not prefix and _on_cuda(recipe):
+        from ..models.varlen import cuda_varlen_available
+
+        return "varlen" if cuda_varlen_available() else "packed"
+    return recipe.model.attention
+
+
+def _on_cuda(recipe) -> bool:
+    device = recipe.train.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def rope_config(recipe, model) -> RopeConfig:
