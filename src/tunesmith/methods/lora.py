@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Config
+from ..models.quant import dense, linear
 from .base import MethodBase, MethodError, select_modules, set_module
 from .catalog import Variant
 
@@ -101,7 +102,7 @@ class LoRALinear(nn.Linear):
     def weight_norm(self) -> torch.Tensor:
         """DoRA's ||W + s·BA|| per output row, in fp32, with no gradient into B and A (paper §4.3)."""
         with torch.autocast(self.weight.device.type, enabled=False):
-            return torch.linalg.norm(self.weight.float() + self.delta_weight().detach(), dim=1)  # (out,)
+            return torch.linalg.norm(dense(self.weight).float() + self.delta_weight().detach(), dim=1)  # (out,)
 
     def _original(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer before any training: the frozen weight, plus PiSSA's principal part taken out of it."""
@@ -111,7 +112,7 @@ class LoRALinear(nn.Linear):
         return y + (self.scale * F.linear(F.linear(h, self.lora_a0), self.lora_b0)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # a quantised base (model.quantize) dequantises here
         if self.disabled:
             return self._original(x, y)
         h = self.lora_dropout(x)
@@ -123,17 +124,18 @@ class LoRALinear(nn.Linear):
         # direction sees the dropped input on both terms, as in PEFT.
         factor = self.lora_magnitude / self.weight_norm()  # (out,)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            base = F.linear(h, self.weight)
+            base = linear(h, self.weight)
         else:
             base = y if self.bias is None else y - self.bias
         return y + ((factor - 1) * base + factor * lora).to(y.dtype)
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with W + s·BA, with DoRA m ⊙ (W + s·BA)/||W + s·BA|| (in the base weight's dtype)."""
+        """A plain nn.Linear with W + s·BA, with DoRA m ⊙ (W + s·BA)/||W + s·BA|| (in the base weight's dtype);
+        a quantised W is dequantised first: the adapter was trained against dequant(W_q)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            w = self.weight.float() + self.delta_weight().float()
+            w = dense(self.weight).float() + self.delta_weight().float()
             if self.dora:
                 w = (self.lora_magnitude / self.weight_norm())[:, None] * w
             out.weight.copy_(w.to(self.weight.dtype))
