@@ -1,27 +1,27 @@
 """The HF side of benchmarks/vs_hf: one timed HF `Trainer` + PEFT run, in this process.
 
-    python benchmarks/vs_hf/hf_train.py --model FOLDER --data text.jsonl --setup lora --mode default \
+    python benchmarks/vs_hf/hf_train.py --model FOLDER --data samples.jsonl --setup lora --mode default \
         --steps 12 --warmup 2 --out run.json
-    python benchmarks/vs_hf/hf_train.py ... --mode best --batches packed_batches.json
+    python benchmarks/vs_hf/hf_train.py ... --mode best --precision fp32 --batches packed_batches.json
 
 `run.py` starts this once per measured run (it sets the allocator through LD_PRELOAD and reads the
 peak RSS of the process when it exits); it does not import tunesmith.
 
 Modes:
   default  what a user gets by default: fp32, `per_device_train_batch_size=8` samples per step,
-           padded to the longest in the batch by `DataCollatorForLanguageModeling(mlm=False)`
-           (padding is not trained), the Trainer's default AdamW.
-  best     the Trainer at its best on a CPU: `bf16=True` (autocast, fp32 master weights) and
-           padding-free batches from `DataCollatorWithFlattening` (the samples of a step concatenated
-           into one row, position ids restarting at 0 for every sample, which transformers turns
-           into a block-causal mask). The samples of each step are given by `--batches` (run.py
-           passes tunesmith's packing plan of the same data, about 4096 tokens a step, so both see
-           exactly the same tokens in every step).
+           padded to the longest in the batch (`DataCollatorForSeq2Seq`, labels padded with -100,
+           so padding and masked prompts do not train), the Trainer's default AdamW.
+  best     the Trainer at its best on a CPU: padding-free batches from `DataCollatorWithFlattening`
+           (the samples of a step concatenated into one row, position ids restarting at 0 for every
+           sample, which transformers turns into a block-causal mask), in `--precision bf16`
+           (`bf16=True`: autocast, fp32 master weights) or fp32 (faster on CPUs without bf16
+           hardware). The samples of each step are given by `--batches` (run.py passes tunesmith's
+           packing plan of the same data, so both see exactly the same tokens in every step).
 
-Samples are tokenized as tunesmith tokenizes plain text: the tokenizer's ids, an eos appended, cut to
-`--max-length`. Every token trains (no prompt masking). The data is read in file order in both modes.
+Samples: see `hf_common.load_samples` (pre-tokenized records with labels, or plain text). The data
+is read in file order in both modes.
 
-Timing: a `TrainerCallback` takes `time.perf_counter()` at `on_step_begin` and `on_step_end`; the
+Timing: `hf_common.step_clock` (`time.perf_counter()` at `on_step_begin` / `on_step_end`); the
 first `--warmup` steps are untimed. Trained tokens of a step are the label positions the loss
 actually uses (`labels[..., 1:] != -100`, counted in the collator), so padding does not count.
 """
@@ -33,56 +33,17 @@ import os
 import time
 from pathlib import Path
 
-
-def read_vm(field: str) -> float:
-    """A `/proc/self/status` figure (VmHWM, VmRSS) in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return float("nan")
+from hf_common import CountingCollator, load_samples, step_clock, step_figures
 
 
-def allocator_in_use() -> str:
-    try:
-        return "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "system"
-    except OSError:
-        return "system"
-
-
-def tokenize(path: str, tokenizer, max_length: int) -> list[dict]:
-    """{"input_ids": [...]} per JSONL record: ids + eos, cut to max_length (as tunesmith renders text)."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        ids = tokenizer(json.loads(line)["text"])["input_ids"]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        out.append({"input_ids": ids[:max_length]})
-    return out
-
-
-class CountingCollator:
-    """Wraps a collator; records the trained label positions of every batch, in order."""
-
-    def __init__(self, inner):
-        self.inner, self.trained, self.positions = inner, [], []
-
-    def __call__(self, features):
-        batch = self.inner(features)
-        labels = batch["labels"]
-        self.trained.append(int((labels[..., 1:] != -100).sum()))
-        self.positions.append(int(labels.numel()))  # input positions computed, padding included
-        return batch
-
-
-def main() -> int:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a local transformers folder")
-    p.add_argument("--data", required=True, help='JSONL of {"text": ...}')
+    p.add_argument("--data", required=True, help='JSONL of {"input_ids", "labels"} or {"text": ...}')
     p.add_argument("--setup", choices=["lora", "full"], required=True)
     p.add_argument("--mode", choices=["default", "best"], required=True)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="mode best: bf16 autocast (the default) or fp32; mode default is always fp32")
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -95,6 +56,12 @@ def main() -> int:
     args = p.parse_args()
     if args.mode == "best" and not args.batches:
         p.error("--mode best needs --batches")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    precision = (args.precision or "bf16") if args.mode == "best" else "fp32"
 
     import torch
 
@@ -102,15 +69,15 @@ def main() -> int:
     import peft
     import transformers
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                              DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
+                              DataCollatorWithFlattening, Trainer, TrainingArguments)
 
     t_start = time.perf_counter()
     total = args.warmup + args.steps
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    samples = tokenize(args.data, tokenizer, args.max_length)
+    samples = load_samples(args.data, tokenizer, args.max_length)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.config.use_cache = False  # without a cache, transformers turns restarting position ids into a block mask
@@ -124,14 +91,14 @@ def main() -> int:
 
     batches = None
     if args.mode == "default":
-        collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
+        collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        if len(samples) < total * args.batch_size:
+            raise SystemExit(f"{args.data}: {len(samples)} samples, {total} steps of {args.batch_size} asked for")
     else:
         batches = json.loads(Path(args.batches).read_text())
         if len(batches) < total:
             raise SystemExit(f"{args.batches}: {len(batches)} batches, {total} steps asked for")
         collator = CountingCollator(DataCollatorWithFlattening())
-    if args.mode == "default" and len(samples) < total * args.batch_size:
-        raise SystemExit(f"{args.data}: {len(samples)} samples, {total} steps of {args.batch_size} asked for")
 
     class PlannedBatchesTrainer(Trainer):
         """The Trainer with a given list of batches (variable sample counts, about equal tokens)."""
@@ -143,64 +110,28 @@ def main() -> int:
                                 num_workers=0)
             return self.accelerator.prepare(loader)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.begin, self.end = [], []
-
-        def on_step_begin(self, args_, state, control, **kw):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args_, state, control, **kw):
-            self.end.append(time.perf_counter())
-
-    clock = StepClock()
-    best = args.mode == "best"
+    clock = step_clock()
     targs = TrainingArguments(
         output_dir=str(Path(args.out).parent / f"hf-{args.setup}-{args.mode}-trainer"),
-        max_steps=total,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        max_grad_norm=1.0,
-        bf16=best,
-        use_cpu=True,
+        max_steps=total, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        learning_rate=args.lr, max_grad_norm=1.0, bf16=precision == "bf16", use_cpu=True,
         train_sampling_strategy="sequential",  # the file order, as tunesmith with data.shuffle=false
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=10**6,
-        report_to=[],
-        disable_tqdm=True,
-        seed=args.seed,
+        dataloader_num_workers=0, remove_unused_columns=False, eval_strategy="no", save_strategy="no",
+        logging_strategy="steps", logging_steps=10**6, report_to=[], disable_tqdm=True, seed=args.seed,
     )
     trainer = PlannedBatchesTrainer(model=model, args=targs, train_dataset=samples, data_collator=collator,
                                     callbacks=[clock])
     trainer.train()
-    wall_in = time.perf_counter() - t_start
-
-    step_s = [e - b for b, e in zip(clock.begin, clock.end)]
-    if len(step_s) != total or len(collator.trained) < total:
-        raise SystemExit(f"expected {total} steps, timed {len(step_s)}, collated {len(collator.trained)} batches")
-    timed = step_s[args.warmup:total]
-    trained = sum(collator.trained[args.warmup:total])
-    positions = sum(collator.positions[args.warmup:total])
-    elapsed = sum(timed)
     result = {
-        "setup": args.setup, "mode": args.mode, "steps": args.steps, "warmup": args.warmup,
-        "s_per_step": elapsed / args.steps, "trained_tokens_per_s": trained / elapsed,
-        "positions_per_s": positions / elapsed, "trained_tokens_per_step": trained / args.steps,
-        "positions_per_step": positions / args.steps, "step_s": step_s,
-        "trained_per_batch": collator.trained[:total], "peak_rss_gb_inside": read_vm("VmHWM"),
-        "wall_s_inside": wall_in, "allocator": allocator_in_use(), "threads": torch.get_num_threads(),
-        "trainable": trainable, "parameters": parameters, "bf16": best, "optim": str(targs.optim),
-        "precision": "bf16 autocast" if best else "fp32",
+        "setup": args.setup, "mode": args.mode, **step_figures(clock, collator, args.warmup, args.steps),
+        "wall_s_inside": time.perf_counter() - t_start, "threads": torch.get_num_threads(),
+        "trainable": trainable, "parameters": parameters, "bf16": precision == "bf16", "optim": str(targs.optim),
+        "precision": "bf16 autocast" if precision == "bf16" else "fp32",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"[hf-{args.mode}] {args.setup}: {result['trained_tokens_per_s']:.0f} trained tokens/s, "
+    print(f"[hf-{args.mode}] {args.setup} {precision}: {result['trained_tokens_per_s']:.0f} trained tokens/s, "
           f"{result['s_per_step']:.2f} s/step, VmHWM {result['peak_rss_gb_inside']:.2f} GB, "
           f"allocator {result['allocator']}", flush=True)
     return 0
