@@ -17,6 +17,8 @@ from pathlib import Path
 # The embedded model's family (SmolLM2: Llama blocks, 49152-token vocabulary, tied embeddings),
 # scaled to ~1.1B parameters with a TinyLlama-like shape.
 SIZES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,  # the dry run's
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
     "135m": {},
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 64},

@@ -41,6 +41,7 @@ from .attention import Segments, packed_attention, prefix_states, sdpa_with_pref
 VARLEN = "tunesmith_varlen"
 BACKENDS = ("torch", "flash_attn", "flex", "packed")
 _registered = False
+_announced: set[tuple[str, str]] = set()
 _probed: dict[tuple[str, str], str | None] = {}  # (device, backend) -> None if it works, else why not
 
 
@@ -141,6 +142,9 @@ def varlen_segments(model, segment_ids: torch.Tensor, wanted: str | None = None)
     """Everything the layers need for one forward of a (B, T) batch, computed once."""
     device = segment_ids.device
     backend = choose_backend(device, compute_dtype(model, device), wanted or getattr(model, "_tunesmith_varlen", None))
+    if (str(device), backend) not in _announced:
+        _announced.add((str(device), backend))
+        print(f"[tunesmith] varlen attention on {device}: {backend}", file=sys.stderr)
     seg = VarlenSegments(backend)
     if backend in ("torch", "flash_attn"):
         seg.cu_seqlens, seg.max_len = cu_seqlens_from_ids(segment_ids)

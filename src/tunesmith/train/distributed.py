@@ -87,7 +87,13 @@ def window(first: int, grad_accum: int, d: Dist) -> list[int]:
 
 
 def wrap(module: torch.nn.Module, d: Dist, device: torch.device, layers=()) -> torch.nn.Module:
-    """Apply the strategy to the loss module (model code is never edited)."""
+    """Apply the strategy to the loss module (model code is never edited).
+
+    With regional compile (`train.compile`) the decoder layers arrive compiled in place
+    (`layer.compile()`, `train.prepare.training_mode`) and are sharded here: compile first, then
+    `fully_shard`, the order torchtitan uses. FSDP2's all-gather/reshard hooks are excluded from
+    Dynamo, so they run eagerly around each compiled layer, and the parameter names stay those of
+    the uncompiled model (no `_orig_mod.` wrapper), which sharded checkpoints rely on."""
     if not d.active:
         return module
     if d.strategy == "ddp":
