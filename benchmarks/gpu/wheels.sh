@@ -11,17 +11,14 @@ cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 PY=${PYTHON:-.venv/bin/python}
-TRANSFORMERS=${TRANSFORMERS:-$($PY -c 'import transformers; print(transformers.__version__)')}
-# pure-Python wheels first (any platform), then the compiled ones for CPython 3.12 on manylinux
-PURE="transformers==$TRANSFORMERS trl liger-kernel datasets dill multiprocess gguf rank-bm25 datasketch
-      annotated-types typing-inspection"
-BINARY="pydantic-core pydantic"
-for spec in $PURE; do
-  $PY -m pip download -q --no-deps --only-binary=:all: -d .whl "$spec"
-done
-for spec in $BINARY; do
+# the versions this project's environment runs (they agree with each other), as CPython 3.12 wheels
+NAMES="transformers trl liger-kernel datasets dill multiprocess gguf rank-bm25 datasketch pydantic pydantic-core
+       annotated-types typing-inspection typing-extensions"
+rm -f .whl/*.whl
+for name in $NAMES; do
+  version=$($PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) || version=
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$spec"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "$name${version:+==$version}"
 done
-# one version of each (pydantic pins pydantic-core: keep the pair pip resolved last)
 ls -la .whl; du -sh .whl
