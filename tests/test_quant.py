@@ -174,3 +174,18 @@ def test_meta_device_sizes(tokenizer):
     quantize_frozen(model, "nf4")
     q = model.get_submodule("model.layers.0.mlp.up_proj").weight
     assert q.qdata.is_meta and q.nbytes() == q.numel() // 2 + 4 * q.numel() // 64
+
+
+def test_size_estimate_weights_follow_the_format():
+    from tunesmith.bench.estimate_sizes import format_sizes, measure, size_config
+
+    bf16, nf4 = measure("0.5B", "lora", "bf16", tokens=64), measure("0.5B", "lora", "nf4", tokens=64)
+    c = size_config("0.5B")
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    linear = c.num_hidden_layers * per_layer  # decoder Linear weights: bf16 (2 bytes) -> NF4 (0.5 + 4/64)
+    assert bf16.parts["weights"] - nf4.parts["weights"] == linear * (2 - 0.5 - 4 / 64)
+    assert bf16.parts["activations"] == nf4.parts["activations"] > bf16.parts["activations_ckpt"]
+    assert bf16.trainable == nf4.trainable and bf16.peak() > nf4.peak()
+    full = measure("0.5B", "full", "int8", tokens=64)
+    assert full.note and "cannot train" in format_sizes([full], 64)
