@@ -117,7 +117,7 @@ export -f bench machine models trl
 export PY STEPS WARMUP W RES MAX_LENGTH BATCH_TOKENS EXTRA LOSS_KERNEL DEV SIZES SRC DOCS
 part machine 60 machine
 part models 150 models
-part tests-varlen 150 $PY -m pytest -q -p no:cacheprovider tests/test_varlen.py
+part tests-varlen 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_varlen.py
 [ "$DEV" = cuda ] && part peak 60 $PY -m tunesmith bench --peak
 part "bench-$S-lora" 150 bench "bench-$S-lora" "$S" lora
 part "bench-$S-full" 150 bench "bench-$S-full" "$S" full
