@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -365,6 +365,8 @@ class TrainConfig(Config):
     "Cosine/linear decay ends at lr * min_lr_ratio."
     max_grad_norm: float = Field(1.0, ge=0)
     "Clip the global gradient norm (0 = no clipping)."
+    speed: Annotated[Literal["auto", "off"], BeforeValidator(lambda v: "off" if v is False else v)] = "auto"
+    "`auto`: the train/bench/estimate/quickstart commands choose the unset precision, model.frozen_dtype, loss_chunk, checkpointing and micro-batch × grad_accum from measured matmul peaks and the estimate against free memory, and print why; `off` (YAML's false too): as written."
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     "Compute precision (autocast); master weights stay fp32."
     activation_checkpointing: bool = False

@@ -51,13 +51,28 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.nproc > 1 and not objective_class(recipe.objective.name).multi_process:
         raise TrainError(f"{recipe.objective.name} runs in one process: set nproc=1")
-    if recipe.nproc > 1 and not distributed.under_launcher():
-        return distributed.launch(recipe.nproc, ["train", args.recipe, *args.overrides])
-    result = train(recipe)
+    if distributed.under_launcher():  # a rank of a launched job: its parent chose (the overrides it passed)
+        result = train(recipe)
+    elif recipe.nproc > 1:
+        return distributed.launch(recipe.nproc, ["train", args.recipe, *args.overrides, *_speed(recipe).overrides])
+    else:
+        result = train(_speed(recipe).recipe)
     if distributed.under_launcher() and int(os.environ.get("RANK", "0")) != 0:
         return 0 if result.status == "completed" else 130
     print(f"[tunesmith] report: {result.run_dir / 'report.md'}")
     return 0 if result.status == "completed" else 130
+
+
+def _speed(recipe):
+    """train.speed=auto (train/speed.py): the unset speed keys chosen from bench's measurements, printed."""
+    from ..bench import matmul_peak
+    from ..bench.estimate import estimate
+    from ..train.speed import choose_speed
+
+    choice = choose_speed(recipe, peak=matmul_peak, estimate=estimate)
+    if choice.lines:
+        print(choice.report(), flush=True)
+    return choice
 
 
 def _load(args):
@@ -195,7 +210,9 @@ def cmd_eval(args) -> int:
 def cmd_quickstart(args) -> int:
     from ..quickstart import quickstart
 
-    quickstart(args.recipe, args.overrides)
+    from ..recipe import load_recipe
+
+    quickstart(args.recipe, [*args.overrides, *_speed(load_recipe(args.recipe, args.overrides)).overrides])
     return 0
 
 
@@ -240,14 +257,14 @@ def cmd_bench(args) -> int:
     recipe = load_recipe(args.recipe, overrides)
     if args.lengths:
         return run_lengths(recipe, args.lengths, args.steps, args.warmup, args.json)
-    return run_bench(recipe, args.steps, args.warmup, not args.no_breakdown, args.json)
+    return run_bench(_speed(recipe).recipe, args.steps, args.warmup, not args.no_breakdown, args.json)
 
 
 def cmd_estimate(args) -> int:
     from ..bench.estimate import estimate, format_estimate
     from ..recipe import load_recipe
 
-    result = estimate(load_recipe(args.recipe, args.overrides), mfu=args.mfu)
+    result = estimate(_speed(load_recipe(args.recipe, args.overrides)).recipe, mfu=args.mfu)
     print(format_estimate(result))
     if args.json:
         import dataclasses
