@@ -63,13 +63,29 @@ def build_prompt(task, example: Example, shots: list[Example]):
     return messages
 
 
+def stop_rule(task, stop: list[str] | None = None, task_stop: bool = True) -> dict:
+    """generate()'s stop arguments for `task`: the given `stop` strings, plus (with `task_stop`) the
+    task's own rule, its `stop` strings and `answer_end` (data/tasks: a scorer that reads only the
+    first line, the first JSON object, the first closed ```sql block... stops there), so generation
+    ends where the answer does instead of at max_new_tokens, and no verdict changes."""
+    strings = list(stop or ())
+    answer_end = None
+    if task_stop:
+        strings += list(getattr(task, "stop", None) or ())
+        answer_end = getattr(task, "answer_end", None)
+    return {"stop": strings or None, "answer_end": answer_end}
+
+
 def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None = None, shots: int = 0,
              samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, ks: tuple[int, ...] = (1,),
              max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True,
-             share_prefix: bool = False) -> EvalResult:
+             share_prefix: bool = False, stop: list[str] | None = None, task_stop: bool = True) -> EvalResult:
     """Generate answers for a split of `task`, score them and summarise. `share_prefix`: greedy prompts
-    with shots prefill their common instruction and demonstrations once (eval/prefix.py)."""
-    from ..infer.generate import generate
+    with shots prefill their common instruction and demonstrations once (eval/prefix.py). `stop`:
+    strings that end an answer; `task_stop=False` turns the task's own stop rule off (see stop_rule).
+    generate() batches the prompts longest first (little padding; similar questions end together)
+    and returns them in order, so records keep the examples' order."""
+    from ..infer.generate import StopRule, generate
     from .metrics import bleu, chrf, chrf_pp, pass_at_k
 
     if samples > 1 and temperature <= 0:
@@ -83,15 +99,19 @@ def evaluate(model, tokenizer, task, *, split: str = "test", limit: int | None =
     if len(shot_pool) < shots:  # fewer demonstrations than asked would mislabel the result
         raise EvalError(f"{shots} shots need as many training examples; task {task.name} has {len(shot_pool)}")
     prompts = [build_prompt(task, ex, shot_pool) for ex in examples]
+    stops = stop_rule(task, stop, task_stop)
     t0 = time.perf_counter()
     if share_prefix and shots and samples == 1 and temperature <= 0:
         from .prefix import generate_greedy
 
+        # this path generates to eos; the same cut keeps its answers equal to generate()'s
+        rule = StopRule(**stops)
         outputs = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        outputs = [o if (c := rule.cut(o)) is None else o[:c] for o in outputs]
     else:
         outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)],
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                           batch_size=batch_size)
+                           batch_size=batch_size, **stops)
     gen_s = time.perf_counter() - t0
     records, n_correct, partial = [], [], []
     for i, ex in enumerate(examples):

@@ -3,7 +3,8 @@
 Prompts go through the tokenizer's chat template with the generation prompt, exactly as chat
 samples were rendered for training, so a fine-tuned model sees the format it learned. Batches are
 left-padded (every row's last prompt token sits at the same column, where decoding starts) with an
-attention mask; generation stops at eos or an end-of-turn token.
+attention mask; generation stops at eos or an end-of-turn token, and optionally where the reply's
+text meets a stop string or a task says its answer is complete (see `StopRule`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -104,14 +106,93 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, mask
 
 
+# A task's own stop rule: given a reply's text so far, the index where its answer ends once nothing
+# that could follow would change how the reply is scored; None while more text still could.
+AnswerEnd = Callable[[str], "int | None"]
+
+
+class StopRule:
+    """Where a reply ends in text: before the earliest stop string, or where `answer_end` says.
+
+    Token-level stops (eos, end-of-turn) cannot express "one line" or "the next few-shot question";
+    an instruct model often goes on after its answer (an explanation, the next question), and every
+    token of that costs a decoding step. `cut` is applied both while generating (a row that has
+    ended stops growing, and a batch ends when all its rows have) and to the returned text, so the
+    text is the same whether or not generation actually stopped early.
+    """
+
+    def __init__(self, stop: Sequence[str] | None = None, answer_end: AnswerEnd | None = None):
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InferError(f"stop strings must be non-empty strings, got {stop!r:.120}")
+        if answer_end is not None and not callable(answer_end):
+            raise InferError(f"answer_end must be a function of the text, got {answer_end!r:.80}")
+        self.stop, self.answer_end = stop, answer_end
+
+    def __bool__(self) -> bool:
+        return bool(self.stop) or self.answer_end is not None
+
+    def cut(self, text: str, start: int = 0) -> int | None:
+        """Where the reply in `text` ends, or None if it has not ended. Stop strings are looked for
+        only where they could end at or after `start` (text before it was searched already)."""
+        ends = []
+        for s in self.stop:
+            i = text.find(s, max(0, start - len(s) + 1))
+            if i >= 0:
+                ends.append(i)
+        if self.answer_end is not None:
+            end = self.answer_end(text)
+            if end is not None:
+                ends.append(max(0, min(end, len(text))))
+        return min(ends) if ends else None
+
+
+def _stop_criteria(tokenizer, rule: StopRule, width: int, stops: set[int], rows: int):
+    """A transformers stopping criterion for `rule`: each step it decodes the new tokens of every row
+    still running and marks the rows whose text has ended (transformers then pads them and ends the
+    batch once every row is done). `ended[r]` is how many new tokens row r kept."""
+    from transformers import StoppingCriteria
+
+    class RuleCriteria(StoppingCriteria):
+        def __init__(self):
+            self.ended: dict[int, int] = {}
+            self.checked = [0] * rows
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            for r, row in enumerate(input_ids[:, width:].tolist()):
+                if r in self.ended or (row and row[-1] in stops):
+                    self.ended.setdefault(r, len(row))
+                    done[r] = True
+                    continue
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if rule.cut(text, self.checked[r]) is not None:
+                    self.ended[r] = len(row)
+                    done[r] = True
+                # a trailing partial character may still change: search it again next time
+                self.checked[r] = len(text.rstrip("\ufffd"))
+            return done.to(input_ids.device)
+
+    return RuleCriteria()
+
+
 def _generate_batch(model, tokenizer, rows: list[list[int]], *, max_new_tokens, temperature, top_p, top_k,
-                    seed, streamer=None) -> list[str]:
-    """Complete one batch of token-id prompts; return the decoded new text of each row."""
+                    seed, streamer=None, rule: StopRule | None = None) -> list[str]:
+    """Complete one batch of token-id prompts; return the decoded new text of each row, ended by
+    `rule` where it says (rows it ends early stop growing; the batch ends when all have ended)."""
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     input_ids, mask = left_pad(rows, pad)
     device = next(model.parameters()).device
     settings = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True)
+    criteria = None
+    if rule:
+        from transformers import StoppingCriteriaList
+
+        criteria = _stop_criteria(tokenizer, rule, input_ids.shape[1], set(stops), len(rows))
+        settings["stopping_criteria"] = StoppingCriteriaList([criteria])
     if temperature > 0:
         settings.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     else:  # greedy; unset the sampling knobs so a model's generation_config cannot warn about them
@@ -127,9 +208,13 @@ def _generate_batch(model, tokenizer, rows: list[list[int]], *, max_new_tokens, 
         model.train(was_training)
     texts = []
     stop_set = set(stops)
-    for row in out[:, input_ids.shape[1]:].tolist():
+    for r, row in enumerate(out[:, input_ids.shape[1]:].tolist()):
         end = next((j for j, t in enumerate(row) if t in stop_set), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+        if criteria is not None and r in criteria.ended:  # the pads after a rule's stop are not text
+            end = min(end, criteria.ended[r])
+        text = tokenizer.decode(row[:end], skip_special_tokens=True)
+        cut = rule.cut(text) if rule else None
+        texts.append(text if cut is None else text[:cut])
     return texts
 
 
@@ -148,21 +233,24 @@ def _seeded(seed: int | None, device: torch.device):
 
 
 def _completions(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, batch_size,
-                 system_prompt):
-    """Yield (indices, texts) batch by batch. Prompts are sorted by length so a batch pads little;
-    batch b samples with seed + b, so a batch's output does not depend on the ones before it."""
+                 system_prompt, stop=None, answer_end=None):
+    """Yield (indices, texts) batch by batch. Prompts are sorted by length (longest first) so a batch
+    pads little, and similar questions, whose answers tend to end together, share a batch; batch b
+    samples with seed + b, so a batch's output does not depend on the ones before it."""
     _check(max_new_tokens, temperature, top_p, top_k, batch_size)
+    rule = StopRule(stop, answer_end)
     encoded = [_encode(tokenizer, p, system_prompt) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for b, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         texts = _generate_batch(model, tokenizer, [encoded[i] for i in idx], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b)
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + b, rule=rule)
         yield idx, texts
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int = 0, batch_size: int = 8, system_prompt: str | None = None) -> list[str]:
+             top_k: int = 0, seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
+             stop: list[str] | None = None, answer_end: AnswerEnd | None = None) -> list[str]:
     """Complete each prompt; return the new text only (special tokens removed), in prompt order.
 
     Args:
@@ -170,6 +258,9 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256, temperatur
         temperature: 0 decodes greedily; > 0 samples (with top_p / top_k; top_k=0 is off),
             reproducibly for a given seed, without disturbing the caller's RNG.
         system_prompt: prepended to prompts that have no system message.
+        stop: strings that end a reply (besides eos / end-of-turn tokens); the text is cut before
+            the first one. Up to there the text is what generation without them gives.
+        answer_end: a task's stop rule (see `AnswerEnd`); the text is cut where it says.
     """
     if isinstance(prompts, str):
         raise InferError("prompts is a list; wrap a single prompt as [prompt]")
@@ -177,7 +268,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256, temperatur
     results: list[str | None] = [None] * len(prompts)
     for idx, texts in _completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
-                                   system_prompt=system_prompt):
+                                   system_prompt=system_prompt, stop=stop, answer_end=answer_end):
         for i, t in zip(idx, texts):
             results[i] = t
     return results

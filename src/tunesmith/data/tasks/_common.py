@@ -138,3 +138,16 @@ def generate_splits(task: str, seed: int, families: Sequence, sizes: dict[str, i
         items = fill(templates[split], sizes[split], draw_for(split, rng), rng)
         splits[split] = [Example(f"{task}-{split}-{k:04d}", p, r, m) for k, (p, r, m) in enumerate(items)]
     return splits
+
+
+def first_line_end(text: str) -> int | None:
+    """A stop rule (`answer_end`) for tasks scored on the first non-blank line of the answer: where
+    that line ends, once a line break follows it (None before). Lines are split as str.splitlines
+    splits them, exactly as those scorers read them, so the cut text scores like any longer one."""
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        content = line.splitlines()[0] if line.strip() else ""
+        if content.strip() and len(content) < len(line):  # a non-blank line with its line break
+            return pos + len(content)
+        pos += len(line)
+    return None

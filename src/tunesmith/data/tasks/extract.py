@@ -79,6 +79,20 @@ def first_json_object(text: str) -> dict | None:
     return None
 
 
+def json_answer_end(text: str) -> int | None:
+    """The `json` task's stop rule: the end of the JSON object that starts at the answer's first `{`,
+    once it is complete. That object is what `first_json_object` scores whatever follows. While the
+    first `{` does not parse (unfinished, or not JSON at all, when a later object might count): None."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        return None
+    return end
+
+
 def _same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
@@ -92,6 +106,7 @@ class ExtractTask(GeneratedTask):
     name = "json"
     metric = "exact_match"
     system_prompt = "Answer with one JSON object."
+    answer_end = staticmethod(json_answer_end)
 
     def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 200):
         super().__init__(seed, n_train, n_validation, n_test)

@@ -129,6 +129,7 @@ assert [f.name for f in FAMILIES] == list(LABELS)
 
 _LABEL_WORDS = sorted({**{label: label for label in LABELS}, **SYNONYMS}.items(), key=lambda kv: -len(kv[0]))
 _LABEL_OF = dict(_LABEL_WORDS)
+_LONGEST_LABEL = len(_LABEL_WORDS[0][0])
 _LABEL_RE = re.compile(r"(?<![a-z])(" + "|".join(re.escape(w) for w, _ in _LABEL_WORDS) + r")(?![a-z])")
 
 
@@ -137,6 +138,17 @@ def extract_label(text: str) -> str | None:
     'Music.' -> music; 'It is an alarm, not a timer' -> alarm; 'shopping list' -> shopping."""
     m = _LABEL_RE.search(text.lower())
     return None if m is None else _LABEL_OF[m.group(1)]
+
+
+def label_answer_end(text: str) -> int | None:
+    """The `intent` task's stop rule: stop (without cutting) once the earliest label word is settled,
+    i.e. the text runs past it by more than the longest label word, so that no longer word at the same
+    place, no following letter and no earlier match can still appear. None before."""
+    lowered = text.lower()
+    if len(lowered) != len(text):  # a character whose lower case is longer: positions differ, keep going
+        return None
+    m = _LABEL_RE.search(lowered)
+    return len(text) if m is not None and len(text) > m.start() + _LONGEST_LABEL else None
 
 
 def _slots(rng, pools, split: str) -> dict[str, str]:
@@ -155,6 +167,7 @@ class IntentTask(GeneratedTask):
     metric = "accuracy"
     system_prompt = SYSTEM_PROMPT
     labels = LABELS
+    answer_end = staticmethod(label_answer_end)
 
     def __init__(self, seed: int = 0, n_train: int = 1000, n_validation: int = 80, n_test: int = 160):
         super().__init__(seed, n_train, n_validation, n_test)

@@ -43,7 +43,7 @@ import unicodedata
 
 from . import knowledge_data as kd
 from .base import SPLITS, Example, Verdict
-from ._common import rng_for
+from ._common import first_line_end, rng_for
 
 GROUPS = ("parametric", "context_support", "context_conflict", "instruction_conflict", "instruction_noisy",
           "context_noisy", "multihop_context", "multihop_parametric")
@@ -295,6 +295,7 @@ class KnowledgeTask:
     name = "knowledge"
     metric = "accuracy"
     system_prompt = SYSTEM
+    answer_end = staticmethod(first_line_end)  # the scorer reads the first non-blank line only
 
     def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 80, n_test: int = 160,
                  mix: dict[str, float] | None = None, real_facts: list | None = None, draw: int = 0):

@@ -23,7 +23,7 @@ from .sql_data import (DEPARTMENTS, FAMILIES, HIRE_YEARS, N_EMPLOYEES, PROJECTS,
 
 __all__ = ["DEPARTMENTS", "FAMILIES", "HIRE_YEARS", "N_EMPLOYEES", "PROJECTS", "SCHEMA", "SLOT_VALUES", "START_YEARS",
            "TABLES", "VERSION", "Family", "SqlError", "SqlTask", "build_database", "compare_results", "execute",
-           "extract_sql", "schema_hash", "score_sql"]
+           "extract_sql", "schema_hash", "score_sql", "sql_answer_end"]
 
 
 # ----------------------------------------------------------------------------- running and comparing
@@ -124,6 +124,17 @@ def extract_sql(text: str) -> str:
     return body.strip()
 
 
+def sql_answer_end(text: str) -> int | None:
+    """The `sql` task's stop rule: the end of the first ```sql (or ```sqlite) block, once that block is
+    closed. `extract_sql` then scores that block whatever follows (later blocks never come first, and
+    every ``` before it is already paired), so nothing after it can change the verdict. An answer
+    without a closed SQL block could still be overridden by a block written later: no stop (None)."""
+    for m in _FENCE.finditer(text):
+        if m.group(1).lower() in ("sql", "sqlite"):
+            return m.end() if m.end() > m.end(2) else None  # closed by ``` rather than by the end
+    return None
+
+
 def score_sql(prediction: str, reference: str, db: str | Path, ordered: bool | None = None,
               timeout_s: float = 2.0, gold_rows: list | None = None) -> Verdict:
     """Execution accuracy of one answer: run both queries on `db` and compare their results.
@@ -155,6 +166,7 @@ class SqlTask(GeneratedTask):
     name = "sql"
     metric = "execution_accuracy"
     system_prompt = "Answer with one SQLite query."
+    answer_end = staticmethod(sql_answer_end)
 
     def __init__(self, seed: int = 0, n_train: int = 800, n_validation: int = 100, n_test: int = 200,
                  workdir: str | Path | None = None):

@@ -25,7 +25,7 @@ import hashlib
 import re
 
 from .base import SPLITS, Example, Verdict
-from ._common import rng_for
+from ._common import first_line_end, rng_for
 from .translation_data import LANGUAGES, Clause, draw_clause, language_name, realize, realize_english
 
 SHARES = {"test": 0.1, "validation": 0.1}  # of all meanings; the rest are training meanings
@@ -97,6 +97,7 @@ class TranslationTask:
     """Translation in one or more directions between English and the constructed languages."""
     metric = "chrf++"
     system_prompt = SYSTEM
+    answer_end = staticmethod(first_line_end)  # the scorer reads the first non-blank line only
 
     def __init__(self, name: str = "translate-va", seed: int = 0, n_train: int | None = None,
                  n_validation: int = 100, n_test: int = 200):
