@@ -26,6 +26,7 @@ from tunesmith.methods import attach, build_method, delta_state
 from tunesmith.config import RecipeError
 from tunesmith.methods.options import MethodConfig, method_from_dict
 from tunesmith.models.load import ModelError
+from tunesmith.models.quant import quantization
 from tunesmith.models.rope import changed_rope, set_rope
 
 from .atomic import ExportError, atomic_folder
@@ -56,6 +57,9 @@ def save_tuned(model: nn.Module, method, base_model: str, out_dir) -> Path:
     rope = changed_rope(model)
     if rope is not None:  # the positions it trained with (model.rope.*), restored by load_tuned
         meta["rope"] = rope
+    quantized = quantization(model)
+    if quantized:  # the base format it trained over: the merged export dequantises it
+        meta["quantize"] = quantized
     peft = peft_payload(model, method, base_model)
     with atomic_folder(out_dir, marker=METHOD_FILE if not (Path(out_dir) / ADAPTER_CONFIG).is_file() else ADAPTER_CONFIG) as tmp:
         (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -63,6 +63,13 @@ def prepare_model(recipe, model=None, tokenizer=None):
     else:
         method = build_method(recipe.method)
         attach(model, method)
+    if getattr(recipe.model, "quantize", "none") != "none":  # QLoRA: the frozen base's Linears stored quantised
+        from ..models.quant import QuantError, quantize_frozen
+
+        try:
+            quantize_frozen(model, recipe.model.quantize)
+        except QuantError as e:
+            raise TrainError(str(e)) from None
     if recipe.model.frozen_dtype != "same":
         base_trained = [n for n in method.trained_names if n in method.base_keys]
         frozen = any(not p.requires_grad and p.is_floating_point() for p in model.parameters())
