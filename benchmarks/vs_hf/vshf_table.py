@@ -10,13 +10,13 @@ from pathlib import Path
 from vshf_rows import ROWS
 
 DESCRIPTION = {
-    "hf-default": "Trainer + PEFT defaults: fp32, 8 padded samples/step, glibc malloc",
-    "hf-best-bf16": "Trainer + PEFT, padding-free (flattened) tunesmith rows, bf16 autocast, jemalloc",
-    "hf-best-fp32": "Trainer + PEFT, padding-free (flattened) tunesmith rows, fp32, jemalloc",
-    "trl-bf16": "SFTTrainer, packing bfd + padding-free, 1 row of ≤4096/step, bf16 autocast, jemalloc",
-    "trl-fp32": "SFTTrainer, packing bfd + padding-free, 1 row of ≤4096/step, fp32, jemalloc",
-    "trl-default": "SFTTrainer as above with TRL's defaults: bf16, gradient checkpointing, glibc malloc",
-    "tunesmith": "`tunesmith bench` on the recipe, repo's default speed settings, packed rows",
+    "hf-default": "Trainer + PEFT defaults: fp32, 8 padded samples/step",
+    "hf-best-bf16": "Trainer + PEFT, padding-free (flattened) tunesmith rows, bf16 autocast",
+    "hf-best-fp32": "Trainer + PEFT, padding-free (flattened) tunesmith rows, fp32",
+    "trl-bf16": "SFTTrainer, packing bfd + padding-free, 1 row of ≤{bt}/step, bf16 autocast",
+    "trl-fp32": "SFTTrainer, packing bfd + padding-free, 1 row of ≤{bt}/step, fp32",
+    "trl-default": "SFTTrainer as above with TRL's defaults: bf16, gradient checkpointing",
+    "tunesmith": "`tunesmith bench` on the recipe, repo's default speed settings, packed rows of ≤{bt}",
 }
 # (baseline group, its systems, tokens/s goal, memory goal): the issue's goals for tunesmith ÷ baseline.
 GROUPS = (("hf-default", ("hf-default",), 2.5, 0.5),
@@ -145,7 +145,9 @@ def row_lines(results: dict, s: dict, row: str, setup: str) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for system in cfg["systems"]:
         r = s[(row, setup, system)]
-        lines.append(f"| {system} | {DESCRIPTION.get(system, system)} | {fmt(r['trained_tokens_per_s'], ',.0f')} | "
+        how = DESCRIPTION.get(system, system).format(bt=cfg["batch_tokens"])
+        how += "" if system != "tunesmith" or not r["precision"] else f" ({r['precision']})"
+        lines.append(f"| {system} | {how}; allocator {r['allocator']} | {fmt(r['trained_tokens_per_s'], ',.0f')} | "
                      f"{fmt(r['s_per_step'], '.2f')} | {fmt(r['trained_tokens_per_step'], ',.0f')} | "
                      f"{fmt(r['peak_rss_gb'], '.2f')} | {fmt(r['wall_s'], '.0f')} | "
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | {r['ok']}/{r['runs']} |")
