@@ -125,7 +125,7 @@ part "trl-$S-lora" 180 trl lora
 part "llama$BIG-lora" 180 $PY benchmarks/gpu/llama8b.py --size "$BIG" --device "$DEV" --tokenizer "$W/m$S" \
   --data "$W/text.jsonl" --steps "$((STEPS > 4 ? 4 : STEPS))" --warmup "$WARMUP" \
   --batch-tokens "$((BATCH_TOKENS / 2))" --max-length "$MAX_LENGTH" --json "$RES/llama$BIG-lora.json"
-[ -f benchmarks/gpu/qlora_check.py ] && part qlora 150 $PY benchmarks/gpu/qlora_check.py --out "$RES/qlora"
+[ -f benchmarks/gpu/qlora_check.py ] && [ "$DEV" = cuda ] && part qlora 150 env OUT="$RES" $PY benchmarks/gpu/qlora_check.py
 part "bench-$S-lora-packed" 150 env TUNESMITH_VARLEN=packed bash -c 'bench "$@"' _ "bench-$S-lora-packed" "$S" lora
 part "bench-$S-lora-compile" 240 bench "bench-$S-lora-compile" "$S" lora train.compile=true
 part "trl-$S-full" 180 trl full
