@@ -89,6 +89,15 @@ def test_plentiful_memory_takes_whole_logits_no_checkpointing_and_the_largest_mi
     assert any("within" in line for line in choice.lines)
 
 
+@pytest.mark.parametrize("share", [2.0, 0.6, 0.3])
+def test_the_estimate_handed_on_is_of_the_chosen_settings(share):
+    recipe = bare_recipe("data.max_length=4096")
+    choice = choose(recipe, budget=share * _need(recipe))
+    if choice.estimate is not None:  # the `estimate` verb prints it rather than estimating again
+        assert choice.estimate.parts == fake_estimate(choice.recipe).parts
+    assert share < 1 or choice.estimate is not None
+
+
 def _need(recipe) -> float:
     return fake_estimate(recipe).peak_bytes
 

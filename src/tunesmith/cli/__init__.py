@@ -264,7 +264,9 @@ def cmd_estimate(args) -> int:
     from ..bench.estimate import estimate, format_estimate
     from ..recipe import load_recipe
 
-    result = estimate(_speed(load_recipe(args.recipe, args.overrides)).recipe, mfu=args.mfu)
+    choice = _speed(load_recipe(args.recipe, args.overrides))
+    result = choice.estimate or estimate(choice.recipe)  # made by the choice already when it was measured as is
+    result.mfu = args.mfu
     print(format_estimate(result))
     if args.json:
         import dataclasses

@@ -48,6 +48,7 @@ class SpeedChoice:
     recipe: object  # the recipe to train: a copy with the chosen keys set
     lines: list[str] = field(default_factory=list)  # one per choice, with why
     changes: dict[str, object] = field(default_factory=dict)  # `train.precision` -> "fp32", ...
+    estimate: object = None  # the estimate of exactly the chosen settings, when one was made
 
     @property
     def overrides(self) -> list[str]:
@@ -75,6 +76,7 @@ class _Plan:
         self.given = explicit(recipe)
         self.lines: list[str] = []
         self.changes: dict[str, object] = {}
+        self.estimate = None
 
     def free(self, key: str) -> bool:
         return f"{SECTIONS[key]}.{key}" not in self.given
@@ -102,7 +104,7 @@ class _Plan:
         if kept:
             self.lines.append(f"kept (set in the recipe): {', '.join(kept)}")
         self.lines[0] = "speed=auto: " + self.lines[0]
-        return SpeedChoice(self.recipe, self.lines, self.changes)
+        return SpeedChoice(self.recipe, self.lines, self.changes, self.estimate)
 
 
 def choose_speed(recipe, device=None, *, peak=None, estimate=None, free_bytes=None) -> SpeedChoice:
@@ -295,12 +297,14 @@ def _choose_memory(plan: _Plan, estimate, free_bytes) -> None:
     ckpt = False if ckpt_free else plan.get("activation_checkpointing")
     every = plan.get("checkpoint_every")
     cache: dict = {}
+    merged = len(sizes) > 1 and plan.free("grad_accum") and not plan.recipe.train.effective_batch
+    accum = 1 if merged else plan.get("grad_accum")  # at the largest micro-batch
 
     def measured(chunk, checkpointing):
         if (chunk, checkpointing) not in cache:
             recipe = plan.with_values(loss_chunk=chunk, activation_checkpointing=checkpointing,
                                       checkpoint_every=1 if checkpointing and ckpt_free else every,
-                                      **{key: sizes[0]})
+                                      **{key: sizes[0]}, grad_accum=accum)
             cache[chunk, checkpointing] = estimate(recipe)
         return cache[chunk, checkpointing]
 
@@ -309,7 +313,11 @@ def _choose_memory(plan: _Plan, estimate, free_bytes) -> None:
     except Exception as e:  # noqa: BLE001 — no estimate: the recipe's memory settings stand
         plan.lines.append(f"loss, micro-batch, checkpointing: the recipe's (the estimate failed: {e})")
         return
+    finally:
+        _trim()
     chunk, size, n, need = found
+    if size == sizes[0] and n in (None, 1 if ckpt_free else every) and (chunk, n is not None) in cache:
+        plan.estimate = cache[chunk, n is not None]  # made at exactly these settings
     plan.set("loss_chunk", chunk)
     _set_micro(plan, key, size, sizes)
     if ckpt_free:
@@ -325,6 +333,19 @@ def _choose_memory(plan: _Plan, estimate, free_bytes) -> None:
                       f"{'tokens' if key == 'batch_tokens' else 'samples'} × {plan.get('grad_accum')}, checkpointing "
                       f"{_ckpt_text(plan)}: estimated peak {need / 1e9:.2f} GB "
                       f"{'within' if fits else 'OVER'} {budget / 1e9:.2f} GB usable ({where}{share})")
+
+
+def _trim() -> None:
+    """Hand the estimate's probes' freed heap back to the OS: the run (and an estimate made next in
+    this process, which counts its RSS as runtime) starts from what it holds itself."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _ckpt_text(plan: _Plan) -> str:
@@ -371,6 +392,7 @@ def _memory_short(plan: _Plan) -> None:
     if plan.free("frozen_dtype") and plan.get("frozen_dtype") == "same" and plan.free("precision"):
         plan.set("precision", "bf16")
         plan.set("frozen_dtype", "bf16")
+        plan.estimate = None  # made in fp32
         plan.lines.append("memory is short: frozen weights and compute in bf16 too (slower on a CPU without bf16 "
                           "hardware, but half the frozen weights' memory)")
 
