@@ -189,3 +189,36 @@ def test_size_estimate_weights_follow_the_format():
     assert bf16.trainable == nf4.trainable and bf16.peak() > nf4.peak()
     full = measure("0.5B", "full", "int8", tokens=64)
     assert full.note and "cannot train" in format_sizes([full], 64)
+
+
+def test_qlora_run_end_to_end(tokenizer, tiny_model_dir, tmp_path):
+    """model.quantize through the trainer: the adapter records the base format, the merged export reads it back
+    and equals the trained (quantised base + LoRA) model; a full fine-tune is refused by name."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_recipe
+    from tunesmith.export.merged import export_merged
+    from tunesmith.export.tuned import read_method
+    from tunesmith.train.loop import train
+    from tunesmith.train.prepare import prepare_model
+    from tunesmith.train.safety import TrainError
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, "model.quantize=int4", "train.steps=3", "method.lora.dropout=0")
+    result = train(recipe)
+    _, meta = read_method(result.output)
+    assert meta["quantize"] == {"mode": "int4", "group_size": 64}
+    trained, _, _ = prepare_model(tiny_recipe(tmp_path, tiny_model_dir, "model.quantize=int4",
+                                              f"model.adapter={result.output}"))
+    assert quantization(trained) == {"mode": "int4", "group_size": 64}
+    ids = torch.randint(5, 1000, (1, 9), generator=torch.Generator().manual_seed(4))
+    merged = export_merged(str(tiny_model_dir), result.output, tmp_path / "merged")
+    with torch.no_grad():
+        want = trained.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)
+    with pytest.raises(TrainError, match="cannot"):
+        prepare_model(tiny_recipe(tmp_path, tiny_model_dir, "model.quantize=int8", "method.name=full"))

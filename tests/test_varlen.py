@@ -287,16 +287,12 @@ def test_fused_function_direct_matches_nll():
     assert not math.isnan(float(loss))
 
 
-def test_sft_reads_the_loss_kernel(monkeypatch):
+def test_sft_reads_the_loss_kernel():
     from tunesmith.recipe import load_recipe
 
-    recipe = load_recipe(None, ["model.name=x", "data.train=x.jsonl"])
-    monkeypatch.delenv("TUNESMITH_LOSS_KERNEL", raising=False)
-    expected = getattr(recipe.train, "loss_kernel", None) or "chunked"
-    assert SFT.build(recipe).kernel == expected
-    if getattr(recipe.train, "loss_kernel", None) is None:
-        monkeypatch.setenv("TUNESMITH_LOSS_KERNEL", "fused")
-        assert SFT.build(recipe).kernel == "fused"
+    base = ["model.name=x", "data.train=x.jsonl"]
+    assert SFT.build(load_recipe(None, base)).kernel == "auto"
+    assert SFT.build(load_recipe(None, [*base, "train.loss_kernel=chunked"])).kernel == "chunked"
 
 
 def test_model_loss_through_the_fused_kernel(tokenizer):

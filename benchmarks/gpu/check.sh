@@ -80,7 +80,7 @@ part() {
 
 bench() {  # bench NAME SIZE METHOD [overrides...]: tunesmith bench on the text rows
   local name=$1 size=$2 method=$3; shift 3
-  TUNESMITH_LOSS_KERNEL=${TUNESMITH_LOSS_KERNEL:-$LOSS_KERNEL} $PY -m tunesmith bench "recipes/$method-sft.yaml" \
+  $PY -m tunesmith bench "recipes/$method-sft.yaml" "train.loss_kernel=$LOSS_KERNEL" \
     "steps=$STEPS" "warmup=$WARMUP" "model.name=$W/m$size" "data.train=$W/text.jsonl" data.format=text \
     data.val_fraction=0 "data.max_length=$MAX_LENGTH" "train.batch_tokens=$BATCH_TOKENS" $EXTRA "$@" \
     --json "$RES/$name.json"

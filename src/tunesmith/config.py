@@ -1,11 +1,8 @@
-"""The bottom layer of the recipe: the base every options block shares, RecipeError and how a
-validation error reads, and the sections that belong to no method or objective (model, data,
-train, eval). Method options live beside their methods (`methods/lora.py` ...); `recipe.py`
-assembles the whole recipe from these pieces and the method registry.
-
-Every field has a default that works and a one-line doc: the string right under it (pydantic's
-attribute docstrings), which `tunesmith recipe` and the README reference print. An unknown key
-names the nearest valid key; a bad value names the field path and what is allowed.
+"""The bottom layer of the recipe: the base every options block shares, RecipeError and how a validation error
+reads, and the sections that belong to no method or objective (model, data, train, eval). Method options live
+beside their methods (`methods/lora.py` ...); `recipe.py` assembles the whole recipe from these and the registry.
+Every field has a default that works and a one-line doc (the string under it), which `tunesmith recipe` and the
+README reference print. An unknown key names the nearest valid key; a bad value names the path and what is allowed.
 """
 from __future__ import annotations
 
@@ -269,6 +266,8 @@ class ModelConfig(Config):
     "Dtype the weights are stored in. Trainable weights stay fp32 whatever the compute precision."
     frozen_dtype: Literal["same", "bf16", "fp16"] = "same"
     "Store frozen base weights in this dtype (saves memory for LoRA); `same` keeps `dtype`."
+    quantize: Literal["none", "int8", "int4", "nf4"] = "none"
+    "QLoRA: store the frozen base's decoder Linears quantised (int8 per row, int4 in groups of 64, nf4 = NormalFloat-4 in blocks of 64); compute stays in the activations' dtype. Only with a method that keeps the base frozen."
     adapter: str | None = None
     "Start from this adapter (an adapter folder, a PEFT LoRA or a run folder), e.g. an SFT stage's, and keep training it."
     attention: Literal["packed", "sdpa", "eager", "s2"] = "packed"
@@ -279,8 +278,7 @@ class ModelConfig(Config):
     "RoPE position scaling (see model.rope.*)."
 
 
-COLUMN_ROLES = ("text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected",
-                "tools")
+COLUMN_ROLES = ("text", "instruction", "input", "output", "system", "messages", "prompt", "chosen", "rejected", "tools")
 
 
 class MixSource(Config):
@@ -389,6 +387,8 @@ class TrainConfig(Config):
     "CPU threads (0 = number of physical cores)."
     loss_chunk: int = Field(1024, ge=0)
     "Tokens per chunk of the lm_head + cross-entropy, recomputed in backward (the full logits are never materialised); 0 = one piece."
+    loss_kernel: Literal["auto", "chunked", "fused", "liger"] = "auto"
+    "lm_head + cross-entropy: `chunked` (loss_chunk tokens a piece, recomputed in backward), `fused` (gradients in the forward, chunk by chunk: no recompute, no full logits), `liger` (Liger's kernel, CUDA, optional); auto = liger on CUDA when installed, else fused."
     eval_every: int = Field(0, ge=0)
     "Validation loss every N steps (0 = only at the end)."
     eval_batches: int = Field(0, ge=0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -193,9 +192,7 @@ class SFT(ObjectiveBase):
 
     @classmethod
     def build(cls, recipe, model=None, **extras):
-        # train.loss_kernel once the recipe schema has it; until then TUNESMITH_LOSS_KERNEL (benchmarks)
-        kernel = getattr(recipe.train, "loss_kernel", None) or os.environ.get("TUNESMITH_LOSS_KERNEL", "chunked")
-        return cls(recipe.train.loss_chunk, kernel)
+        return cls(recipe.train.loss_chunk, recipe.train.loss_kernel)
 
     def __call__(self, model, batch):
         return causal_lm_loss(model, batch, self.chunk, self.kernel)
