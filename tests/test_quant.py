@@ -194,7 +194,6 @@ def test_size_estimate_weights_follow_the_format():
 def test_qlora_run_end_to_end(tokenizer, tiny_model_dir, tmp_path):
     """model.quantize through the trainer: the adapter records the base format, the merged export reads it back
     and equals the trained (quantised base + LoRA) model; a full fine-tune is refused by name."""
-    import json
 
     from transformers import AutoModelForCausalLM
 
