@@ -37,8 +37,10 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -126,9 +128,22 @@ def run_one(system: str, setup: str, row: str, repeat: int, args, data: dict, wo
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(system, args.threads),
-                                cwd=ROOT)
+                                cwd=ROOT, start_new_session=True)
+        fired = threading.Event()
+
+        def kill():
+            fired.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        # bf16 autocast without bf16 hardware can take many minutes a step: an optional limit per run
+        timer = threading.Timer(args.run_timeout, kill) if args.run_timeout else None
+        if timer is not None:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (and its waited-for children's)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if timer is not None:
+            timer.cancel()
+            out["timed_out"] = fired.is_set()
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9  # KiB on Linux; survives tunesmith's exec
     out["rc"] = proc.returncode
@@ -182,9 +197,13 @@ def add_mfu_bf16(results: dict) -> None:
 
 
 def save(results: dict, path: Path, work: Path) -> None:
-    """results.json without machine paths: the repository's root and the scratch folder are written relative."""
+    """results.json without machine paths: the scratch folder, the output folder (outside the repository) and
+    the repository's root are written as <work>, <out> and relative paths."""
     text = json.dumps(results, indent=1)
-    text = text.replace(str(work), "<work>").replace(str(ROOT) + "/", "")
+    text = text.replace(str(work), "<work>")
+    if not path.parent.resolve().is_relative_to(ROOT):
+        text = text.replace(str(path.parent.resolve()), "<out>")
+    text = text.replace(str(ROOT) + "/", "")
     path.write_text(text)
 
 
@@ -204,6 +223,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=None, help="tokens per sample at most (default: per row)")
     p.add_argument("--tunesmith-overrides", default="",
                    help="extra `key=value` overrides for tunesmith's side (space-separated), e.g. train.precision=fp32")
+    p.add_argument("--run-timeout", type=float, default=None,
+                   help="seconds a run may take before it is killed and recorded as timed out (default: no limit)")
     p.add_argument("--table-only", action="store_true", help="rewrite results.md from OUT_DIR/results.json")
     args = p.parse_args(argv)
     args.tunesmith_overrides = shlex.split(args.tunesmith_overrides)
@@ -221,7 +242,8 @@ def parse_args(argv=None):
 
 def report_run(row: dict, results: dict, args) -> None:
     if row["rc"] != 0 or "trained_tokens_per_s" not in row:
-        print(f"[vs_hf]   failed (rc {row['rc']}), log {row['log']}:\n{row.get('error', '')[-1500:]}", flush=True)
+        why = f"timed out after {row['wall_s']:.0f} s" if row.get("timed_out") else f"rc {row['rc']}"
+        print(f"[vs_hf]   failed ({why}), log {row['log']}:\n{row.get('error', '')[-1500:]}", flush=True)
         return
     mfu = f", MFU {100 * row['mfu']:.1f}% ({row['precision']} peak)" if row.get("mfu") else ""
     print(f"[vs_hf]   {row['trained_tokens_per_s']:,.0f} trained tokens/s, {row['s_per_step']:.2f} s/step, "
@@ -254,7 +276,7 @@ def main() -> int:
         "config": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rows": args.row_list,
                    "setups": args.setup_list, "systems": args.system_list, "threads": args.threads,
                    "batch_tokens": args.batch_tokens, "max_length": args.max_length, "hf_default_batch_size": 8,
-                   "tunesmith_overrides": args.tunesmith_overrides},
+                   "tunesmith_overrides": args.tunesmith_overrides, "run_timeout": args.run_timeout},
         "machine": machine(args), "runs": [],
     }
     print(f"[vs_hf] jemalloc {'found: ' + JEMALLOC if Path(JEMALLOC).is_file() else 'not installed'} "

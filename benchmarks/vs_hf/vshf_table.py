@@ -60,7 +60,8 @@ def summarize(results: dict) -> dict:
                     "runs": len(rows), "ok": len(ok), **{k: median(ok, k) for k in KEYS},
                     "allocator": "/".join(sorted({r["allocator"] for r in ok})) if ok else "—",
                     "precision": ok[0].get("precision") if ok else None,
-                    "trainable": ok[0]["trainable"] if ok else None}
+                    "trainable": ok[0]["trainable"] if ok else None,
+                    "timed_out_s": max((r["wall_s"] for r in rows if r.get("timed_out")), default=None)}
     return out
 
 
@@ -147,7 +148,9 @@ def row_lines(results: dict, s: dict, row: str, setup: str) -> list[str]:
         r = s[(row, setup, system)]
         how = DESCRIPTION.get(system, system).format(bt=cfg["batch_tokens"])
         how += "" if system != "tunesmith" or not r["precision"] else f" ({r['precision']})"
-        lines.append(f"| {system} | {how}; allocator {r['allocator']} | {fmt(r['trained_tokens_per_s'], ',.0f')} | "
+        speed = fmt(r['trained_tokens_per_s'], ',.0f',
+                    "—" if r["timed_out_s"] is None else f"timed out (run > {r['timed_out_s']:.0f} s)")
+        lines.append(f"| {system} | {how}; allocator {r['allocator']} | {speed} | "
                      f"{fmt(r['s_per_step'], '.2f')} | {fmt(r['trained_tokens_per_step'], ',.0f')} | "
                      f"{fmt(r['peak_rss_gb'], '.2f')} | {fmt(r['wall_s'], '.0f')} | "
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | {r['ok']}/{r['runs']} |")
@@ -165,7 +168,7 @@ def write_markdown(results: dict, path: Path) -> str:
     failed = [r for r in results["runs"] if r.get("rc") != 0]
     if failed:
         lines += ["", "Failed runs: " + ", ".join(f"{r.get('row')}/{r['setup']}/{r['system']} r{r['repeat']} "
-                                                  f"(rc {r['rc']})" for r in failed)]
+                                                  f"({'timed out' if r.get('timed_out') else 'rc ' + str(r['rc'])})" for r in failed)]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
