@@ -32,6 +32,7 @@ from ..config import Config
 from ..models.quant import dense, linear
 from .base import MethodBase, MethodError, select_modules, set_module
 from .catalog import Variant
+from .lora_kernel import applies as fused_applies, lora_linear
 
 
 class LoraConfig(Config):
@@ -112,6 +113,9 @@ class LoRALinear(nn.Linear):
         return y + (self.scale * F.linear(F.linear(h, self.lora_a0), self.lora_b0)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.disabled or self.dora or self._dropping()) and fused_applies(x, self.weight, self.lora_a,
+                                                                                self.lora_b):
+            return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scale)  # one node
         y = linear(x, self.weight, self.bias)  # a quantised base (model.quantize) dequantises here
         if self.disabled:
             return self._original(x, y)
@@ -128,6 +132,9 @@ class LoRALinear(nn.Linear):
         else:
             base = y if self.bias is None else y - self.bias
         return y + ((factor - 1) * base + factor * lora).to(y.dtype)
+
+    def _dropping(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + s·BA, with DoRA m ⊙ (W + s·BA)/||W + s·BA|| (in the base weight's dtype);

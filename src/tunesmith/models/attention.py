@@ -109,6 +109,9 @@ def segments_from_ids(segment_ids: torch.Tensor, ratio: float | None = None) -> 
 def _gather(x: torch.Tensor, bucket: Bucket) -> torch.Tensor:
     # (B, H, T, D) -> (n, H, L, D)
     B, H, T, D = x.shape
+    if B == 1:  # a packed row: pick along T in x's own layout, one copy (no (T, H, D) copy first)
+        n, L = bucket.index.shape
+        return x[0].index_select(1, bucket.index.reshape(-1)).view(H, n, L, D).transpose(0, 1)
     flat = x.transpose(1, 2).reshape(B * T, H, D)
     return flat[bucket.index].transpose(1, 2)
 
@@ -189,14 +192,17 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             n = k.shape[0]
             k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
             v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
-        if groups > 1:  # grouped-query attention: share each K/V head among its query heads
+        gqa = {}
+        if groups > 1 and q.device.type == "cpu":  # the CPU kernels share K/V heads themselves
+            gqa = {"enable_gqa": True}
+        elif groups > 1:  # grouped-query attention: share each K/V head among its query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         if prefix is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **gqa)
         else:  # causal aligned to the last key: query i sees the l prefix keys and context 0..i
             mask = causal_lower_right(q.shape[2], k.shape[2])
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
         out = out.transpose(1, 2)
         outs.append(out.reshape(-1, *out.shape[2:]).index_select(0, bucket.slots))  # (real tokens, H, D)
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
