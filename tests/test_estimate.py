@@ -110,7 +110,7 @@ def test_estimate_matches_a_measured_run(tmp_path, wide_model_dir):
             f.write(json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=g))}) + "\n")
     args = [f"model.name={wide_model_dir}", f"data.train={text}", "data.format=text", "data.val_fraction=0",
             "data.max_length=2048", "train.batch_tokens=4096", "method.name=full", f"train.precision={_fast_precision()}",
-            "train.threads=2"]
+            "train.threads=2", "train.speed=off"]
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "full-sft.yaml")
     env = {**os.environ, "TUNESMITH_ALLOCATOR": "system"}  # the same allocator wherever the test runs
     # both as a user runs them: each in its own fresh process (the estimate counts its own runtime)

@@ -190,7 +190,7 @@ def test_a_staged_recipe_file_through_the_cli(tmp_path, tiny_model_dir, capsys):
     path = tmp_path / "two-stage.yaml"
     path.write_text(f"name: two\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: {tiny_model_dir}}}\n"
                     f"data: {{train: {write_chats(tmp_path / 'chats.jsonl')}, max_length: 128}}\n"
-                    "train: {steps: 1, batch_tokens: 256, precision: fp32}\n"
+                    "train: {steps: 1, batch_tokens: 256, precision: fp32, speed: off}\n"
                     "stages:\n  - name: first\n  - name: second\n"
                     f"    data: {{train: {products}}}\n    train: {{lr: 1.0e-5}}\n")
     assert main(["train", str(path)]) == 0

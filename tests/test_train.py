@@ -167,9 +167,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monk
     real = loop.causal_lm_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, chunk=1024):
+    def poisoned(model, batch, chunk=1024, kernel="chunked"):
         calls["n"] += 1
-        loss, n, m = real(model, batch, chunk)
+        loss, n, m = real(model, batch, chunk, kernel)
         return (loss * float("nan") if calls["n"] > 4 else loss), n, m
 
     monkeypatch.setattr(loop, "causal_lm_loss", poisoned)
@@ -195,11 +195,11 @@ def test_sigint_writes_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     real = loop.causal_lm_loss
     calls = {"n": 0}
 
-    def interrupting(model, batch, chunk=1024):
+    def interrupting(model, batch, chunk=1024, kernel="chunked"):
         calls["n"] += 1
         if calls["n"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(model, batch, chunk)
+        return real(model, batch, chunk, kernel)
 
     monkeypatch.setattr(loop, "causal_lm_loss", interrupting)
     result = train(tiny_recipe(tmp_path, tiny_model_dir, "data.val_fraction=0", "train.save_every=0"))

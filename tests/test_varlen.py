@@ -248,7 +248,8 @@ def test_fused_loss_under_bf16_autocast_is_close():
 def test_loss_kernel_falls_back_where_it_must():
     cpu = torch.device("cpu")
     plain = torch.nn.Linear(4, 6, bias=False)
-    assert resolve_loss_kernel("auto", plain, cpu) == "fused"
+    assert resolve_loss_kernel("auto", plain, cpu) == "chunked"  # what the estimate is fitted to on a CPU
+    assert resolve_loss_kernel("auto", plain, torch.device("cuda")) in ("fused", "liger")
     assert resolve_loss_kernel("liger", plain, cpu) == "fused"  # Liger is CUDA only
     assert resolve_loss_kernel("fused", torch.nn.Linear(4, 6), cpu) == "chunked"  # a bias
     hooked = torch.nn.Linear(4, 6, bias=False)

@@ -388,7 +388,7 @@ class TrainConfig(Config):
     loss_chunk: int = Field(1024, ge=0)
     "Tokens per chunk of the lm_head + cross-entropy, recomputed in backward (the full logits are never materialised); 0 = one piece."
     loss_kernel: Literal["auto", "chunked", "fused", "liger"] = "auto"
-    "lm_head + cross-entropy: `chunked` (loss_chunk tokens a piece, recomputed in backward), `fused` (gradients in the forward, chunk by chunk: no recompute, no full logits), `liger` (Liger's kernel, CUDA, optional); auto = liger on CUDA when installed, else fused."
+    "lm_head + cross-entropy: `chunked` (loss_chunk tokens a piece, recomputed in backward), `fused` (gradients in the forward, chunk by chunk: no recompute, no full logits), `liger` (Liger's kernel, CUDA, optional); auto = on CUDA liger when installed, else fused; on a CPU chunked."
     eval_every: int = Field(0, ge=0)
     "Validation loss every N steps (0 = only at the end)."
     eval_batches: int = Field(0, ge=0)

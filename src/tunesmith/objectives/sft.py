@@ -98,15 +98,17 @@ LOSS_KERNELS = ("auto", "chunked", "fused", "liger")
 
 def resolve_loss_kernel(kernel: str, head, device: torch.device) -> str:
     """`chunked` for a head that is not a plain bias-free Linear (an adapter on it, hooks: its
-    forward must run); `auto` = Liger's kernel on CUDA when `liger-kernel` is installed, else `fused`."""
+    forward must run); `auto` = on CUDA Liger's kernel when `liger-kernel` is installed, else `fused`; on a CPU `chunked`."""
     if kernel not in LOSS_KERNELS:
         raise ObjectiveError(f"loss kernel `{kernel}`: expected one of {', '.join(LOSS_KERNELS)}")
     plain = type(head) is torch.nn.Linear and head.bias is None and not head._forward_hooks \
         and not head._forward_pre_hooks
     if kernel == "chunked" or not plain:
         return "chunked"
-    if kernel == "auto":
-        return "liger" if device.type == "cuda" and _liger() is not None else "fused"
+    if kernel == "auto":  # on a CPU the chunked loss is what `tunesmith estimate` is fitted to
+        if device.type != "cuda":
+            return "chunked"
+        return "liger" if _liger() is not None else "fused"
     if kernel == "liger" and (device.type != "cuda" or _liger() is None):
         return "fused"  # Liger is Triton: CUDA only, and optional
     return kernel
