@@ -221,3 +221,12 @@ def test_qlora_run_end_to_end(tokenizer, tiny_model_dir, tmp_path):
     assert not torch.allclose(got, base, atol=1e-3)
     with pytest.raises(TrainError, match="cannot"):
         prepare_model(tiny_recipe(tmp_path, tiny_model_dir, "model.quantize=int8", "method.name=full"))
+
+
+def test_estimate_sizes_command(capsys):
+    from tunesmith.cli import main
+
+    assert main(["estimate", "--sizes", "--sizes-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    for size in ("0.5B", "1B", "3B", "8B"):
+        assert f"| {size} | lora | nf4 |" in out and f"| {size} | full | bf16 |" in out

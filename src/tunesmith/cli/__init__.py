@@ -262,8 +262,15 @@ def cmd_bench(args) -> int:
 
 def cmd_estimate(args) -> int:
     from ..bench.estimate import estimate, format_estimate
-    from ..recipe import load_recipe
+    from ..recipe import RecipeError, load_recipe
 
+    if args.sizes:  # no recipe: what 0.5B-8B configs need, from meta-device models
+        from ..bench.estimate_sizes import format_sizes, size_table
+
+        print(format_sizes(size_table(tokens=args.sizes_tokens), args.sizes_tokens))
+        return 0
+    if args.recipe is None:
+        raise RecipeError("tunesmith estimate needs a recipe (or --sizes alone)")
     choice = _speed(load_recipe(args.recipe, args.overrides))
     result = choice.estimate or estimate(choice.recipe)  # made by the choice already when it was measured as is
     result.mfu = args.mfu
@@ -449,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("estimate", help="predict a recipe's peak memory and step time without loading its weights")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--sizes", action="store_true", help="memory of 0.5B/1B/3B/8B configs: bf16/int8/int4/nf4, full and LoRA")
+    p.add_argument("--sizes-tokens", type=int, default=2048, help="tokens per micro-batch for --sizes")
     p.add_argument("overrides", nargs="*", help="recipe overrides")
     p.add_argument("--mfu", type=float, default=0.35,
                    help="share of the matmul peak a step reaches, for the time (tunesmith bench measures it)")

@@ -30,6 +30,8 @@ def applies(x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor) -> bool:
         return False  # a quantised or otherwise wrapped weight has its own matmul
     if not (x.is_floating_point() and weight.is_floating_point()) or x.device != weight.device:
         return False
+    if x.device.type == "meta":  # shape-only models (estimate --sizes): autocast has no meta dtype
+        return False
     if _compute_dtype(x) is not None:
         return True
     return x.dtype == weight.dtype == a.dtype == b.dtype
