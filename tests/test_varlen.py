@@ -355,10 +355,12 @@ def test_cuda_fused_loss_kernels_match_chunked():
 
 
 @pytest.mark.slow
-def test_fsdp_with_regional_compile_matches_one_eager_process(tmp_path, tiny_model_dir):
+def test_fsdp_with_regional_compile_matches_one_eager_process(tmp_path, tiny_model_dir, monkeypatch):
     """train.compile=true with train.strategy=fsdp: each decoder layer compiled, then sharded (the
     order torchtitan uses: FSDP2's hooks run eagerly around the compiled layers) — the loss curve
-    of one uncompiled process with the same global batch."""
+    of one uncompiled process with the same global batch. Dynamo traces the layers under FSDP2
+    (aot_eager: the graphs without inductor's C++ kernels, minutes of compiling on a CPU)."""
+    monkeypatch.setenv("TUNESMITH_COMPILE_BACKEND", "aot_eager")
     from pathlib import Path
 
     from test_distributed import losses, overrides, torchrun

@@ -5,6 +5,7 @@ run, the final adapter or model, and the interrupt flag the harness checks betwe
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import threading
@@ -154,9 +155,10 @@ def training_mode(model, cfg) -> None:
         for i, layer in enumerate(decoder_layers(model)):
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = i % max(cfg.checkpoint_every, 1) == 0
-    if cfg.compile:
+    if cfg.compile:  # TUNESMITH_COMPILE_BACKEND=aot_eager traces without generating kernels (debugging, tests)
+        backend = os.environ.get("TUNESMITH_COMPILE_BACKEND", "inductor")
         for layer in decoder_layers(model):
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
     model.config.use_cache = False
     model.train()
 
